@@ -1,0 +1,217 @@
+"""Phi-3.5-vision on transformers' native Phi-3 language model and CLIP vision tower (no remote code).
+
+Module tree and parameter names mirror the published checkpoint:
+`model.embed_tokens`, `model.layers.*` (transformers' `Phi3DecoderLayer`), `model.norm`,
+`model.vision_embed_tokens.*` (CLIP + separators + projector), `lm_head`.
+
+Semantics chosen where the published code is ambiguous for batches: a padded batch computes exactly what each of its
+samples computes alone (positions come from the attention mask, and the su-RoPE short/long factor set is picked per
+sample from that sample's total key length, short while <= `original_max_position_embeddings`, long beyond).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+from transformers import Phi3ForCausalLM, Phi3Model
+from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
+
+from .configuration import Phi3VConfig
+from .vision import Phi3VImageEmbedding
+
+# transformers renamed the cache argument (`past_key_values` -> `cache`) during 5.x; speak whichever this one uses.
+CACHE_ARG = "cache" if "cache" in inspect.signature(Phi3ForCausalLM.forward).parameters else "past_key_values"
+
+
+class Phi3VSuScaledRotaryEmbedding(nn.Module):
+    """su / longrope RoPE with the factor set chosen per sample from its total key length.
+
+    transformers' `longrope` picks one set for the whole batch from `max(position_ids) + 1`; the published model picks
+    it from the key length. Both agree for a single unpadded sequence; this module makes a padded batch behave like
+    its samples run one by one. The model sets `use_long` (bool per row) right before the language model runs.
+    """
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__()
+        rope = config.rope_parameters
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        base = float(rope["rope_theta"])
+        exponent = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+        if rope.get("rope_type") == "longrope":
+            short = torch.tensor(rope["short_factor"], dtype=torch.float32)
+            long = torch.tensor(rope["long_factor"], dtype=torch.float32)
+            self.original_max = int(config.original_max_position_embeddings)
+            scale = config.max_position_embeddings / self.original_max
+            self.attention_scaling = math.sqrt(1 + math.log(scale) / math.log(self.original_max)) if scale > 1 else 1.0
+        else:
+            short = long = torch.ones(dim // 2)
+            self.original_max = None
+            self.attention_scaling = 1.0
+        self.register_buffer("short_inv_freq", 1.0 / (short * base**exponent), persistent=False)
+        self.register_buffer("long_inv_freq", 1.0 / (long * base**exponent), persistent=False)
+        self.use_long: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = position_ids.float()[..., None]  # (B, L, 1)
+        freqs = pos * self.short_inv_freq.float()
+        if self.original_max is not None and self.use_long is not None:
+            use_long = self.use_long.to(device=pos.device)
+            while use_long.dim() < pos.dim():
+                use_long = use_long[..., None]
+            freqs = torch.where(use_long, pos * self.long_inv_freq.float(), freqs)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+class Phi3VPreTrainedModel(Phi3PreTrainedModel):
+    config_class = Phi3VConfig
+    config: Phi3VConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+    # Some re-saved checkpoints carry an alias of the word embeddings under the vision module: accept, never require.
+    _keys_to_ignore_on_load_unexpected = [r"model\.vision_embed_tokens\.wte\.weight"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Phi3VImageEmbedding):
+            nn.init.normal_(module.glb_GN, std=self.config.initializer_range)
+            nn.init.normal_(module.sub_GN, std=self.config.initializer_range)
+
+
+class Phi3VModel(Phi3Model):
+    """Phi-3 decoder stack plus `vision_embed_tokens`; image tokens replace the text embeddings at ids < 0."""
+
+    config_class = Phi3VConfig
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__(config)
+        self.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.rotary_emb = Phi3VSuScaledRotaryEmbedding(config)
+        self.post_init()
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Text embeddings with image features scattered into the `-k` positions, in order of appearance."""
+        image_mask = input_ids < 0
+        embeds = self.embed_tokens(input_ids.clamp(min=0))
+        if not bool(image_mask.any()):
+            return embeds
+        if pixel_values is None or image_sizes is None:
+            raise ValueError("input_ids hold image positions (ids < 0) but no pixel_values/image_sizes were given")
+        features = self.vision_embed_tokens(pixel_values, image_sizes).to(embeds.dtype)
+        n_positions = int(image_mask.sum())
+        if features.shape[0] != n_positions:
+            raise ValueError(
+                f"input_ids hold {n_positions} image positions but the {image_sizes.shape[0]} images give "
+                f"{features.shape[0]} tokens: the prompt and images do not belong together (same num_crops?)"
+            )
+        return embeds.masked_scatter(image_mask[..., None], features)
+
+
+class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
+    """Phi-3.5-vision for causal LM: `forward(input_ids, pixel_values, image_sizes, attention_mask, labels)`."""
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: Phi3VConfig):
+        Phi3PreTrainedModel.__init__(self, config)
+        self.model = Phi3VModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Stored in the checkpoint but never part of the computation (CLIP layers after the feature layer)."""
+        return self.model.vision_embed_tokens.unused_parameters()
+
+    def freeze_unused(self) -> None:
+        self.model.vision_embed_tokens.freeze_unused()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values=None,
+        cache=None,
+        **kwargs,
+    ):
+        past = cache if cache is not None else past_key_values
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (or inputs_embeds)")
+            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes)
+        batch, length = inputs_embeds.shape[:2]
+        past_len = past.get_seq_length() if past is not None else 0
+        mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if mask2d is not None:
+            key_lengths = mask2d.sum(-1)
+            if position_ids is None:
+                position_ids = (mask2d.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        else:
+            key_lengths = torch.full((batch,), past_len + length, device=inputs_embeds.device)
+        rotary = self.model.rotary_emb
+        if rotary.original_max is not None and position_ids is not None and kwargs.get("cu_seq_lens_q") is not None:
+            rotary.use_long = None  # packed rows: the caller passes per-token flags through `use_long` itself
+        elif rotary.original_max is not None:
+            rotary.use_long = key_lengths > rotary.original_max
+        try:
+            lm_kwargs = {CACHE_ARG: past} if past is not None else {}
+            return super().forward(
+                input_ids=None,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **lm_kwargs,
+                **kwargs,
+            )
+        finally:
+            rotary.use_long = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, *args, pixel_values=None, image_sizes=None, **kwargs):
+        """Vision inputs only go in while the cache is empty; re-run everything when a sample passes 4096 tokens.
+
+        The published model computes every position with the long factors once the length exceeds
+        `original_max_position_embeddings`, so the cached (short-factor) keys are dropped at that step.
+        """
+        past = kwargs.get(CACHE_ARG)
+        mask = kwargs.get("attention_mask")
+        limit = self.model.rotary_emb.original_max
+        if past is not None and limit is not None and past.get_seq_length() > 0:
+            past_len = past.get_seq_length()
+            if mask is not None:
+                before, now = mask[:, :past_len].sum(-1), mask.sum(-1)
+            else:
+                before = torch.tensor([past_len])
+                now = torch.tensor([input_ids.shape[1]])
+            if bool(((now > limit) & (before <= limit)).any()):
+                kwargs[CACHE_ARG] = None
+                if "next_sequence_length" in kwargs:
+                    kwargs["next_sequence_length"] = None
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        cache_now = inputs.get(CACHE_ARG)
+        if cache_now is None or cache_now.get_seq_length() == 0:
+            inputs["pixel_values"] = pixel_values
+            inputs["image_sizes"] = image_sizes
+        return inputs

@@ -1,0 +1,145 @@
+"""Tiny Phi-3-vision models for tests, the demo and smoke runs: same architecture and code path, seconds on a CPU.
+
+Everything is generated locally (no download): a small BPE tokenizer trained on the fly with the real tokenizer's
+special tokens and normalisation, a small config (LM hidden 64, CLIP hidden 32, 336-px crops so the HD layout is the
+real one), and random weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, normalizers, processors
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+from .configuration import Phi3VConfig
+from .modeling import Phi3VForCausalLM
+
+# id order mirrors the real tokenizer's first ids (<unk>=0, <s>=1, </s>=2); the chat tokens follow.
+_SPECIALS = [
+    ("<unk>", False),
+    ("<s>", False),
+    ("</s>", True),
+    ("<|endoftext|>", False),
+    ("<|assistant|>", True),
+    ("<|system|>", False),
+    ("<|end|>", False),
+    ("<|user|>", False),
+    ("<|image|>", True),
+]
+
+_BASE_CORPUS = """
+What is shown in the image? Describe the picture. Answer with one word. Which one is larger? Is it left or right?
+The quick brown fox jumps over the lazy dog. Classify the video into one of the following classes.
+Compare the two images. Yes no true false. red green blue yellow white black circle square triangle.
+What colour is the shape? What shape is it? In which direction does the object move? up down left right.
+Document question answering: what is the date, the total, the name? 0 1 2 3 4 5 6 7 8 9 , . ? ! : ; - ' "
+"""
+
+
+def build_tiny_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer with the Phi-3 special tokens, the published normaliser and chat template."""
+    from ..processing.tokenizer import CHAT_TEMPLATE
+
+    tok = Tokenizer(BPE(unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    alphabet = [chr(c) for c in range(32, 127)] + ["▁", "\n"]
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[name for name, _ in _SPECIALS],
+        initial_alphabet=alphabet,
+        min_frequency=1,
+        show_progress=False,
+    )
+    corpus = [_BASE_CORPUS, *extra_text]
+    tok.train_from_iterator([line for text in corpus for line in text.splitlines() if line.strip()], trainer)
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens(
+        [AddedToken(name, rstrip=rstrip, lstrip=False, normalized=False, special=True) for name, rstrip in _SPECIALS]
+    )
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        padding_side="right",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> Phi3VConfig:
+    """A small config with the published structure (su-RoPE, HD transform, 336-px CLIP crops)."""
+    head_dim = 16
+    half = head_dim // 2
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rope_scaling={
+            "type": "su",
+            "short_factor": [1.0 + 0.05 * i for i in range(half)],
+            "long_factor": [1.5 + 0.5 * i for i in range(half)],
+        },
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("</s>"),
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        img_processor={"image_dim_out": 32, "num_img_tokens": 144},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "image_size": 336,
+            "patch_size": 14,
+            "projection_dim": 32,
+        },
+    )
+    settings.update(overrides)
+    return Phi3VConfig.from_dict(settings)
+
+
+def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides) -> Phi3VForCausalLM:
+    """Random-weight tiny model (float32), reproducible from `seed`."""
+    torch.manual_seed(seed)
+    model = Phi3VForCausalLM(tiny_config(tokenizer, **overrides))
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        do_sample=False,
+    )
+    return model.eval()
+
+
+def save_tiny_checkpoint(
+    folder: str | Path, seed: int = 0, num_crops: int = 16, extra_text: Iterable[str] = (), **overrides
+) -> Path:
+    """Write a complete model folder (config, safetensors, tokenizer, preprocessor) like a published one."""
+    from ..processing.processor import Phi3VProcessor
+
+    folder = Path(folder)
+    tokenizer = build_tiny_tokenizer(extra_text)
+    model = tiny_model(tokenizer, seed=seed, **overrides)
+    model.save_pretrained(folder)
+    Phi3VProcessor.from_tokenizer(tokenizer, num_crops=num_crops).save_pretrained(folder)
+    return folder

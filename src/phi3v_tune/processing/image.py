@@ -1,0 +1,425 @@
+"""Phi-3.5-vision image processing: image loading, HD transform, normalisation and cropping.
+
+The numbers produced here must match the published Phi-3.5-vision processor bit for bit (see REFERENCE.md section 2),
+because the model was trained on exactly this geometry: a different resize filter, padding colour or crop order would
+silently shift every image feature the model sees. Loading (``load_image``) is stricter than the published code: it
+fails early, with the file named, on inputs that would otherwise crash a training run hours later.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import numbers
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "CROP_SIZE",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "MAX_NUM_CROPS",
+    "PREPROCESSOR_CONFIG_NAME",
+    "Phi3VImageProcessor",
+    "hd_size",
+    "hd_transform",
+    "load_image",
+    "num_image_tokens",
+]
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+CROP_SIZE = 336  # CLIP ViT-L/14 input resolution
+TOKENS_PER_CROP = 144  # 24x24 patches merged 2x2 -> 12x12
+TOKENS_PER_ROW = 12  # sqrt(TOKENS_PER_CROP): one separator token per row of 12
+MAX_NUM_CROPS = 16
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # Pillow's historical error threshold (2 * 89478485)
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+
+ImageInput = Image.Image | str | os.PathLike | bytes | bytearray | memoryview
+
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Geometry (pure arithmetic, shared by the pixel path and by size prediction so the two can never disagree)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_num_crops(num_crops: Any) -> int:
+    """Reject anything but an int in 1..16: the model was trained with at most 16 crops (+1 global view)."""
+    if isinstance(num_crops, bool) or not isinstance(num_crops, numbers.Integral):
+        raise ValueError(f"num_crops must be an integer in 1..{MAX_NUM_CROPS}, got {num_crops!r}")
+    if not 1 <= int(num_crops) <= MAX_NUM_CROPS:
+        raise ValueError(f"num_crops must be in 1..{MAX_NUM_CROPS}, got {num_crops}")
+    return int(num_crops)
+
+
+def _landscape_geometry(width: int, height: int, num_crops: int) -> tuple[int, int, int, int]:
+    """HD-transform geometry of a landscape (width >= height) image.
+
+    Returns (new_w, new_h, padded_h, top): the bilinear resize target, the padded height (a multiple of 336) and the
+    number of white rows added at the top. The float expressions mirror the published code on purpose, so that
+    rounding at the edges (e.g. ``s / ratio`` landing just above an integer) gives the same scale.
+    """
+    ratio = width / height
+    scale = 1
+    while (scale + 1) * math.ceil((scale + 1) / ratio) <= num_crops:
+        scale += 1
+    new_w = int(scale * CROP_SIZE)
+    # The published code crashes when an extreme aspect ratio rounds the height to 0; keep one row instead.
+    new_h = max(1, int(new_w / ratio))
+    padded_h = int(math.ceil(new_h / CROP_SIZE) * CROP_SIZE)
+    top = int((padded_h - new_h) / 2)
+    return new_w, new_h, padded_h, top
+
+
+def _check_size(width: Any, height: Any) -> tuple[int, int]:
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise ValueError(f"image {name} must be a positive integer, got {value!r}")
+    return int(width), int(height)
+
+
+def hd_size(width: int, height: int, num_crops: int = MAX_NUM_CROPS) -> tuple[int, int]:
+    """Predict the padded (height, width) of an image of ``width`` x ``height`` without touching pixels.
+
+    Lets data pipelines compute token counts (for length bucketing, packing, truncation) from image headers alone.
+    """
+    width, height = _check_size(width, height)
+    num_crops = _check_num_crops(num_crops)
+    if width < height:
+        new_w, _, padded_h, _ = _landscape_geometry(height, width, num_crops)
+        return new_w, padded_h
+    new_w, _, padded_h, _ = _landscape_geometry(width, height, num_crops)
+    return padded_h, new_w
+
+
+def num_image_tokens(padded_h: int, padded_w: int) -> int:
+    """Number of ``<image>`` placeholder tokens the model consumes for one padded image of ``padded_h`` x ``padded_w``.
+
+    (h*w + 1) * 144 crop tokens (sub-images + global view), one ``glb_GN`` separator, and one ``sub_GN`` per row of 12
+    tokens: h*12 rows of the sub-image grid plus 12 rows of the global view, i.e. (h + 1) * 12.
+    """
+    if padded_h <= 0 or padded_w <= 0 or padded_h % CROP_SIZE or padded_w % CROP_SIZE:
+        raise ValueError(f"padded size must be positive multiples of {CROP_SIZE}, got {padded_h}x{padded_w}")
+    h, w = padded_h // CROP_SIZE, padded_w // CROP_SIZE
+    return (h * w + 1) * TOKENS_PER_CROP + 1 + (h + 1) * TOKENS_PER_ROW
+
+
+def hd_transform(image: Image.Image, num_crops: int = MAX_NUM_CROPS) -> Image.Image:
+    """Resize an RGB PIL image (bilinear) and pad its height with white to multiples of 336, as the published code does.
+
+    Portrait images are transposed first and back at the end (not merely resized with swapped sizes) because Pillow's
+    separable resampler rounds between its horizontal and vertical passes; only the same pass order gives equal bytes.
+    """
+    num_crops = _check_num_crops(num_crops)
+    width, height = _check_size(*image.size)
+    transposed = width < height
+    if transposed:
+        image = image.transpose(Image.Transpose.TRANSPOSE)
+        width, height = height, width
+    new_w, new_h, padded_h, top = _landscape_geometry(width, height, num_crops)
+    # torchvision's resize on a PIL image is exactly PIL's resize with this filter (no reducing_gap), including the
+    # no-op when the size already matches.
+    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    if padded_h != new_h:
+        padded = Image.new(resized.mode, (new_w, padded_h), (255, 255, 255))
+        padded.paste(resized, (0, top))
+    else:
+        padded = resized
+    if transposed:
+        padded = padded.transpose(Image.Transpose.TRANSPOSE)
+    return padded
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """Map 16/32-bit and float greyscale to 8 bits by value range.
+
+    Pillow's own conversion clips these to 255, which turns a typical 16-bit scan into a white page. I;16 modes are
+    scaled by 1/257; mode I is treated as 16-bit when it exceeds 255; mode F as [0, 1] when it stays within it.
+    """
+    raw = np.asarray(img)
+    arr = raw.astype(np.float64)
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0
+    elif img.mode == "I":
+        if arr.size and arr.max() > 255:
+            arr = arr / 257.0
+    elif arr.size and np.nanmax(np.abs(arr)) <= 1.0:  # mode F
+        arr = arr * 255.0
+    arr = np.nan_to_num(arr, nan=0.0)
+    transparent = img.info.get("transparency")
+    if isinstance(transparent, numbers.Number):  # tRNS grey value: those pixels are transparent -> white background
+        arr[raw == transparent] = 255.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any mode to RGB; transparency is composited onto white (what the published transformers code does)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _HIGH_DEPTH_MODES:
+        img = _high_depth_to_l(img)
+    bands = img.getbands()
+    if "A" in bands or "a" in bands or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _describe(image: Any, source: str) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return f"{source} '{os.fspath(image)}'"
+    return source
+
+
+def load_image(
+    image: ImageInput,
+    source: str = "image",
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    apply_exif_orientation: bool = True,
+) -> Image.Image:
+    """Open/decode an image fully and return it as an upright RGB PIL image, or raise ``ValueError`` naming ``source``.
+
+    Decoding everything here (``load()``) means a truncated or corrupt file fails at this line with its name in the
+    message, not deep inside a data-loader worker. EXIF orientation is applied so that phone photos are upright, the
+    first frame of an animation is used, and ``max_image_pixels`` rejects decompression bombs before decoding
+    (``None`` disables this check; Pillow's own hard limit, ``PIL.Image.MAX_IMAGE_PIXELS * 2``, still applies).
+    """
+    what = _describe(image, source)
+    if isinstance(image, Image.Image):
+        return _finish(image, what, max_image_pixels, apply_exif_orientation)
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(os.fspath(image))
+        if not path.exists():
+            raise ValueError(f"{what}: file not found")
+        if not path.is_file():
+            raise ValueError(f"{what}: not a regular file")
+        opener: Any = path
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data:
+            raise ValueError(f"{what}: empty bytes, not an image")
+        opener = io.BytesIO(data)
+    else:
+        raise TypeError(f"{source}: expected a PIL image, a path or bytes, got {type(image).__name__}")
+
+    try:
+        with warnings.catch_warnings():
+            # Our own limit governs. Escalate Pillow's bomb warning only when our limit is at least as strict as
+            # Pillow's warning threshold; otherwise the caller has accepted such sizes and the warning is noise.
+            pil_limit = Image.MAX_IMAGE_PIXELS
+            strict = max_image_pixels is not None and pil_limit is not None and max_image_pixels <= pil_limit
+            warnings.simplefilter("error" if strict else "ignore", Image.DecompressionBombWarning)
+            opened = Image.open(opener)
+    except FileNotFoundError as err:
+        raise ValueError(f"{what}: file not found") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{what}: refused as a possible decompression bomb ({err})") from err
+    except Exception as err:  # Pillow raises many types for undecodable data
+        raise ValueError(f"{what}: cannot identify or read image ({type(err).__name__}: {err})") from err
+
+    with opened:
+        return _finish(opened, what, max_image_pixels, apply_exif_orientation)
+
+
+def _finish(img: Image.Image, what: str, max_image_pixels: int | None, apply_exif_orientation: bool) -> Image.Image:
+    """Validate the size, decode, orient and convert; the returned image never shares a file handle with the input."""
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{what}: image has zero size ({width}x{height})")
+    if max_image_pixels is not None and width * height > max_image_pixels:
+        raise ValueError(
+            f"{what}: {width}x{height} = {width * height} pixels exceeds max_image_pixels={max_image_pixels} "
+            "(possible decompression bomb; raise max_image_pixels or set it to None to accept it)"
+        )
+    try:
+        if getattr(img, "n_frames", 1) > 1 and img.tell() != 0:
+            img.seek(0)
+        img.load()
+    except Exception as err:
+        raise ValueError(f"{what}: corrupt or truncated image data ({type(err).__name__}: {err})") from err
+    try:
+        out = ImageOps.exif_transpose(img) if apply_exif_orientation else img.copy()
+    except Exception:
+        out = img.copy()  # broken EXIF must not make an otherwise good image unusable
+    try:
+        rgb = _to_rgb(out)
+    except Exception as err:
+        raise ValueError(f"{what}: cannot convert mode {out.mode!r} to RGB ({type(err).__name__}: {err})") from err
+    return rgb if rgb is not img else img.copy()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Processor
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Phi3VImageProcessor:
+    """Turns images into the (global view + 336x336 crops) tensors and token counts Phi-3.5-vision expects.
+
+    Per image: HD transform (``hd_transform``), to [0, 1] float32, CLIP normalisation, a bicubic 336x336 global view of
+    the normalised padded image, then its row-major 336x336 tiles, zero-padded to ``num_crops + 1`` crops.
+
+    Quirk kept on purpose (it is what the published processor does): with ``num_crops=1`` the scale is always 1, so
+    every image becomes 336x336 and yields 2 crops (the bicubic global view and one tile with nearly the same content)
+    and 313 tokens.
+    """
+
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    apply_exif_orientation: bool = True
+
+    def __init__(
+        self,
+        num_crops: int = MAX_NUM_CROPS,
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
+        num_img_tokens: int = TOKENS_PER_CROP,
+        *,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        self.num_crops = _check_num_crops(num_crops)
+        self.image_mean = self._check_triplet("image_mean", image_mean)
+        self.image_std = self._check_triplet("image_std", image_std)
+        if any(s == 0 for s in self.image_std):
+            raise ValueError(f"image_std must not contain 0, got {self.image_std}")
+        if isinstance(num_img_tokens, bool) or num_img_tokens != TOKENS_PER_CROP:
+            # Fixed by the vision tower (24x24 patches, 2x2 merge); the published processor ignores the setting too.
+            raise ValueError(f"num_img_tokens must be {TOKENS_PER_CROP} for Phi-3(.5)-vision, got {num_img_tokens!r}")
+        self.num_img_tokens = TOKENS_PER_CROP
+        self.max_image_pixels = max_image_pixels
+        self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+
+    @staticmethod
+    def _check_triplet(name: str, values: Sequence[float]) -> list[float]:
+        try:
+            out = [float(v) for v in values]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} must be 3 numbers, got {values!r}") from err
+        if len(out) != 3:
+            raise ValueError(f"{name} must be 3 numbers (RGB), got {values!r}")
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_crops={self.num_crops}, image_mean={self.image_mean}, "
+            f"image_std={self.image_std}, num_img_tokens={self.num_img_tokens})"
+        )
+
+    # ---------------------------------------------------------------- config I/O
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> Phi3VImageProcessor:
+        """Build from a checkpoint folder's ``preprocessor_config.json`` (defaults if absent); ``overrides`` win."""
+        path = Path(folder)
+        if path.is_dir():
+            path = path / PREPROCESSOR_CONFIG_NAME
+        kwargs: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"cannot read {path}: {err}") from err
+            if not isinstance(config, dict):
+                raise ValueError(f"{path}: expected a JSON object")
+            for key in ("num_crops", "image_mean", "image_std", "num_img_tokens"):
+                if key in config:
+                    kwargs[key] = config[key]
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Config keys in the published format, so the publisher's remote code can still read a saved folder."""
+        return {
+            "num_crops": self.num_crops,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "num_img_tokens": self.num_img_tokens,
+            "image_processor_type": "Phi3VImageProcessor",
+            "processor_class": "Phi3VProcessor",
+        }
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``preprocessor_config.json`` into ``folder`` (created if needed) and return its path."""
+        out_dir = Path(folder)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / PREPROCESSOR_CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    # ---------------------------------------------------------------- helpers
+
+    def load_image(self, image: ImageInput, source: str = "image") -> Image.Image:
+        """``load_image`` with this processor's ``max_image_pixels`` and EXIF setting."""
+        return load_image(image, source, self.max_image_pixels, self.apply_exif_orientation)
+
+    def hd_size(self, width: int, height: int) -> tuple[int, int]:
+        """Padded (height, width) for this processor's ``num_crops``."""
+        return hd_size(width, height, self.num_crops)
+
+    def num_tokens_for_size(self, width: int, height: int) -> int:
+        """Token count for an original image of ``width`` x ``height`` (header-only, no decoding)."""
+        return num_image_tokens(*self.hd_size(width, height))
+
+    def _crops(self, image: Image.Image) -> tuple[torch.Tensor, int, int]:
+        """(global + tiles, H, W) for one RGB image; the tensor has 1 + (H/336)*(W/336) crops."""
+        padded = hd_transform(image, self.num_crops)
+        width, height = padded.size
+        x = torch.from_numpy(np.array(padded, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+        x = x.sub(self._mean).div(self._std)
+        global_view = torch.nn.functional.interpolate(
+            x[None], size=(CROP_SIZE, CROP_SIZE), mode="bicubic", align_corners=False
+        )
+        h, w = height // CROP_SIZE, width // CROP_SIZE
+        tiles = x.reshape(3, h, CROP_SIZE, w, CROP_SIZE).permute(1, 3, 0, 2, 4).reshape(h * w, 3, CROP_SIZE, CROP_SIZE)
+        return torch.cat([global_view, tiles], dim=0), height, width
+
+    # ---------------------------------------------------------------- main entry
+
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput] | None, return_tensors: str | None = "pt"
+    ) -> dict[str, Any]:
+        """Process a list of images (or one image) into ``pixel_values``, ``image_sizes`` and ``num_img_tokens``.
+
+        pixel_values: float32 (num_images, num_crops + 1, 3, 336, 336); image_sizes: int64 (num_images, 2) holding
+        [H, W] of each padded image; num_img_tokens: list of ints. Unused crop slots are exactly zero.
+        """
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
+        if images is None:
+            images = []
+        elif isinstance(images, (Image.Image, str, os.PathLike, bytes, bytearray, memoryview)):
+            images = [images]
+        images = list(images)
+
+        n_slots = self.num_crops + 1
+        pixel_values = torch.zeros((len(images), n_slots, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32)
+        image_sizes = torch.zeros((len(images), 2), dtype=torch.long)
+        tokens: list[int] = []
+        for i, image in enumerate(images):
+            rgb = self.load_image(image, source=f"image {i}")
+            crops, height, width = self._crops(rgb)
+            pixel_values[i, : crops.shape[0]] = crops
+            image_sizes[i, 0], image_sizes[i, 1] = height, width
+            tokens.append(num_image_tokens(height, width))
+        return {"pixel_values": pixel_values, "image_sizes": image_sizes, "num_img_tokens": tokens}
+
+    preprocess = __call__

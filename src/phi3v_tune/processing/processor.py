@@ -1,0 +1,196 @@
+"""`Phi3VProcessor`: prompt text + images -> model inputs, exactly as the published processor, but batched.
+
+The prompt is split at the `<|image_k|>` tags; each text chunk is tokenized with a leading `<s>` (so a `<s>` follows
+every image); image k becomes `num_tokens(k)` copies of the id `-k`. Unlike the published processor, several
+prompts can be processed at once with left or right padding, and mistakes raise a `ValueError` that says what is
+wrong instead of an assertion.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import BatchFeature
+
+from .image import Phi3VImageProcessor
+from .tokenizer import load_tokenizer, stop_token_ids
+
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+
+
+def image_tag(k: int) -> str:
+    return f"<|image_{k}|>"
+
+
+def image_tag_order(text: str, source: str = "prompt") -> list[int]:
+    """The image numbers in order of appearance; checks they are exactly 1..n, each used once."""
+    order = [int(m) for m in IMAGE_TAG.findall(text)]
+    seen: set[int] = set()
+    for k in order:
+        if k in seen:
+            raise ValueError(f"{source}: image tag {image_tag(k)} appears more than once")
+        seen.add(k)
+    if sorted(order) != list(range(1, len(order) + 1)):
+        raise ValueError(
+            f"{source}: image tags must be numbered 1..n without gaps, got "
+            f"{', '.join(image_tag(k) for k in order)}"
+        )
+    return order
+
+
+class Phi3VProcessor:
+    """Tokenizer + image processor of Phi-3(.5)-vision.
+
+    `processor(text=prompt_or_prompts, images=images, padding=True, padding_side="left")` returns `input_ids`
+    (image positions hold `-k` for image k), `attention_mask` (from lengths: the real `<|endoftext|>`, which is also
+    the pad id, stays visible), `pixel_values` (num_images, num_crops+1, 3, 336, 336) and `image_sizes`.
+    """
+
+    def __init__(self, tokenizer, image_processor: Phi3VImageProcessor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, num_crops: int | None = None, **image_kwargs) -> Phi3VProcessor:
+        """Load from a model folder (tokenizer files + `preprocessor_config.json`)."""
+        if num_crops is not None:
+            image_kwargs["num_crops"] = num_crops
+        return cls(load_tokenizer(folder), Phi3VImageProcessor.from_pretrained(folder, **image_kwargs))
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, num_crops: int = 16) -> Phi3VProcessor:
+        return cls(tokenizer, Phi3VImageProcessor(num_crops=num_crops))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(folder))
+        self.image_processor.save_pretrained(folder)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def num_crops(self) -> int:
+        return self.image_processor.num_crops
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return stop_token_ids(self.tokenizer)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """One text chunk with its leading `<s>` (the published processor's rule)."""
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if not ids or ids[0] != bos:  # a tokenizer without a bos post-processor
+            ids = [bos, *ids]
+        return ids
+
+    def prompt_ids(self, text: str, num_tokens: Sequence[int], source: str = "prompt") -> list[int]:
+        """Token ids of one prompt; `num_tokens[k-1]` is the token count of image k."""
+        order = image_tag_order(text, source)
+        if len(order) != len(num_tokens):
+            raise ValueError(
+                f"{source}: the prompt has {len(order)} image tag(s) but {len(num_tokens)} image(s) were given"
+            )
+        chunks = IMAGE_TAG.split(text)[::2]  # split() also returns the captured numbers at odd positions
+        ids: list[int] = []
+        for i, chunk in enumerate(chunks):
+            ids.extend(self.tokenize_text(chunk))
+            if i < len(order):
+                k = order[i]
+                ids.extend([-k] * num_tokens[k - 1])
+        return ids
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        images: Any = None,
+        padding: bool | str = False,
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+        **_: Any,
+    ) -> BatchFeature:
+        """Process one prompt or a batch.
+
+        `images`: for one prompt, a list of its images (or one image); for a batch, either one list per prompt or a
+        flat list consumed prompt by prompt (each prompt takes as many images as it has tags).
+        Images are PIL images, paths or bytes.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        per_prompt = self._split_images(texts, images)
+        flat = [img for imgs in per_prompt for img in imgs]
+        processed = self.image_processor(flat) if flat else None
+        sizes = processed["num_img_tokens"] if processed else []
+        rows: list[list[int]] = []
+        order_all: list[int] = []
+        start = 0
+        for b, (prompt, imgs) in enumerate(zip(texts, per_prompt)):
+            source = f"prompt {b}" if len(texts) > 1 else "prompt"
+            counts = sizes[start : start + len(imgs)]
+            rows.append(self.prompt_ids(prompt, counts, source))
+            # the model fills image positions in order of appearance: store the images in that order too
+            order_all.extend(start + k - 1 for k in image_tag_order(prompt, source))
+            start += len(imgs)
+        if len(texts) > 1 and not padding and len({len(r) for r in rows}) > 1:
+            raise ValueError("prompts of different lengths need padding=True")
+        out = self.pad(rows, padding_side=padding_side)
+        if processed is not None:
+            index = torch.tensor(order_all, dtype=torch.long)
+            out["pixel_values"] = processed["pixel_values"][index]
+            out["image_sizes"] = processed["image_sizes"][index]
+        return BatchFeature(out, tensor_type=None)
+
+    def _split_images(self, texts: list[str], images: Any) -> list[list[Any]]:
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        needed = [len(IMAGE_TAG.findall(t)) for t in texts]
+        if images and all(isinstance(x, (list, tuple)) for x in images):
+            if len(images) != len(texts):
+                raise ValueError(f"got {len(images)} image lists for {len(texts)} prompts")
+            groups = [list(x) for x in images]
+        else:
+            if len(images) != sum(needed):
+                where = "the prompt has" if len(texts) == 1 else "the prompts have"
+                raise ValueError(f"{where} {sum(needed)} image tag(s) but {len(images)} image(s) were given")
+            groups, start = [], 0
+            for n in needed:
+                groups.append(list(images[start : start + n]))
+                start += n
+        for b, (n, g) in enumerate(zip(needed, groups)):
+            if n != len(g):
+                raise ValueError(f"prompt {b} has {n} image tag(s) but {len(g)} image(s) were given")
+        return groups
+
+    def pad(self, rows: list[list[int]], padding_side: str | None = None) -> dict[str, torch.Tensor]:
+        """Pad id rows to one length; the attention mask comes from the lengths, never from `ids != pad`."""
+        side = padding_side or getattr(self.tokenizer, "padding_side", "right") or "right"
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        width = max((len(r) for r in rows), default=0)
+        pad_id = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r)
+            sl = slice(width - n, width) if side == "left" else slice(0, n)
+            ids[i, sl] = torch.tensor(r, dtype=torch.long)
+            mask[i, sl] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def batch_decode(self, ids, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.tokenizer.decode(ids, **kwargs)

@@ -1,0 +1,175 @@
+"""The native model computes the published math: logits against an independent float32 oracle (tests/oracle.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracle import reference_logits, reference_loss
+from PIL import Image
+
+from phi3v_tune.model.tiny import tiny_model
+
+TOL = 1e-4
+
+
+def rand_image(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def chat(processor, text: str) -> str:
+    return processor.apply_chat_template([{"role": "user", "content": text}])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.bool()
+    return float((a[m] - b[m]).norm() / b[m].norm())
+
+
+def check_against_oracle(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    ref = reference_logits(
+        model.state_dict(),
+        model.config.to_dict(),
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs.get("pixel_values"),
+        inputs.get("image_sizes"),
+    )
+    assert rel_err(logits, ref, inputs["attention_mask"]) < TOL
+    return logits
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    return tiny_model(tiny_tokenizer, seed=1)
+
+
+def test_single_image_matches_oracle(model, tiny_processor):
+    inputs = tiny_processor(text=chat(tiny_processor, "<|image_1|>\nWhat is shown?"), images=[rand_image(500, 300, 0)])
+    assert inputs["pixel_values"].shape == (1, 5, 3, 336, 336)
+    check_against_oracle(model, inputs)
+
+
+def test_several_images_per_prompt_match_oracle(model, tiny_processor):
+    text = chat(tiny_processor, "<|image_1|><|image_2|>\nCompare the two images.")
+    inputs = tiny_processor(text=text, images=[rand_image(200, 640, 1), rand_image(700, 350, 2)])
+    assert (inputs["input_ids"] == -1).sum() > 0 and (inputs["input_ids"] == -2).sum() > 0
+    check_against_oracle(model, inputs)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batch_of_prompts_matches_each_prompt_alone(model, tiny_processor, side):
+    texts = [
+        chat(tiny_processor, "<|image_1|>\nWhat colour?"),
+        chat(tiny_processor, "No image here, just text."),
+        chat(tiny_processor, "<|image_1|>\n<|image_2|>\nWhich one is larger?"),
+    ]
+    images = [[rand_image(336, 336, 3)], [], [rand_image(400, 900, 4), rand_image(1000, 500, 5)]]
+    batch = tiny_processor(text=texts, images=images, padding=True, padding_side=side)
+    logits = check_against_oracle(model, batch)
+    for b, (t, imgs) in enumerate(zip(texts, images)):
+        alone = tiny_processor(text=t, images=imgs or None)
+        with torch.no_grad():
+            single = model(**alone).logits[0]
+        got = logits[b][batch["attention_mask"][b].bool()]
+        assert float((got - single).norm() / single.norm()) < TOL
+
+
+def test_text_only_matches_oracle(model, tiny_processor):
+    inputs = tiny_processor(text=chat(tiny_processor, "Describe the picture in one word."))
+    assert "pixel_values" not in inputs
+    check_against_oracle(model, inputs)
+
+
+def test_su_rope_switches_per_sample_at_original_max(tiny_tokenizer, tiny_processor):
+    """Below/above `original_max_position_embeddings` each sample uses its own factor set, as run alone."""
+    small = tiny_model(tiny_tokenizer, seed=2, original_max_position_embeddings=24)
+    short = tiny_processor(text=chat(tiny_processor, "up"))  # well under 24 tokens
+    long = tiny_processor(text=chat(tiny_processor, "The quick brown fox jumps over the lazy dog. " * 3))
+    assert short["input_ids"].shape[1] <= 24 < long["input_ids"].shape[1]
+    batch = tiny_processor(
+        text=[chat(tiny_processor, "up"), chat(tiny_processor, "The quick brown fox jumps over the lazy dog. " * 3)],
+        padding=True,
+        padding_side="left",
+    )
+    for inputs in (short, long, batch):
+        check_against_oracle(small, inputs)
+    # a prefix's logits depend on the total length once it exceeds the switch point (published behaviour)
+    n = short["input_ids"].shape[1]
+    with torch.no_grad():
+        prefix = small(**tiny_processor(text=chat(tiny_processor, "The quick brown fox"))).logits
+        whole = small(**long).logits
+    m = prefix.shape[1]
+    assert not torch.allclose(prefix[0, 1:], whole[0, 1:m], atol=1e-5)
+    assert n <= 24
+
+
+def test_image_batch_crossing_switch_matches_oracle(tiny_tokenizer, tiny_processor):
+    """One sample with an image crosses a small switch length, the other stays below it."""
+    model = tiny_model(tiny_tokenizer, seed=3, original_max_position_embeddings=600)
+    texts = [chat(tiny_processor, "<|image_1|>\nWhat is it?"), chat(tiny_processor, "<|image_1|>\nWhat?")]
+    images = [[rand_image(300, 300, 6)], [rand_image(672, 336, 7)]]  # 2x2 crops (757 tokens) vs 2x1 (457)
+    batch = tiny_processor(text=texts, images=images, padding=True, padding_side="right")
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    assert lengths[0] > 600 > lengths[1]
+    check_against_oracle(model, batch)
+
+
+def test_loss_is_shifted_cross_entropy_ignoring_minus_100(model, tiny_processor):
+    inputs = tiny_processor(text=chat(tiny_processor, "<|image_1|>\nWhat?") + "red<|end|>\n<|endoftext|>",
+                            images=[rand_image(320, 240, 8)])
+    labels = inputs["input_ids"].clone()
+    labels[labels < 0] = -100
+    labels[:, : labels.shape[1] - 5] = -100
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+    ref = reference_loss(out.logits.float(), labels)
+    manual = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), labels[0, 1:], ignore_index=-100)
+    assert abs(float(out.loss) - float(ref)) < 1e-5
+    assert abs(float(out.loss) - float(manual)) < 1e-5
+
+
+def test_zero_padding_crops_never_reach_clip(model, tiny_processor, monkeypatch):
+    tower = model.model.vision_embed_tokens
+    seen = []
+    original = tower.clip_features
+    monkeypatch.setattr(tower, "clip_features", lambda crops: seen.append(crops.shape[0]) or original(crops))
+    inputs = tiny_processor(text=chat(tiny_processor, "<|image_1|>\nHi"), images=[rand_image(672, 336, 9)])
+    assert inputs["pixel_values"].shape[1] == 5  # num_crops 4 -> 5 slots
+    with torch.no_grad():
+        model(**inputs)
+    assert seen == [3]  # global view + a 2x1 grid of crops; the 2 padding slots are skipped
+
+
+def test_unused_clip_layers_never_run_and_never_train(model, tiny_processor):
+    vm = model.model.vision_embed_tokens.img_processor.vision_model
+    calls = []
+    hooks = [vm.post_layernorm.register_forward_hook(lambda *a: calls.append("post")),
+             vm.encoder.layers[-1].register_forward_hook(lambda *a: calls.append("last"))]
+    try:
+        inputs = tiny_processor(text=chat(tiny_processor, "<|image_1|>\nHi"), images=[rand_image(336, 336, 10)])
+        model(**inputs).logits.sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
+    unused = {id(p) for p in model.unused_parameters()}
+    assert len(unused) == len(list(vm.post_layernorm.parameters())) + len(list(vm.encoder.layers[-1].parameters()))
+    for p in model.parameters():
+        if id(p) in unused:
+            assert not p.requires_grad and p.grad is None
+        elif p.requires_grad:
+            assert p.grad is not None  # every trainable weight gets a gradient: DDP needs no unused-parameter search
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_attention_implementations_agree(tiny_tokenizer, tiny_processor, impl):
+    model = tiny_model(tiny_tokenizer, seed=4)
+    model.set_attn_implementation(impl)
+    assert model.config._attn_implementation == impl
+    assert model.model.vision_embed_tokens.img_processor.vision_model.config._attn_implementation == impl
+    inputs = tiny_processor(text=chat(tiny_processor, "<|image_1|>\nHi"), images=[rand_image(400, 300, 11)])
+    check_against_oracle(model, inputs)
