@@ -10,18 +10,12 @@ import io
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
-
-try:
-    import phi3v_tune.processing.image  # noqa: F401
-except ModuleNotFoundError:  # package not installed: run from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from phi3v_tune.processing.image import (
     CLIP_MEAN,

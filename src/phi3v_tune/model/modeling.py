@@ -129,6 +129,13 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, then re-freeze the stored-but-unused CLIP tail (loading replaces parameters)."""
+        out = super().from_pretrained(*args, **kwargs)
+        (out[0] if isinstance(out, tuple) else out).freeze_unused()
+        return out
+
     # ----------------------------------------------------------------------------------------------------------------
     def unused_parameters(self) -> list[nn.Parameter]:
         """Stored in the checkpoint but never part of the computation (CLIP layers after the feature layer)."""

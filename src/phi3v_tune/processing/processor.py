@@ -60,7 +60,8 @@ class Phi3VProcessor:
         """Load from a model folder (tokenizer files + `preprocessor_config.json`)."""
         if num_crops is not None:
             image_kwargs["num_crops"] = num_crops
-        return cls(load_tokenizer(folder), Phi3VImageProcessor.from_pretrained(folder, **image_kwargs))
+        image_processor = Phi3VImageProcessor.from_pretrained(folder, **image_kwargs)  # checks num_crops first
+        return cls(load_tokenizer(folder), image_processor)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, num_crops: int = 16) -> Phi3VProcessor:
@@ -154,7 +155,9 @@ class Phi3VProcessor:
             images = []
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        needed = [len(IMAGE_TAG.findall(t)) for t in texts]
+        needed = [
+            len(image_tag_order(t, f"prompt {b}" if len(texts) > 1 else "prompt")) for b, t in enumerate(texts)
+        ]
         if images and all(isinstance(x, (list, tuple)) for x in images):
             if len(images) != len(texts):
                 raise ValueError(f"got {len(images)} image lists for {len(texts)} prompts")

@@ -1,0 +1,116 @@
+"""The internal training sample (``Record`` of ``Turn``s) and the way data problems are reported.
+
+Every source (a conversations jsonl, a ``.json`` list, a local or Hub ``datasets`` table) is mapped to ``Record``s.
+Whatever is wrong with the data becomes a ``Problem`` that names the file and line (or dataset row), the sample id,
+the field and what was expected; ``DataError`` carries a list of them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeAlias
+
+from PIL import Image
+
+#: An image of a turn: an absolute file path (from a jsonl), or an in-memory image (from a ``datasets`` table):
+#: a decoded PIL image or the encoded file bytes (PNG, JPEG, ...).
+ImageRef: TypeAlias = str | Path | Image.Image | bytes
+
+#: At most this many problems are spelled out in a ``DataError`` message.
+MAX_PRINTED_PROBLEMS = 50
+
+
+@dataclass
+class Turn:
+    """One user message (text plus its images, or a video) and the assistant's answer to it."""
+
+    user: str
+    assistant: str
+    images: list[ImageRef] = field(default_factory=list)
+    #: Absolute path of a video file; its frames are decoded later (they count as the turn's images).
+    video: str | None = None
+
+
+@dataclass
+class Record:
+    """One training / evaluation sample: a conversation of one or more turns."""
+
+    id: str
+    source: str | None
+    turns: list[Turn]
+    #: Where the sample came from, for messages: ``"file.jsonl:LINE"`` or ``"dataset_dir[row N]"``.
+    origin: str = ""
+    #: Every gold answer (DocVQA-style data), for ANLS / accuracy; ``turns[-1].assistant`` is the first of them.
+    answers: list[str] | None = None
+
+    @property
+    def images(self) -> list[ImageRef]:
+        """All images of the conversation in order (the order of their conversation-wide numbers 1..n)."""
+        return [image for turn in self.turns for image in turn.images]
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the data: where, which sample, which field, what is wrong and what was expected."""
+
+    origin: str
+    id: str | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        parts = [self.origin]
+        if self.id is not None:
+            parts.append(f"id={self.id}")
+        if self.field:
+            parts.append(self.field)
+        return " ".join(parts) + ": " + self.message
+
+
+def format_problems(problems: Iterable[Problem], limit: int | None = MAX_PRINTED_PROBLEMS, indent: str = "  ") -> str:
+    """One line per problem, at most ``limit`` of them followed by ``... and N more``."""
+    problems = list(problems)
+    shown = problems if limit is None else problems[:limit]
+    lines = [indent + str(p) for p in shown]
+    if len(problems) > len(shown):
+        lines.append(f"{indent}... and {len(problems) - len(shown)} more")
+    return "\n".join(lines)
+
+
+class DataError(ValueError):
+    """The data cannot be used as it is; ``problems`` lists every reason."""
+
+    def __init__(self, problems: Iterable[Problem] | Problem, header: str | None = None):
+        if isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: list[Problem] = list(problems)
+        n = len(self.problems)
+        if header is None:
+            header = f"{n} problem{'s' if n != 1 else ''} in the data:"
+        super().__init__(header + ("\n" + format_problems(self.problems) if self.problems else ""))
+
+
+_ORIGIN_POSITION = re.compile(r"^(?P<prefix>.*?)(?::(?P<line>\d+)|\[row (?P<row>\d+)\]|\[(?P<index>\d+)\])$")
+
+
+def sort_problems(problems: Iterable[Problem]) -> list[Problem]:
+    """Problems in file order: grouped by source in order of first appearance, then by line / row number.
+
+    Problems of the same line keep their relative order. Origins without a position stay in front of their source.
+    """
+    problems = list(problems)
+    source_rank: dict[str, int] = {}
+    keys = []
+    for i, problem in enumerate(problems):
+        match = _ORIGIN_POSITION.match(problem.origin)
+        if match:
+            prefix = match["prefix"]
+            position = int(match["line"] or match["row"] or match["index"])
+        else:
+            prefix, position = problem.origin, -1
+        rank = source_rank.setdefault(prefix, len(source_rank))
+        keys.append((rank, position, i))
+    return [problems[k[2]] for k in sorted(keys)]

@@ -1,0 +1,123 @@
+"""Checkpoint compatibility: published key names and shapes, config round trip, sharded save/load."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from phi3v_tune import Phi3VConfig, Phi3VForCausalLM
+from phi3v_tune.model.tiny import tiny_model
+
+
+def published_config(published_dir) -> dict:
+    return json.loads((published_dir / "config.json").read_text())
+
+
+def test_published_config_reads_unchanged(published_dir, tmp_path):
+    raw = published_config(published_dir)
+    cfg = Phi3VConfig.from_dict(copy.deepcopy(raw))
+    assert cfg.model_type == "phi3_v"
+    assert cfg.rope_parameters["rope_type"] == "longrope"  # transformers' name for "su"
+    assert cfg.rope_parameters["short_factor"] == raw["rope_scaling"]["short_factor"]
+    assert cfg.rope_parameters["long_factor"] == raw["rope_scaling"]["long_factor"]
+    assert cfg.original_max_position_embeddings == 4096 and cfg.max_position_embeddings == 131072
+    assert cfg.img_processor == raw["img_processor"] and cfg.embd_layer == raw["embd_layer"]
+    assert cfg.vision_config.hidden_size == 1024 and cfg.vision_config.num_hidden_layers == 24
+    assert cfg.num_vision_layers_used == 23  # hidden_states[-2]
+    cfg.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    # the publisher's field names and values come back out
+    assert saved["model_type"] == "phi3_v"
+    assert saved["rope_scaling"] == {**raw["rope_scaling"]}
+    assert saved["rope_theta"] == raw["rope_theta"]
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "eos_token_id", "bos_token_id", "pad_token_id",
+                "img_processor", "embd_layer", "original_max_position_embeddings", "sliding_window",
+                "tie_word_embeddings", "rms_norm_eps", "intermediate_size", "num_key_value_heads"):
+        assert saved[key] == raw[key], key
+    again = Phi3VConfig.from_pretrained(tmp_path)
+    assert again.to_dict() == {**cfg.to_dict(), "_name_or_path": again.to_dict().get("_name_or_path")}
+
+
+def test_full_size_meta_model_has_exactly_the_published_keys_and_shapes(published_dir):
+    index = json.loads((published_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    cfg = Phi3VConfig.from_dict(published_config(published_dir))
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(cfg)
+    state = model.state_dict()
+    assert set(state) == set(index)
+    assert len(state) == 592
+    shapes = {
+        "model.embed_tokens.weight": (32064, 3072),
+        "lm_head.weight": (32064, 3072),
+        "model.layers.0.self_attn.qkv_proj.weight": (9216, 3072),
+        "model.layers.0.mlp.gate_up_proj.weight": (16384, 3072),
+        "model.layers.0.mlp.down_proj.weight": (3072, 8192),
+        "model.vision_embed_tokens.img_projection.0.weight": (3072, 4096),
+        "model.vision_embed_tokens.img_projection.2.weight": (3072, 3072),
+        "model.vision_embed_tokens.glb_GN": (1, 1, 4096),
+        "model.vision_embed_tokens.sub_GN": (1, 1, 1, 4096),
+        "model.vision_embed_tokens.img_processor.vision_model.embeddings.position_embedding.weight": (577, 1024),
+        "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.23.mlp.fc1.weight": (4096, 1024),
+    }
+    for key, shape in shapes.items():
+        assert tuple(state[key].shape) == shape, key
+    total = sum(p.numel() for p in model.parameters())
+    assert 4.14e9 < total < 4.16e9
+    # the unused tail of CLIP is stored but frozen
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert all(".encoder.layers.23." in n or ".post_layernorm." in n for n in frozen) and len(frozen) == 18
+
+
+def test_save_load_is_bit_exact_sharded_bf16(tiny_tokenizer, tmp_path):
+    model = tiny_model(tiny_tokenizer, seed=5).to(torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) >= 2
+    for shard in shards:
+        for name, tensor in load_file(tmp_path / shard).items():
+            assert tensor.dtype == torch.bfloat16, name
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "phi3_v" and cfg["rope_scaling"]["type"] == "su"
+    loaded = Phi3VForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_loading_accepts_the_wte_alias_and_restores_unused_clip_weights(tiny_tokenizer, tmp_path):
+    model = tiny_model(tiny_tokenizer, seed=6)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["model.vision_embed_tokens.wte.weight"] = state["model.embed_tokens.weight"].clone()
+    model.config.save_pretrained(tmp_path)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = Phi3VForCausalLM.from_pretrained(tmp_path)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    last = "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.2.mlp.fc1.weight"
+    assert torch.equal(loaded.state_dict()[last], state[last])  # unused layer kept untouched
+    assert not dict(loaded.named_parameters())[last].requires_grad
+
+
+def test_missing_weights_are_reported(tiny_tokenizer, tmp_path):
+    model = tiny_model(tiny_tokenizer, seed=7)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if "glb_GN" not in k}
+    model.config.save_pretrained(tmp_path)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _, info = Phi3VForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {"model.vision_embed_tokens.glb_GN"} or "model.vision_embed_tokens.glb_GN" in set(
+        info["missing_keys"]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_pretrained_with_dtype_and_attention(tiny_tokenizer, tmp_path, dtype):
+    tiny_model(tiny_tokenizer, seed=8).save_pretrained(tmp_path)
+    model = Phi3VForCausalLM.from_pretrained(tmp_path, dtype=dtype, attn_implementation="eager")
+    assert model.dtype == dtype
+    assert model.config._attn_implementation == "eager"

@@ -1,0 +1,82 @@
+"""`generate` with the KV cache equals greedy argmax over full forward passes (also across the su-RoPE switch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from phi3v_tune.model.tiny import tiny_model
+
+
+def rand_image(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
+    """Reference decoding: the whole sequence is recomputed at every step, no cache."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    new = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                pixel_values=inputs.get("pixel_values"),
+                image_sizes=inputs.get("image_sizes"),
+                use_cache=False,
+            ).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        new.append(nxt)
+        ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    return torch.cat(new, dim=1)
+
+
+def chat(p, text):
+    return p.apply_chat_template([{"role": "user", "content": text}])
+
+
+@pytest.mark.parametrize("original_max", [4096, 24])
+def test_generate_with_cache_equals_full_forward_greedy(tiny_tokenizer, tiny_processor, original_max):
+    model = tiny_model(tiny_tokenizer, seed=11, original_max_position_embeddings=original_max)
+    texts = [chat(tiny_processor, "The quick brown fox jumps"), chat(tiny_processor, "up")]
+    inputs = tiny_processor(text=texts, padding=True, padding_side="left")
+    steps = 20
+    expected = greedy_without_cache(model, inputs, steps)
+    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None, min_new_tokens=steps)
+    got = out[:, inputs["input_ids"].shape[1] :]
+    if original_max == 24:  # the run crosses the switch point: the cache is dropped and everything recomputed
+        lengths = inputs["attention_mask"].sum(-1)
+        assert int(lengths.max()) < 24 < int(lengths.min()) + steps  # both samples cross, at different steps
+    assert got.tolist() == expected.tolist()
+
+
+def test_generate_with_images_equals_full_forward_greedy(tiny_tokenizer, tiny_processor):
+    model = tiny_model(tiny_tokenizer, seed=12)
+    texts = [chat(tiny_processor, "<|image_1|>\nWhat colour?"), chat(tiny_processor, "<|image_1|><|image_2|>\nSame?")]
+    images = [[rand_image(400, 300, 1)], [rand_image(336, 336, 2), rand_image(200, 500, 3)]]
+    inputs = tiny_processor(text=texts, images=images, padding=True, padding_side="left")
+    expected = greedy_without_cache(model, inputs, 8)
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, min_new_tokens=8)
+    assert out[:, inputs["input_ids"].shape[1] :].tolist() == expected.tolist()
+
+
+def test_image_crossing_switch_recomputes_with_images(tiny_tokenizer, tiny_processor):
+    """The cache is dropped when the length passes the switch point; the image must be re-embedded then."""
+    model = tiny_model(tiny_tokenizer, seed=13, original_max_position_embeddings=475)
+    inputs = tiny_processor(text=chat(tiny_processor, "<|image_1|>\nHi"), images=[rand_image(672, 336, 4)])
+    n = inputs["input_ids"].shape[1]
+    assert n < 475 < n + 12
+    expected = greedy_without_cache(model, inputs, 12)
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, min_new_tokens=12)
+    assert out[:, n:].tolist() == expected.tolist()
+
+
+def test_generation_stops_on_end_tokens(tiny_tokenizer, tiny_processor):
+    model = tiny_model(tiny_tokenizer, seed=14)
+    inputs = tiny_processor(text=chat(tiny_processor, "hello"))
+    first = greedy_without_cache(model, inputs, 1)[0, 0].item()
+    out = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=[first])
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 1
