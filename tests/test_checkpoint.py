@@ -34,9 +34,22 @@ def test_published_config_reads_unchanged(published_dir, tmp_path):
     assert saved["model_type"] == "phi3_v"
     assert saved["rope_scaling"] == {**raw["rope_scaling"]}
     assert saved["rope_theta"] == raw["rope_theta"]
-    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "eos_token_id", "bos_token_id", "pad_token_id",
-                "img_processor", "embd_layer", "original_max_position_embeddings", "sliding_window",
-                "tie_word_embeddings", "rms_norm_eps", "intermediate_size", "num_key_value_heads"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "vocab_size",
+        "eos_token_id",
+        "bos_token_id",
+        "pad_token_id",
+        "img_processor",
+        "embd_layer",
+        "original_max_position_embeddings",
+        "sliding_window",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+        "intermediate_size",
+        "num_key_value_heads",
+    ):
         assert saved[key] == raw[key], key
     again = Phi3VConfig.from_pretrained(tmp_path)
     assert again.to_dict() == {**cfg.to_dict(), "_name_or_path": again.to_dict().get("_name_or_path")}

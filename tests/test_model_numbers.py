@@ -118,8 +118,9 @@ def test_image_batch_crossing_switch_matches_oracle(tiny_tokenizer, tiny_process
 
 
 def test_loss_is_shifted_cross_entropy_ignoring_minus_100(model, tiny_processor):
-    inputs = tiny_processor(text=chat(tiny_processor, "<|image_1|>\nWhat?") + "red<|end|>\n<|endoftext|>",
-                            images=[rand_image(320, 240, 8)])
+    inputs = tiny_processor(
+        text=chat(tiny_processor, "<|image_1|>\nWhat?") + "red<|end|>\n<|endoftext|>", images=[rand_image(320, 240, 8)]
+    )
     labels = inputs["input_ids"].clone()
     labels[labels < 0] = -100
     labels[:, : labels.shape[1] - 5] = -100
@@ -146,8 +147,10 @@ def test_zero_padding_crops_never_reach_clip(model, tiny_processor, monkeypatch)
 def test_unused_clip_layers_never_run_and_never_train(model, tiny_processor):
     vm = model.model.vision_embed_tokens.img_processor.vision_model
     calls = []
-    hooks = [vm.post_layernorm.register_forward_hook(lambda *a: calls.append("post")),
-             vm.encoder.layers[-1].register_forward_hook(lambda *a: calls.append("last"))]
+    hooks = [
+        vm.post_layernorm.register_forward_hook(lambda *a: calls.append("post")),
+        vm.encoder.layers[-1].register_forward_hook(lambda *a: calls.append("last")),
+    ]
     try:
         inputs = tiny_processor(text=chat(tiny_processor, "<|image_1|>\nHi"), images=[rand_image(336, 336, 10)])
         model(**inputs).logits.sum().backward()

@@ -44,10 +44,20 @@ def test_reference_example_ids(real):
 def test_answer_ids_and_special_ids(real):
     tok = real.tokenizer
     assert tok("Paris<|end|>\n<|endoftext|>", add_special_tokens=False)["input_ids"] == [3681, 32007, 29871, 13, 32000]
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>",
-                                                      "<|end|>", "<|user|>", "<|image|>"]}
-    assert ids == {"<s>": 1, "</s>": 2, "<|endoftext|>": 32000, "<|assistant|>": 32001, "<|system|>": 32006,
-                   "<|end|>": 32007, "<|user|>": 32010, "<|image|>": 32044}
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ["<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>", "<|image|>"]
+    }
+    assert ids == {
+        "<s>": 1,
+        "</s>": 2,
+        "<|endoftext|>": 32000,
+        "<|assistant|>": 32001,
+        "<|system|>": 32006,
+        "<|end|>": 32007,
+        "<|user|>": 32010,
+        "<|image|>": 32044,
+    }
     assert tok.pad_token_id == tok.eos_token_id == 32000
     assert real.stop_token_ids == [32007, 32000]
 
@@ -88,8 +98,11 @@ def test_batching_with_padding(real, side):
 
 def test_batch_images_as_lists_per_prompt(real):
     p = Phi3VProcessor(real.tokenizer, Phi3VImageProcessor(num_crops=1))
-    out = p(text=["<|image_1|>a", "b", "<|image_1|><|image_2|>c"], images=[[img(40, 40)], [], [img(40, 40), img(9, 9)]],
-            padding=True)
+    out = p(
+        text=["<|image_1|>a", "b", "<|image_1|><|image_2|>c"],
+        images=[[img(40, 40)], [], [img(40, 40), img(9, 9)]],
+        padding=True,
+    )
     assert out["pixel_values"].shape[0] == 3
     assert [int((out["input_ids"][i] < 0).sum()) for i in range(3)] == [313, 0, 626]
 

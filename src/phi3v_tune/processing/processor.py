@@ -36,8 +36,7 @@ def image_tag_order(text: str, source: str = "prompt") -> list[int]:
         seen.add(k)
     if sorted(order) != list(range(1, len(order) + 1)):
         raise ValueError(
-            f"{source}: image tags must be numbered 1..n without gaps, got "
-            f"{', '.join(image_tag(k) for k in order)}"
+            f"{source}: image tags must be numbered 1..n without gaps, got {', '.join(image_tag(k) for k in order)}"
         )
     return order
 
@@ -82,9 +81,7 @@ class Phi3VProcessor:
         return stop_token_ids(self.tokenizer)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def tokenize_text(self, text: str) -> list[int]:
         """One text chunk with its leading `<s>` (the published processor's rule)."""
@@ -155,9 +152,7 @@ class Phi3VProcessor:
             images = []
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        needed = [
-            len(image_tag_order(t, f"prompt {b}" if len(texts) > 1 else "prompt")) for b, t in enumerate(texts)
-        ]
+        needed = [len(image_tag_order(t, f"prompt {b}" if len(texts) > 1 else "prompt")) for b, t in enumerate(texts)]
         if images and all(isinstance(x, (list, tuple)) for x in images):
             if len(images) != len(texts):
                 raise ValueError(f"got {len(images)} image lists for {len(texts)} prompts")

@@ -1,0 +1,279 @@
+"""Content checks on ``Record``s: empty answers, duplicate ids, missing or unreadable images, image tag mismatches.
+
+``validate_records`` adds these problems to those found while reading; ``validate_path`` reads and checks a whole
+source and returns a ``ValidationReport`` that prints as a summary followed by every problem.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .schema import DataError, ImageRef, Problem, Record, format_problems, sort_problems
+from .sources import PathLike, load_records
+
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+#: Show a progress bar when more images than this are checked.
+PROGRESS_MIN_IMAGES = 200
+
+
+def validate_records(
+    records: Sequence[Record],
+    problems: Iterable[Problem] = (),
+    check_images: bool = True,
+    max_image_pixels: int | None = None,
+    num_workers: int | None = None,
+) -> list[Problem]:
+    """Return ``problems`` plus the content problems of ``records``, in file / row order.
+
+    Checks: empty answers; empty user text without images or video; duplicate ids (second and later uses);
+    ``<|image_k|>`` tags (see ``check_image_tags``); and with ``check_images``: image files that are missing or are
+    not files, images PIL cannot fully decode, images over ``max_image_pixels``, and missing video files (videos are
+    not decoded here). Images are decoded on ``num_workers`` threads (default: up to 8).
+    """
+    found: list[Problem] = list(problems)
+    first_origin: dict[str, str] = {}
+    for record in records:
+        if record.id in first_origin:
+            found.append(
+                Problem(
+                    record.origin,
+                    record.id,
+                    "id",
+                    f"duplicate id (first used at {first_origin[record.id]}; expected unique ids)",
+                )
+            )
+        else:
+            first_origin[record.id] = record.origin
+        for i, turn in enumerate(record.turns):
+            if not turn.assistant.strip():
+                found.append(
+                    Problem(
+                        record.origin,
+                        record.id,
+                        f"conversations[{i}].assistant",
+                        "empty answer (expected non-empty text)",
+                    )
+                )
+            if not turn.user.strip() and not turn.images and not turn.video:
+                found.append(
+                    Problem(
+                        record.origin,
+                        record.id,
+                        f"conversations[{i}].user",
+                        "empty question with no image or video (expected text, images or both)",
+                    )
+                )
+        found.extend(check_image_tags(record))
+    if check_images:
+        found.extend(_check_media(records, max_image_pixels, num_workers))
+    return sort_problems(found)
+
+
+def check_image_tags(record: Record) -> list[Problem]:
+    """Check ``<|image_k|>`` tags in the user texts of a record.
+
+    Images are numbered 1..n across the whole conversation in order (a first turn with 2 images owns 1 and 2, a
+    second turn with 1 image owns 3). When no turn has tags, that is fine: the prompt builder adds them. When any
+    turn has tags, each turn's tags must be exactly the numbers of its own images, each at most once. Video turns
+    have frames whose count is known only after decoding, so the video turn and every later turn are not checked.
+    """
+    if not any(IMAGE_TAG.search(turn.user) for turn in record.turns):
+        return []
+    problems: list[Problem] = []
+    next_number = 1
+    for i, turn in enumerate(record.turns):
+        if turn.video:
+            break
+        owned = list(range(next_number, next_number + len(turn.images)))
+        next_number += len(turn.images)
+        tags = [int(k) for k in IMAGE_TAG.findall(turn.user)]
+        where = f"conversations[{i}].user"
+        repeated = sorted(k for k, n in Counter(tags).items() if n > 1)
+        if repeated:
+            problems.append(
+                Problem(
+                    record.origin,
+                    record.id,
+                    where,
+                    f"image tag{'s' if len(repeated) > 1 else ''} {_tags(repeated)} used more than once (expected each tag at most once)",
+                )
+            )
+        if set(tags) != set(owned):
+            if owned:
+                expected = (
+                    f"exactly {_tags(owned)} for this turn's {len(owned)} image{'s' if len(owned) > 1 else ''}, "
+                    "numbered across the whole conversation"
+                )
+            else:
+                expected = "no tags, this turn has no images"
+            got = _tags(sorted(set(tags))) if tags else "no tags"
+            problems.append(
+                Problem(
+                    record.origin,
+                    record.id,
+                    where,
+                    f"image tags do not match the images: found {got} (expected {expected}; "
+                    "or leave out the tags in every turn and they are added automatically)",
+                )
+            )
+    return problems
+
+
+def _tags(numbers: Iterable[int]) -> str:
+    return ", ".join(f"<|image_{k}|>" for k in numbers)
+
+
+def check_image(ref: ImageRef, max_image_pixels: int | None = None) -> str | None:
+    """Why an image is unusable (``"not found: /abs/path"``, PIL's reason, too many pixels), or None if fine."""
+    what = "in-memory image"
+    try:
+        if isinstance(ref, Image.Image):
+            _check_pixels(ref.size, max_image_pixels)
+            ref.load()
+            return None
+        if isinstance(ref, bytes):
+            source: io.BytesIO | Path = io.BytesIO(ref)
+        else:
+            source = Path(ref)
+            what = str(source)
+            if not os.path.exists(source):
+                return f"not found: {source}"
+            if not os.path.isfile(source):
+                return f"not a file: {source}"
+        with Image.open(source) as image:
+            _check_pixels(image.size, max_image_pixels)
+            image.load()
+        return None
+    except _TooLarge as e:
+        return f"{what}: {e}"
+    except UnidentifiedImageError:
+        return f"cannot read {what}: not an image, or a format PIL does not know (expected PNG, JPEG, ...)"
+    except Exception as e:  # PIL raises many kinds: UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        reason = str(e) or type(e).__name__
+        return f"cannot read {what}: {reason} (expected a readable image file: PNG, JPEG, ...)"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _check_pixels(size: tuple[int, int], max_image_pixels: int | None) -> None:
+    width, height = size
+    if max_image_pixels is not None and width * height > max_image_pixels:
+        raise _TooLarge(f"{width}x{height} = {width * height} pixels, more than max_image_pixels={max_image_pixels}")
+
+
+def _check_media(records: Sequence[Record], max_image_pixels: int | None, num_workers: int | None) -> list[Problem]:
+    # Each distinct file is decoded once, however many samples share it.
+    jobs: dict[object, ImageRef] = {}
+    uses: list[tuple[Record, str, object]] = []
+    videos: list[tuple[Record, str, str]] = []
+    for record in records:
+        for i, turn in enumerate(record.turns):
+            for j, image in enumerate(turn.images):
+                key: object = ("path", str(image)) if isinstance(image, (str, Path)) else ("obj", id(image))
+                jobs.setdefault(key, image)
+                uses.append((record, f"conversations[{i}].images[{j}]", key))
+            if turn.video:
+                videos.append((record, f"conversations[{i}].video", turn.video))
+
+    keys = list(jobs)
+    workers = num_workers or min(8, os.cpu_count() or 1)
+    bar = None
+    if len(keys) > PROGRESS_MIN_IMAGES:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(keys), desc="checking images", unit="img", disable=not sys.stderr.isatty())
+    results: dict[object, str | None] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for key, result in zip(keys, pool.map(lambda k: check_image(jobs[k], max_image_pixels), keys)):
+            results[key] = result
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    problems = [Problem(record.origin, record.id, where, results[key]) for record, where, key in uses if results[key]]
+    for record, where, video in videos:
+        if not os.path.isfile(video):
+            problems.append(
+                Problem(
+                    record.origin,
+                    record.id,
+                    where,
+                    f"{'not a file' if os.path.exists(video) else 'not found'}: {video}",
+                )
+            )
+    return problems
+
+
+@dataclass
+class ValidationReport:
+    """What ``validate_path`` found: counts and every problem (``records`` holds the readable samples)."""
+
+    data: str
+    num_records: int
+    num_turns: int
+    num_images: int
+    problems: list[Problem]
+    num_videos: int = 0
+    records: list[Record] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self, max_problems: int | None = None) -> str:
+        """A human-readable summary: the counts, then every problem (or the first ``max_problems``)."""
+        counts = f"{self.num_records} records, {self.num_turns} turns, {self.num_images} images"
+        if self.num_videos:
+            counts += f", {self.num_videos} videos"
+        lines = [f"{self.data}: {counts}"]
+        if not self.problems:
+            lines.append("no problems found")
+        else:
+            n = len(self.problems)
+            lines.append(f"{n} problem{'s' if n != 1 else ''}:")
+            lines.append(format_problems(self.problems, limit=max_problems))
+        return "\n".join(lines)
+
+    def raise_if_problems(self) -> None:
+        if self.problems:
+            raise DataError(self.problems)
+
+
+def validate_path(
+    data: PathLike | Sequence[PathLike],
+    image_dir: PathLike | None = None,
+    split: str = "train",
+    check_images: bool = True,
+    max_image_pixels: int | None = None,
+    **load_kwargs,
+) -> ValidationReport:
+    """Read ``data`` with ``load_records`` and check everything; a source that cannot be read at all is reported
+    as a problem of the report rather than raised."""
+    label = ", ".join(str(d) for d in data) if isinstance(data, (list, tuple)) else str(data)
+    try:
+        records, problems = load_records(data, image_dir=image_dir, split=split, **load_kwargs)
+    except DataError as e:
+        return ValidationReport(label, 0, 0, 0, list(e.problems))
+    problems = validate_records(records, problems, check_images=check_images, max_image_pixels=max_image_pixels)
+    return ValidationReport(
+        data=label,
+        num_records=len(records),
+        num_turns=sum(len(r.turns) for r in records),
+        num_images=sum(len(t.images) for r in records for t in r.turns),
+        problems=problems,
+        num_videos=sum(1 for r in records for t in r.turns if t.video),
+        records=records,
+    )
