@@ -362,6 +362,10 @@ def test_cauldron_save_to_disk_and_parquet(tmp_path):
     records, problems = load_records(disk)
     assert problems == []
     _check_cauldron(records, str(disk))
+    arrow = next(disk.glob("*.arrow"))  # a single arrow file
+    records, problems = load_records(arrow)
+    assert problems == []
+    _check_cauldron(records, str(arrow))
 
     pq = tmp_path / "pq" / "train-00000-of-00001.parquet"
     pq.parent.mkdir()

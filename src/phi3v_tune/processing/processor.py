@@ -91,20 +91,37 @@ class Phi3VProcessor:
             ids = [bos, *ids]
         return ids
 
-    def prompt_ids(self, text: str, num_tokens: Sequence[int], source: str = "prompt") -> list[int]:
-        """Token ids of one prompt; `num_tokens[k-1]` is the token count of image k."""
-        order = image_tag_order(text, source)
-        if len(order) != len(num_tokens):
+    def prompt_ids(
+        self,
+        text: str,
+        num_tokens: Sequence[int] | dict[int, int],
+        source: str = "prompt",
+        leading_bos: bool = True,
+        check_tags: bool = True,
+    ) -> list[int]:
+        """Token ids of one prompt; `num_tokens[k-1]` (or `num_tokens[k]` for a dict) is the token count of image k.
+
+        `leading_bos=False` continues a conversation (no `<s>` before the first chunk); a `<s>` still follows every
+        image. `check_tags=False` skips the 1..n rule, for one turn of a conversation numbered across turns.
+        """
+        order = image_tag_order(text, source) if check_tags else [int(m) for m in IMAGE_TAG.findall(text)]
+        counts = num_tokens if isinstance(num_tokens, dict) else {k + 1: n for k, n in enumerate(num_tokens)}
+        if check_tags and len(order) != len(counts):
             raise ValueError(
-                f"{source}: the prompt has {len(order)} image tag(s) but {len(num_tokens)} image(s) were given"
+                f"{source}: the prompt has {len(order)} image tag(s) but {len(counts)} image(s) were given"
             )
         chunks = IMAGE_TAG.split(text)[::2]  # split() also returns the captured numbers at odd positions
         ids: list[int] = []
         for i, chunk in enumerate(chunks):
-            ids.extend(self.tokenize_text(chunk))
+            if i == 0 and not leading_bos:
+                ids.extend(self.tokenizer(chunk, add_special_tokens=False)["input_ids"] if chunk else [])
+            else:
+                ids.extend(self.tokenize_text(chunk))
             if i < len(order):
                 k = order[i]
-                ids.extend([-k] * num_tokens[k - 1])
+                if k not in counts:
+                    raise ValueError(f"{source}: image tag {image_tag(k)} has no image")
+                ids.extend([-k] * counts[k])
         return ids
 
     # ----------------------------------------------------------------------------------------------------------------

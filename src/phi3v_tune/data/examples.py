@@ -1,0 +1,193 @@
+"""One record -> model inputs and labels: the single place where prompts, image numbering and labels are built.
+
+Single-turn records reproduce the original recipe exactly: user content `<|image_1|><|image_2|>...\\n{user}`
+(unless the text already holds the tags), the chat template with the generation prompt, then the answer
+`{assistant}<|end|>\\n<|endoftext|>` tokenized without `<s>`; prompt tokens are -100, answer tokens are learned.
+
+Multi-turn records are ONE conversation (images numbered 1..n across it) in which every answer with its `<|end|>\\n`
+is learned, the last one also with `<|endoftext|>`. The text is tokenized in pieces that end at special tokens, which
+gives the same ids as tokenizing the whole conversation with the published processor.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..processing.image import num_image_tokens
+from ..processing.processor import IMAGE_TAG, Phi3VProcessor, image_tag
+from .schema import ImageRef, Record, Turn
+from .sources import PathResolver, parse_conversation
+from .video import video_frames
+
+IGNORE_INDEX = -100
+END = "<|end|>"
+EOS = "<|endoftext|>"
+
+
+class SampleRefused(ValueError):
+    """A sample that cannot be trained on as it is (reason in the message); never dropped silently."""
+
+    def __init__(self, record_id: str, reason: str, message: str):
+        self.record_id = record_id
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass
+class Piece:
+    text: str
+    learned: bool
+
+
+def _exif_swaps(img: Image.Image) -> bool:
+    try:
+        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:
+        return False
+
+
+def image_size(ref: ImageRef) -> tuple[int, int]:
+    """(width, height) as the image will be seen (EXIF rotation applied) from the header, without decoding pixels."""
+    if isinstance(ref, Image.Image):
+        w, h = ref.size
+        return (h, w) if _exif_swaps(ref) else (w, h)
+    src: Any = io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else ref
+    try:
+        with Image.open(src) as img:
+            w, h = img.size
+            return (h, w) if _exif_swaps(img) else (w, h)
+    except FileNotFoundError as err:
+        raise ValueError(f"image '{ref}': file not found") from err
+    except Exception as err:
+        raise ValueError(f"image '{ref if not isinstance(ref, bytes) else 'bytes'}': unreadable ({err})") from err
+
+
+def turn_images(turn: Turn, video_frames_per_clip: int) -> list[ImageRef]:
+    """A turn's images; a video turn contributes its sampled frames."""
+    if turn.video is not None:
+        return [*turn.images, *video_frames(turn.video, video_frames_per_clip)]
+    return list(turn.images)
+
+
+def user_content(turn: Turn, first_number: int, count: int, source: str) -> str:
+    """The turn's user text with its images' tags: prepended (recipe) unless the text already places them."""
+    wanted = list(range(first_number, first_number + count))
+    present = [int(k) for k in IMAGE_TAG.findall(turn.user)]
+    if present:
+        if sorted(present) != wanted:
+            raise ValueError(
+                f"{source}: the text holds tags {', '.join(image_tag(k) for k in present)} but this turn's images "
+                f"are {', '.join(image_tag(k) for k in wanted) or 'none'} (numbered across the conversation)"
+            )
+        return turn.user
+    if not count:
+        return turn.user
+    return "".join(image_tag(k) for k in wanted) + "\n" + turn.user
+
+
+def conversation_pieces(record: Record, processor: Phi3VProcessor, counts: list[int], with_answers: bool = True):
+    """The conversation as (text, learned) pieces; `counts[t]` is the number of images of turn t."""
+    pieces: list[Piece] = []
+    number = 1
+    last = len(record.turns) - 1
+    for t, (turn, n) in enumerate(zip(record.turns, counts)):
+        content = user_content(turn, number, n, f"{record.origin or record.id} conversations[{t}].user")
+        number += n
+        prompt = processor.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        pieces.append(Piece(prompt, False))
+        if not with_answers and t == last:
+            break
+        pieces.append(Piece(turn.assistant + END + "\n" + (EOS if t == last else ""), True))
+    return pieces
+
+
+def build_example(
+    record: Record | dict,
+    processor: Phi3VProcessor,
+    image_dir: str | Path | None = None,
+    max_length: int | None = None,
+    load_pixels: bool = True,
+    video_frames_per_clip: int = 8,
+    for_generation: bool = False,
+) -> dict[str, Any]:
+    """`input_ids`, `labels`, `attention_mask`, `pixel_values`, `image_sizes` (+ `id`, `truncated`) of one record.
+
+    `record` is a `Record` or one object of the conversations jsonl (image paths relative to `image_dir`).
+    `max_length` truncates only text after the last image; a sample whose images alone exceed it, or that keeps
+    no answer token, raises `SampleRefused`. `load_pixels=False` reads image headers only (lengths for planning).
+    `for_generation=True` leaves the last answer out and ends with the generation prompt (evaluation).
+    """
+    if isinstance(record, dict):
+        base = Path(image_dir) if image_dir is not None else Path.cwd()
+        parsed, problems = parse_conversation(record, "record", PathResolver([base, base / "images"]))
+        if parsed is None:
+            raise ValueError("; ".join(str(p) for p in problems))
+        record = parsed
+    where = record.origin or f"id={record.id}"
+    images_per_turn = [turn_images(turn, video_frames_per_clip) for turn in record.turns]
+    flat = [img for imgs in images_per_turn for img in imgs]
+    ip = processor.image_processor
+
+    pixel_values = image_sizes = None
+    if load_pixels and flat:
+        loaded = [ip.load_image(img, source=f"{where} id={record.id} image {i + 1}") for i, img in enumerate(flat)]
+        out = ip(loaded)
+        pixel_values, image_sizes, tokens = out["pixel_values"], out["image_sizes"], out["num_img_tokens"]
+    else:
+        tokens = []
+        for img in flat:
+            w, h = image_size(img)
+            tokens.append(num_image_tokens(*ip.hd_size(w, h)))
+    counts = {k + 1: n for k, n in enumerate(tokens)}
+
+    ids: list[int] = []
+    labels: list[int] = []
+    pieces = conversation_pieces(record, processor, [len(x) for x in images_per_turn], with_answers=True)
+    if for_generation:
+        pieces = pieces[:-1]
+    for i, piece in enumerate(pieces):
+        if piece.learned:
+            piece_ids = processor.tokenizer(piece.text, add_special_tokens=False)["input_ids"]
+        else:
+            piece_ids = processor.prompt_ids(piece.text, counts, source=where, leading_bos=(i == 0), check_tags=False)
+        ids.extend(piece_ids)
+        labels.extend(piece_ids if piece.learned else [IGNORE_INDEX] * len(piece_ids))
+
+    truncated = False
+    if max_length is not None and len(ids) > max_length:
+        image_end = max((i + 1 for i, x in enumerate(ids) if x < 0), default=0)
+        if image_end > max_length:
+            raise SampleRefused(
+                record.id,
+                "images_exceed_max_length",
+                f"{where} id={record.id}: its images alone need {image_end} tokens > max_length={max_length} "
+                "(lower num_crops or raise max_length)",
+            )
+        ids, labels = ids[:max_length], labels[:max_length]
+        truncated = True
+        if not for_generation and all(x == IGNORE_INDEX for x in labels):
+            raise SampleRefused(
+                record.id,
+                "no_answer_after_truncation",
+                f"{where} id={record.id}: no answer token is left after truncating to max_length={max_length}",
+            )
+    example = {
+        "id": record.id,
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "attention_mask": torch.ones(len(ids), dtype=torch.long),
+        "truncated": truncated,
+        "num_images": len(flat),
+    }
+    if pixel_values is not None:
+        example["pixel_values"] = pixel_values
+        example["image_sizes"] = image_sizes
+    return example

@@ -1,0 +1,142 @@
+"""`build_example`: the recipe's ids and labels for single turns; one conversation for several turns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from phi3v_tune import Phi3VProcessor
+from phi3v_tune.data import Record, Turn
+from phi3v_tune.data.examples import IGNORE_INDEX, SampleRefused, build_example
+from phi3v_tune.processing.image import Phi3VImageProcessor
+
+
+def img(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def proc(real_tokenizer_dir):
+    from phi3v_tune.processing.tokenizer import load_tokenizer
+
+    return Phi3VProcessor(load_tokenizer(real_tokenizer_dir), Phi3VImageProcessor(num_crops=1))
+
+
+def test_single_turn_equals_the_original_recipe(proc):
+    images = [img(64, 48, 1), img(48, 64, 2)]
+    rec = Record("a", None, [Turn("What differs?", "The colour.", images)])
+    ex = build_example(rec, proc)
+    # the recipe: tags prepended, chat template with generation prompt, answer tokenized without bos
+    prompt = proc.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<|image_1|><|image_2|>\nWhat differs?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    prompt_ids = proc(text=prompt, images=images)["input_ids"][0].tolist()
+    answer_ids = proc.tokenizer("The colour.<|end|>\n<|endoftext|>", add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"].tolist() == prompt_ids + answer_ids
+    assert ex["labels"].tolist() == [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    assert answer_ids[-5:] == [32007, 29871, 13, 32000][-4:] or answer_ids[-4:] == [32007, 29871, 13, 32000]
+    assert ex["attention_mask"].tolist() == [1] * len(prompt_ids + answer_ids)  # <|endoftext|> (= pad) stays visible
+    assert ex["pixel_values"].shape == (2, 2, 3, 336, 336)
+
+
+def test_three_turn_two_image_conversation_learns_every_answer(proc):
+    rec = Record(
+        "conv",
+        None,
+        [
+            Turn("Describe the first.", "A red square.", [img(40, 40, 3)]),
+            Turn("And now?", "Nothing new.", []),
+            Turn("Compare with this one.", "It is bigger.", [img(50, 30, 4)]),
+        ],
+    )
+    ex = build_example(rec, proc)
+    spans, current = [], []
+    for token, label in zip(ex["input_ids"].tolist(), ex["labels"].tolist()):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    spans.append(current)
+    tok = proc.tokenizer
+    assert [tok.decode(s, skip_special_tokens=True).strip() for s in spans] == [
+        "A red square.",
+        "Nothing new.",
+        "It is bigger.",
+    ]
+    decoded = [tok.decode(s, skip_special_tokens=False).replace(" \n", "\n") for s in spans]
+    assert decoded == ["A red square.<|end|>\n", "Nothing new.<|end|>\n", "It is bigger.<|end|>\n<|endoftext|>"]
+    assert [s[-3:] for s in spans[:2]] == [[32007, 29871, 13]] * 2 and spans[2][-4:] == [32007, 29871, 13, 32000]
+    # the same ids as the published processor on the whole conversation (images numbered across turns)
+    whole = proc.tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": "<|image_1|>\nDescribe the first."},
+            {"role": "assistant", "content": "A red square."},
+            {"role": "user", "content": "And now?"},
+            {"role": "assistant", "content": "Nothing new."},
+            {"role": "user", "content": "<|image_2|>\nCompare with this one."},
+            {"role": "assistant", "content": "It is bigger."},
+        ],
+        tokenize=False,
+    )
+    ref = proc(text=whole + "<|endoftext|>", images=[img(40, 40, 3), img(50, 30, 4)])["input_ids"][0].tolist()
+    assert ex["input_ids"].tolist() == ref
+    assert (ex["input_ids"] == -2).sum() == 313
+
+
+def test_tags_in_user_text_are_used_where_they_stand(proc):
+    rec = Record("t", None, [Turn("Left: <|image_1|> right: <|image_2|> same?", "no", [img(30, 30), img(31, 31)])])
+    ex = build_example(rec, proc)
+    prompt = proc.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Left: <|image_1|> right: <|image_2|> same?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    expected = proc(text=prompt, images=[img(30, 30), img(31, 31)])["input_ids"][0].tolist()
+    assert ex["input_ids"].tolist()[: len(expected)] == expected
+    bad = Record("b", None, [Turn("<|image_2|> only", "x", [img(30, 30)])])
+    with pytest.raises(ValueError, match="numbered across the conversation"):
+        build_example(bad, proc)
+
+
+def test_raw_jsonl_object_with_image_dir(proc, tmp_path):
+    (tmp_path / "images").mkdir()
+    img(60, 40).save(tmp_path / "images" / "x.png")
+    ex = build_example(
+        {"id": 7, "conversations": [{"images": ["x.png"], "user": "Q", "assistant": "A"}]}, proc, image_dir=tmp_path
+    )
+    assert ex["id"] == "7" and ex["pixel_values"].shape[0] == 1
+
+
+def test_max_length_cuts_text_after_the_last_image_only(proc):
+    rec = Record("m", None, [Turn("Q " * 20, "A long answer " * 10, [img(40, 40)])])
+    full = build_example(rec, proc)
+    n = full["input_ids"].shape[0]
+    image_end = int((full["input_ids"] < 0).nonzero().max()) + 1
+    cut = build_example(rec, proc, max_length=n - 5)
+    assert cut["truncated"] and cut["input_ids"].tolist() == full["input_ids"].tolist()[: n - 5]
+    assert cut["labels"].tolist() == full["labels"].tolist()[: n - 5]
+    with pytest.raises(SampleRefused, match="images alone need") as err:
+        build_example(rec, proc, max_length=image_end - 1)
+    assert err.value.reason == "images_exceed_max_length" and err.value.record_id == "m"
+    with pytest.raises(SampleRefused, match="no answer token"):
+        build_example(rec, proc, max_length=image_end + 3)
+
+
+def test_header_only_lengths_equal_real_lengths(proc):
+    rec = Record("h", None, [Turn("Q", "A", [img(700, 300), img(20, 900)])])
+    p16 = Phi3VProcessor(proc.tokenizer, Phi3VImageProcessor(num_crops=16))
+    a = build_example(rec, p16)
+    b = build_example(rec, p16, load_pixels=False)
+    assert a["input_ids"].tolist() == b["input_ids"].tolist() and "pixel_values" not in b
+
+
+def test_generation_prompt_leaves_the_last_answer_out(proc):
+    rec = Record("g", None, [Turn("Q", "A", [img(30, 30)])])
+    ex = build_example(rec, proc, for_generation=True)
+    assert ex["input_ids"].tolist()[-1] == 32001  # ends with <|assistant|>
+    assert (ex["labels"] == IGNORE_INDEX).all()
