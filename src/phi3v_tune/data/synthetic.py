@@ -83,7 +83,8 @@ def answer_is_correct(pred: str, gold: str) -> bool:
 
 
 def _colour(rng: random.Random, name: str) -> tuple[int, int, int]:
-    return tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in PALETTE[name])  # type: ignore[return-value]
+    r, g, b = (min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in PALETTE[name])
+    return r, g, b
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, side: int, fill: tuple[int, int, int]) -> None:
@@ -146,14 +147,14 @@ def _make_images(task: str, answer: str, rng: random.Random, size: int) -> list[
 # ------------------------------------------------------------------------------------------------ records
 
 
-def _answers(task: str, seed: int, id_prefix: str, start: int, n: int) -> list[str]:
-    """Balanced answers for records ``start .. start+n-1``: each block of ``k`` classes is a seeded permutation."""
+def _answers(task: str, seed: int, id_prefix: str, n: int) -> list[str]:
+    """Balanced answers for records ``0 .. n-1``: each block of ``k`` classes is a seeded random permutation."""
     classes = CLASSES[task]
     k = len(classes)
     answers: list[str] = []
     block = -1
     order: list[str] = []
-    for i in range(start, start + n):
+    for i in range(n):
         if i // k != block:
             block = i // k
             order = list(classes)
@@ -191,12 +192,11 @@ def make_demo_records(
         raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))} (expected some of {', '.join(TASKS)})")
     records: list[Record] = []
     for task in tasks:
-        for i, answer in enumerate(_answers(task, seed, id_prefix, 0, n_per_task)):
+        for i, answer in enumerate(_answers(task, seed, id_prefix, n_per_task)):
             rid = f"{id_prefix}{task}-{i:06d}"
             rng = random.Random(f"phi3v-demo:{seed}:{rid}")
-            images: list[ImageRef] = list(_make_images(task, answer, rng, image_size))
-            if as_png:
-                images = [_png(image) for image in images]  # type: ignore[arg-type]
+            pil = _make_images(task, answer, rng, image_size)
+            images: list[ImageRef] = [_png(image) for image in pil] if as_png else list(pil)
             turn = Turn(user=QUESTIONS[task], assistant=answer, images=images)
             records.append(Record(id=rid, source=task, turns=[turn], origin=f"synthetic:{rid}"))
     return records

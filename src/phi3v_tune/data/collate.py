@@ -1,0 +1,48 @@
+"""Examples -> a padded batch. Attention masks come from lengths (pad id == `<|endoftext|>`, a learned token)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .examples import IGNORE_INDEX
+
+
+class Collator:
+    """Right-pads `input_ids` (pad id), `labels` (-100) and builds `attention_mask` from each example's length.
+
+    Images of all examples are concatenated in batch order, which is the order in which the model fills the image
+    positions. `ids` (sample ids) travel with the batch so errors can name the samples of a step.
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [int(e["input_ids"].shape[0]) for e in examples]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            width = (width + m - 1) // m * m
+        n = len(examples)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, (e, length) in enumerate(zip(examples, lengths)):
+            sl = slice(width - length, width) if self.padding_side == "left" else slice(0, length)
+            input_ids[i, sl] = e["input_ids"]
+            if "labels" in e:
+                labels[i, sl] = e["labels"]
+            mask[i, sl] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        with_images = [e for e in examples if e.get("pixel_values") is not None]
+        if with_images:
+            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images], dim=0)
+            batch["image_sizes"] = torch.cat([e["image_sizes"] for e in with_images], dim=0)
+        batch["ids"] = [e.get("id") for e in examples]
+        return batch

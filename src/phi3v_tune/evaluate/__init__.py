@@ -1,0 +1,1 @@
+"""Evaluation: the recipe's metrics and batched greedy generation."""

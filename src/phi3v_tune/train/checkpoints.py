@@ -1,0 +1,84 @@
+"""Checkpoint folders that are complete or clearly not: a marker written last, found before any resume.
+
+A crash while a checkpoint is being written leaves `checkpoint-N` without its marker; such folders are renamed
+`incomplete-checkpoint-N-<time>` at the next start (kept for inspection, never resumed from, never counted by the
+rotation that keeps the newest `--save-total-limit` checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+MARKER = "checkpoint_complete.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def write_marker(folder: str | Path, step: int) -> None:
+    """Written last, via a temporary file and an atomic rename, after everything else is on disk."""
+    folder = Path(folder)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            try:
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            except OSError:
+                pass
+    tmp = folder / (MARKER + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"step": step, "time": time.time()}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / MARKER)
+
+
+def is_complete(folder: str | Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    out = []
+    root = Path(output_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            m = CHECKPOINT.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_complete(output_dir: str | Path) -> Path | None:
+    done = [p for _, p in checkpoints(output_dir) if is_complete(p)]
+    return done[-1] if done else None
+
+
+def quarantine_incomplete(output_dir: str | Path) -> list[Path]:
+    """Rename checkpoint folders without a marker so nothing ever resumes from (or rotates on) them."""
+    moved = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for step, p in checkpoints(output_dir):
+        if not is_complete(p):
+            target = p.with_name(f"incomplete-{p.name}-{stamp}")
+            os.replace(p, target)
+            moved.append(target)
+    return moved
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """`None` -> no resume; 'latest' -> newest complete checkpoint (error if none); a path -> checked."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = latest_complete(output_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {output_dir}")
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: no such folder")
+    if not is_complete(path):
+        raise ValueError(f"--resume {path}: the checkpoint is incomplete (no {MARKER}); it was not fully written")
+    return path

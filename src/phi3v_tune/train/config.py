@@ -1,0 +1,189 @@
+"""One typed config for training: every CLI flag is a field here, and a YAML recipe can set any of them.
+
+Precedence: field defaults < `--task` recipe < `--config file.yaml` < flags given on the command line.
+The resolved config is written to the output folder (`train_config.yaml`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("full", "freeze-vision", "lora", "qlora")
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    # -- data --------------------------------------------------------------------------------------------------------
+    data: str | None = _f(None, "Training data: a conversations .jsonl/.json file, a local Hugging Face data set "
+                          "(save_to_disk folder, parquet/arrow files) or a hub id.")
+    eval_data: str | None = _f(None, "Evaluation data in the same forms (optional).")
+    eval_holdout: int = _f(0, "Hold out the first N training records as the evaluation set (the recipe's NLVR2/"
+                              "hateful-memes split) when --eval-data is not given.")
+    image_dir: str | None = _f(None, "Folder that relative image paths are relative to (default: the jsonl's folder, "
+                                     "then images/ below it).")
+    split: str = _f("train", "Split to read from a Hugging Face data set.")
+    max_length: int | None = _f(None, "Truncate samples to this many tokens (text after the last image only; samples "
+                                      "whose images alone are longer are refused and reported).")
+    num_crops: int = _f(16, "HD crops per image, 1..16 (the recipe uses 4 for video frames).")
+    video_frames: int = _f(8, "Frames sampled from each video given as a turn's 'video'.")
+    skip_bad_samples: bool = _f(False, "Train on the valid samples when the data has problems; the skipped ids and "
+                                       "reasons are written to OUTPUT_DIR/skipped_samples.tsv. Default: stop and report.")
+    max_image_pixels: int | None = _f(178956970, "Refuse images with more pixels than this (decompression bombs).")
+    # -- model and method --------------------------------------------------------------------------------------------
+    model: str | None = _f(None, "Base model: a local folder in the published layout (config.json, safetensors, "
+                                 "tokenizer) or a hub id. 'tiny' builds a tiny random model (smoke tests).")
+    method: str = _f("full", "Strategy: full | freeze-vision | lora | qlora.", choices=METHODS)
+    freeze_projector: bool = _f(False, "With freeze-vision: also freeze the image projector and separators.")
+    lora_rank: int = _f(64, "LoRA rank.")
+    lora_alpha: int = _f(128, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_lm_head: bool = _f(True, "Also put LoRA on lm_head (the recipe does).")
+    lora_vision: bool = _f(False, "Also put LoRA on the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector.")
+    attn_implementation: str = _f("sdpa", "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager.",
+                                  choices=("sdpa", "eager"))
+    bf16: bool = _f(False, "bf16 mixed precision (default on GPUs that support it unless --fp16).")
+    fp16: bool = _f(False, "fp16 mixed precision with loss scaling (fp32 master weights).")
+    gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing (less memory, ~30% slower).")
+    # -- optimisation ------------------------------------------------------------------------------------------------
+    output_dir: str = _f("outputs/run", "Where checkpoints, logs, loss.png and the final model go.")
+    epochs: float = _f(1.0, "Training epochs.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).")
+    batch_size: int = _f(64, "Global batch size (samples per optimizer step, all GPUs together).")
+    batch_size_per_device: int = _f(1, "Samples per forward pass per device; gradient accumulation makes up the rest.")
+    learning_rate: float = _f(4e-5, "Peak learning rate.")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.95, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-7, "AdamW epsilon.")
+    warmup_steps: int = _f(50, "Linear warm-up steps.")
+    lr_scheduler: str = _f("linear", "Learning-rate schedule after warm-up (transformers' names: linear, cosine, "
+                                     "constant_with_warmup, ...).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    group_by_length: bool = _f(True, "Batch samples of similar token length together (less padding) when "
+                                     "--batch-size-per-device > 1.")
+    seed: int = _f(42, "Random seed (data order, initialisation of adapters).")
+    # -- checkpoints, logging, evaluation ----------------------------------------------------------------------------
+    save_steps: int = _f(500, "Write a checkpoint every N optimizer steps (and always at the end).")
+    save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
+    resume: str | None = _f(None, "Resume: 'latest' (the newest complete checkpoint in --output-dir) or a path.",
+                            nargs="?", const="latest")
+    logging_steps: int = _f(10, "Log loss, learning rate and throughput every N steps.")
+    eval_steps: int | None = _f(None, "Evaluate (loss; task metric where set) every N steps, plus before and after.")
+    report_to: str = _f("tensorboard", "Loggers: tensorboard, wandb, mlflow, none (comma separated).")
+    num_workers: int = _f(2, "Data-loader worker processes (image decoding and HD transform happen there).")
+    deepspeed: str | None = _f(None, "DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json.")
+    progress: bool = _f(True, "Show the progress bar (--no-progress: logs still go to the loggers).")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 are exclusive")
+        if self.batch_size < 1 or self.batch_size_per_device < 1:
+            raise ValueError("batch sizes must be >= 1")
+        if not 1 <= self.num_crops <= 16:
+            raise ValueError(f"--num-crops must be in 1..16, got {self.num_crops}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _base_type(tp: Any) -> Any:
+    if isinstance(tp, str):
+        tp = eval(tp, {**vars(typing), "types": types})  # annotations are strings (from __future__)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check and convert a YAML value to the field's type, with an error naming the key."""
+    if name not in FIELDS:
+        raise ValueError(f"unknown setting {name!r} (see `phi3v-tune train --help`)")
+    if value is None:
+        return None
+    tp = _base_type(FIELDS[name].type)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        return tp(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"setting {name}: expected {tp.__name__}, got {value!r}") from err
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read the config ({err})") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of settings")
+    return {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in raw.items()}
+
+
+def recipe(task: str) -> dict[str, Any]:
+    """Settings of a packaged recipe (`train/recipes/{task}.yaml`)."""
+    files = resources.files("phi3v_tune.train").joinpath("recipes")
+    path = files.joinpath(f"{task}.yaml")
+    if not path.is_file():
+        names = sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(names)}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    return {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in raw.items() if k != "task"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults are suppressed so that only flags given on the command line override."""
+    parser.add_argument("--config", help="YAML file with settings (flags given here override it).")
+    parser.add_argument("--task", help="A packaged recipe (docvqa, hateful_memes, nlvr2, ucf101, demo) whose "
+                                       "settings come first.")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(f.type)
+        default = f.default
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp
+            for key in ("choices", "nargs", "const"):
+                if key in f.metadata:
+                    kwargs[key] = f.metadata[key]
+        parser.add_argument(flag, **kwargs)
+
+
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if getattr(args, "task", None):
+        values.update(recipe(args.task))
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    values.update({k: v for k, v in vars(args).items() if k in FIELDS})
+    return TrainConfig(**values).validate()

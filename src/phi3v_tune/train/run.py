@@ -1,0 +1,279 @@
+"""`phi3v-tune train`: data -> checks -> model + strategy -> HF Trainer -> checkpoints, final model, loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import DataError, load_records, validate_records
+from ..data.collate import Collator
+from ..data.dataset import ConversationDataset, DataPlan, plan_records, write_refused
+from ..data.schema import Record
+from ..model.modeling import Phi3VForCausalLM
+from ..processing.processor import Phi3VProcessor
+from .checkpoints import quarantine_incomplete, resolve_resume, write_marker
+from .config import TrainConfig
+from .plots import plot_losses
+from .strategies import apply_strategy, count_parameters, qlora_quantization_config
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(message: str) -> None:
+    if is_main_process():
+        print(message, flush=True)
+
+
+@dataclass
+class LoadedData:
+    train: list[Record]
+    eval: list[Record]
+    train_plan: DataPlan
+    eval_plan: DataPlan | None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def ensure_base_model(cfg: TrainConfig) -> str:
+    """The base model folder; 'tiny' writes a tiny random model under the output folder (smoke tests, demo)."""
+    if cfg.model is None:
+        raise ValueError("--model is required (a model folder, a hub id, or 'tiny')")
+    if cfg.model != "tiny":
+        return cfg.model
+    from ..model.tiny import save_tiny_checkpoint
+
+    folder = Path(cfg.output_dir) / "base-tiny"
+    if not (folder / "config.json").is_file() and is_main_process():
+        save_tiny_checkpoint(folder, seed=cfg.seed, num_crops=cfg.num_crops)
+    _barrier()
+    return str(folder)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def precision(cfg: TrainConfig) -> tuple[bool, bool]:
+    """(bf16, fp16) for the Trainer: bf16 by default on GPUs that support it; fp32 on CPU unless asked."""
+    if cfg.fp16:
+        return False, True
+    if cfg.bf16:
+        return True, False
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return True, False
+    return False, False
+
+
+def load_model(cfg: TrainConfig, folder: str) -> Phi3VForCausalLM:
+    bf16, fp16 = precision(cfg)
+    kwargs: dict[str, Any] = {"attn_implementation": cfg.attn_implementation}
+    if cfg.method in ("lora", "qlora"):
+        # frozen base weights in the compute dtype; adapters are kept in fp32 by PEFT
+        kwargs["dtype"] = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    else:
+        kwargs["dtype"] = torch.float32  # fp32 master weights; bf16/fp16 autocast does the math
+    if cfg.method == "qlora":
+        kwargs["quantization_config"] = qlora_quantization_config(cfg)
+    return Phi3VForCausalLM.from_pretrained(folder, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> LoadedData:
+    """Load and check everything up front; stop with the full report unless --skip-bad-samples."""
+    if not cfg.data:
+        raise ValueError("--data is required")
+    records, problems = load_records(cfg.data, image_dir=cfg.image_dir, split=cfg.split)
+    problems = validate_records(records, problems, max_image_pixels=cfg.max_image_pixels)
+    bad_ids = {p.id for p in problems if p.id is not None}
+    if problems:
+        if not cfg.skip_bad_samples:
+            raise DataError(problems, header=f"{len(problems)} problem(s) in {cfg.data} (nothing was trained; fix "
+                                             "them or pass --skip-bad-samples):")
+        skipped = output_dir / "skipped_samples.tsv"
+        if is_main_process():
+            skipped.parent.mkdir(parents=True, exist_ok=True)
+            with open(skipped, "w", encoding="utf-8") as f:
+                for p in problems:
+                    f.write(f"{p.id}\t{p.origin}\t{p.field}\t{p.message}\n")
+        say(f"skipping {len(problems)} problem(s) ({len(bad_ids)} sample ids); listed in {skipped}")
+        records = [r for r in records if r.id not in bad_ids]
+    eval_records: list[Record] = []
+    if cfg.eval_data:
+        eval_records, eval_problems = load_records(cfg.eval_data, image_dir=cfg.image_dir, split=cfg.split)
+        eval_problems = validate_records(eval_records, eval_problems, max_image_pixels=cfg.max_image_pixels)
+        if eval_problems:
+            raise DataError(eval_problems, header=f"{len(eval_problems)} problem(s) in {cfg.eval_data}:")
+    elif cfg.eval_holdout > 0:
+        eval_records, records = records[: cfg.eval_holdout], records[cfg.eval_holdout :]
+    plan = plan_records(records, processor, cfg.max_length, cfg.video_frames, progress=is_main_process())
+    say(plan.summary("training data"))
+    if plan.refused:
+        path = write_refused(plan, output_dir / "refused_samples.tsv")
+        if not cfg.skip_bad_samples:
+            raise DataError([], header=f"{len(plan.refused)} sample(s) cannot be trained on as they are (listed in "
+                                       f"{path}); fix them, raise --max-length, or pass --skip-bad-samples")
+    eval_plan = None
+    if eval_records:
+        eval_plan = plan_records(eval_records, processor, cfg.max_length, cfg.video_frames, progress=False)
+        say(eval_plan.summary("evaluation data"))
+    if not plan.kept:
+        raise DataError([], header="no trainable samples left")
+    return LoadedData(plan.kept, eval_plan.kept if eval_plan else [], plan, eval_plan)
+
+
+def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """transformers renamed `gradient_checkpointing` to `activation_checkpointing` in 5.x; use what this one has."""
+    if not enabled:
+        return {}
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: True, f"{prefix}_kwargs": {"use_reentrant": False}}
+
+
+def training_arguments(cfg: TrainConfig, world_size: int):
+    from transformers import TrainingArguments
+
+    per_step = cfg.batch_size_per_device * world_size
+    if cfg.batch_size % per_step:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be a multiple of --batch-size-per-device x devices = {per_step}"
+        )
+    bf16, fp16 = precision(cfg)
+    report = [] if cfg.report_to in ("", "none") else [x.strip() for x in cfg.report_to.split(",") if x.strip()]
+    evaluate = cfg.eval_steps is not None and (cfg.eval_data or cfg.eval_holdout)
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size_per_device,
+        per_device_eval_batch_size=cfg.batch_size_per_device,
+        gradient_accumulation_steps=cfg.batch_size // per_step,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_epsilon=cfg.adam_epsilon,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        fp16=fp16,
+        **checkpointing_arguments(cfg.gradient_checkpointing),
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.eval_steps if evaluate else None,
+        report_to=report,
+        dataloader_num_workers=cfg.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        deepspeed=cfg.deepspeed,
+        ddp_find_unused_parameters=False,
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
+        save_only_model=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as `cfg` says; returns the final metrics (also written to OUTPUT_DIR/metrics.json)."""
+    from transformers import set_seed
+    from transformers.trainer_callback import ProgressCallback
+
+    from .trainer import Phi3VTrainer, ProgressBar
+
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        moved = quarantine_incomplete(out)
+        for m in moved:
+            say(f"warning: {m.name}: an interrupted checkpoint write, renamed (never resumed from)")
+    resume_from = resolve_resume(cfg.resume, out)
+    set_seed(cfg.seed)
+    base = ensure_base_model(cfg)
+    processor = Phi3VProcessor.from_pretrained(base, num_crops=cfg.num_crops)
+    processor.image_processor.max_image_pixels = cfg.max_image_pixels
+    data = read_data(cfg, processor, out)
+    if is_main_process():
+        cfg.save(out / "train_config.yaml")
+
+    model = load_model(cfg, base)
+    model = apply_strategy(model, cfg)
+    say(f"method {cfg.method}: {count_parameters(model)}")
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = training_arguments(cfg, world)
+    train_ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
+    eval_ds = (
+        ConversationDataset(data.eval, processor, cfg.max_length, cfg.video_frames) if data.eval else None
+    )
+    trainer = Phi3VTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=Collator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        train_config=cfg,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar(disable=not cfg.progress))
+
+    metrics: dict[str, Any] = {}
+    if eval_ds is not None and cfg.eval_steps is not None and resume_from is None:
+        metrics["eval_before"] = trainer.evaluate()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    metrics["train"] = result.metrics
+    if eval_ds is not None:
+        metrics["eval_after"] = trainer.evaluate()
+
+    final = out / "final"
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(final)
+        cfg.save(final / "train_config.yaml")
+        if cfg.method in ("lora", "qlora"):
+            (final / "base_model.txt").write_text(str(Path(base).resolve()) if Path(base).exists() else base)
+        write_marker(final, trainer.state.global_step)
+        metrics["final_dir"] = str(final)
+        metrics["data"] = {
+            "train_samples": len(data.train),
+            "train_refused": len(data.train_plan.refused),
+            "train_truncated": len(data.train_plan.truncated),
+            "train_tokens": data.train_plan.num_tokens,
+        }
+        (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
+        plot_losses(trainer.state.log_history, out / "loss.png")
+    return metrics
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x

@@ -1,0 +1,115 @@
+"""The four training strategies of the original recipe: full, freeze-vision, LoRA and QLoRA.
+
+* full: everything trains (except the CLIP tail that is stored but never computed).
+* freeze-vision: the CLIP tower is frozen; projector, separators, word embeddings and the LM train. (The recipe
+  also froze the shared word embeddings by accident; we do not.) `--freeze-projector` freezes the projector too.
+* lora: PEFT LoRA on the LM's `qkv_proj, o_proj, gate_up_proj, down_proj` (+ `lm_head`, as the recipe), and with
+  `--lora-vision` on CLIP's `q/k/v/out_proj, fc1, fc2` and the projector; rank 64, alpha 128, dropout 0, gaussian
+  init by default. Only the adapters train.
+* qlora: the LM's linear layers in 4-bit NF4 (bitsandbytes, GPU only) + the same LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..model.modeling import Phi3VForCausalLM
+from .config import TrainConfig
+
+LM_LORA = r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
+VISION_PREFIX = r"model\.vision_embed_tokens"
+
+
+def lora_target_regex(model: Phi3VForCausalLM, lm_head: bool, vision: bool) -> str:
+    parts = [LM_LORA]
+    if lm_head:
+        parts.append(r"lm_head")
+    if vision:
+        used = model.model.vision_embed_tokens.num_layers_used
+        layers = "|".join(str(i) for i in range(used))  # never the stored-but-unused tail
+        parts.append(
+            rf"{VISION_PREFIX}\.img_processor\.vision_model\.encoder\.layers\.({layers})\."
+            r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+        )
+        parts.append(rf"{VISION_PREFIX}\.img_projection\.(0|2)")
+    return "^(" + "|".join(parts) + ")$"
+
+
+@dataclass
+class ParamCount:
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        return (
+            f"trainable parameters: {self.trainable:,} of {self.total:,} "
+            f"({100 * self.trainable / max(1, self.total):.2f}%)"
+        )
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state"):  # bnb 4-bit packs two values per byte
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return ParamCount(trainable, total)
+
+
+def qlora_quantization_config(cfg: TrainConfig):
+    """bitsandbytes NF4 for the LM linears; the vision tower, projector and lm_head stay in higher precision."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("--method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use lora on CPU")
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:  # pragma: no cover
+        raise RuntimeError("QLoRA needs bitsandbytes: pip install 'phi3v-tune[qlora]'") from err
+    compute = torch.float16 if cfg.fp16 else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_use_double_quant=False,
+        llm_int8_skip_modules=["vision_embed_tokens", "lm_head"],
+    )
+
+
+def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
+    """Set what trains for `cfg.method`; returns the model to train (a PEFT model for lora/qlora)."""
+    vision = model.model.vision_embed_tokens
+    if cfg.method in ("full", "freeze-vision"):
+        model.requires_grad_(True)
+        if cfg.method == "freeze-vision":
+            vision.img_processor.requires_grad_(False)
+            if cfg.freeze_projector:
+                vision.img_projection.requires_grad_(False)
+                vision.glb_GN.requires_grad_(False)
+                vision.sub_GN.requires_grad_(False)
+        model.freeze_unused()
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model.requires_grad_(False)
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_target_regex(model, cfg.lora_lm_head, cfg.lora_vision),
+        init_lora_weights="gaussian",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    model.freeze_unused()
+    return peft_model

