@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, normalizers, processors
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import GenerationConfig, PreTrainedTokenizerFast
@@ -37,16 +37,21 @@ What is shown in the image? Describe the picture. Answer with one word. Which on
 The quick brown fox jumps over the lazy dog. Classify the video into one of the following classes.
 Compare the two images. Yes no true false. red green blue yellow white black circle square triangle.
 What colour is the shape? What shape is it? In which direction does the object move? up down left right.
+What shape is shown? Which image shows the bigger shape? Answer first or second. In which direction does the dot move?
+red green blue yellow circle square triangle first second left right up down red green blue yellow circle square
+triangle first second left right up down the a an is of in on and or to with image images picture photo video
 Document question answering: what is the date, the total, the name? 0 1 2 3 4 5 6 7 8 9 , . ? ! : ; - ' "
 """
 
 
-def build_tiny_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 400) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """A BPE tokenizer with the Phi-3 special tokens, the published normaliser and chat template."""
     from ..processing.tokenizer import CHAT_TEMPLATE
 
     tok = Tokenizer(BPE(unk_token="<unk>", fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # split at "▁" (kept at the start of each word) so frequent words become single tokens
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     alphabet = [chr(c) for c in range(32, 127)] + ["▁", "\n"]
     trainer = BpeTrainer(
@@ -114,6 +119,9 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> Phi3VConfig:
             "projection_dim": 32,
         },
     )
+    if "hidden_size" in overrides and "num_attention_heads" not in overrides:  # keep head_dim 16 (8 rope factors)
+        overrides = {**overrides, "num_attention_heads": overrides["hidden_size"] // head_dim}
+        overrides.setdefault("num_key_value_heads", overrides["num_attention_heads"])
     settings.update(overrides)
     return Phi3VConfig.from_dict(settings)
 
