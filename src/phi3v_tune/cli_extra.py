@@ -1,10 +1,140 @@
-"""Subcommands that belong to later parts of the project (eval, predict, convert, bench)."""
+"""Subcommands besides training: eval, predict, convert."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+import torch
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def _load(args) -> tuple:
+    from .processing.processor import Phi3VProcessor
+    from .train.merge import adapter_base, load_for_inference
+
+    model_dir = Path(args.model)
+    model = load_for_inference(model_dir, base=args.base, dtype=_dtype(args.dtype),
+                               attn_implementation=args.attn_implementation)
+    proc_dir = model_dir if (model_dir / "tokenizer.json").is_file() else Path(args.base or adapter_base(model_dir))
+    processor = Phi3VProcessor.from_pretrained(proc_dir, num_crops=args.num_crops)
+    return model.to(_device()).eval(), processor
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a full checkpoint folder, or a LoRA adapter folder")
+    p.add_argument("--base", help="base model folder for a LoRA adapter (default: the one it records)")
+    p.add_argument("--num-crops", type=int, default=None, help="HD crops per image (default: the model folder's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights dtype (default: bf16 on GPUs that support it, else fp32)")
+    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"], help="attention kernels")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default: 64, as the recipe)")
+    p.add_argument("--video-frames", type=int, default=8, help="frames sampled from a turn's video (default: 8)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import DataError, load_records
+    from .evaluate.runner import evaluate_records, split_questions, write_rows
+
+    records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
+    if problems:
+        raise DataError(problems)
+    records = split_questions(records)
+    model, processor = _load(args)
+    value, rows = evaluate_records(model, processor, records, args.metric, batch_size=args.batch_size,
+                                   max_new_tokens=args.max_new_tokens, video_frames_per_clip=args.video_frames)
+    out = Path(args.output or Path(args.model) / f"predictions-{args.metric}.jsonl")
+    write_rows(rows, out)
+    print(json.dumps({args.metric: value, "samples": len(rows), "predictions": str(out)}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import DataError, Record, Turn, load_records
+    from .evaluate.generate import generate_answers
+    from .evaluate.runner import write_rows
+
+    if bool(args.data) == bool(args.prompt):
+        raise ValueError("give either --prompt (with --image/--video) or --data")
+    if args.data:
+        records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
+        if problems:
+            raise DataError(problems)
+    else:
+        records = [Record("prompt", None, [Turn(args.prompt, "", list(args.image or []), video=args.video)])]
+    model, processor = _load(args)
+    answers = generate_answers(model, processor, records, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens, video_frames_per_clip=args.video_frames,
+                               progress=bool(args.data))
+    if args.data:
+        out = Path(args.output or "predictions.jsonl")
+        write_rows([{"id": r.id, "prediction": a} for r, a in zip(records, answers)], out)
+        print(f"{len(answers)} predictions written to {out}")
+    else:
+        print(answers[0])
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if args.kind == "ucf101":
+        from .data.convert import convert_ucf101
+
+        files = convert_ucf101(args.src, args.out, num_frames=args.num_frames)
+    else:
+        from .data.convert import convert_cauldron
+
+        files = convert_cauldron(args.src, args.out, split=args.split)
+    for f in files:
+        print(f)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
 def register(sub: argparse._SubParsersAction) -> None:
-    """Nothing yet: evaluation/prediction/conversion/benchmark commands register here."""
-    return None
+    p = sub.add_parser("eval", help="score a model on a data set (ANLS or accuracy) by greedy generation",
+                       description="Greedy generation on every question of DATA, the task metric, and a per-sample "
+                                   "predictions jsonl (id, prediction, gold, score). Runs sharded under torchrun.")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="evaluation data (jsonl, json, HF data set folder or hub id)")
+    p.add_argument("--image-dir", help="folder that relative image paths are relative to")
+    p.add_argument("--split", default="test", help="split of a HF data set (default: test)")
+    p.add_argument("--metric", required=True, choices=["anls", "accuracy"], help="anls (DocVQA) or accuracy")
+    p.add_argument("--output", help="predictions jsonl (default: MODEL/predictions-METRIC.jsonl)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="answer a prompt about images (or every sample of a data file)",
+                       description="Answer one prompt (--prompt with --image ... or --video) or every sample of "
+                                   "--data (written to --output as jsonl).")
+    _model_args(p)
+    p.add_argument("--image", action="append", help="an image file; repeat for several (tags are prepended)")
+    p.add_argument("--video", help="a video file (frames are sampled)")
+    p.add_argument("--prompt", help="the question")
+    p.add_argument("--data", help="a data file to answer in batch instead of --prompt")
+    p.add_argument("--image-dir", help="folder that relative image paths in --data are relative to")
+    p.add_argument("--split", default="test", help="split of a HF data set (default: test)")
+    p.add_argument("--output", help="predictions jsonl for --data (default: predictions.jsonl)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("convert", help="convert a data set to the conversations jsonl (ucf101 videos, the_cauldron)",
+                       description="ucf101: {split}/{class}/*.avi (or UCF101_subset.tar.gz) -> 8 frames per video as "
+                                   "JPEG + {split}.jsonl, exactly as the original recipe. cauldron: any the_cauldron-"
+                                   "style table -> {split}.jsonl + image files.")
+    p.add_argument("kind", choices=["ucf101", "cauldron"], help="what to convert")
+    p.add_argument("--src", required=True, help="source folder (or .tar.gz for ucf101, HF data set for cauldron)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-frames", type=int, default=8, help="frames per video (ucf101; default: 8)")
+    p.add_argument("--split", default="train", help="split to convert (cauldron; default: train)")
+    p.set_defaults(func=cmd_convert)
+

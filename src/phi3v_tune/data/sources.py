@@ -172,6 +172,13 @@ def parse_conversation(
         bad("source", f"expected a string, got {_type_name(source)}")
         source = None
 
+    answers = obj.get("answers")
+    if answers is not None and (
+        not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers)
+    ):
+        bad("answers", f"expected a non-empty list of strings (every gold answer), got {_type_name(answers)}")
+        answers = None
+
     conversations = obj.get("conversations")
     turns: list[Turn] = []
     if conversations is None:
@@ -189,7 +196,7 @@ def parse_conversation(
     if problems:
         return None, problems
     assert rid is not None
-    return Record(id=rid, source=source, turns=turns, origin=origin), []
+    return Record(id=rid, source=source, turns=turns, origin=origin, answers=answers), []
 
 
 def _missing(expected: str, present_as_null: bool, obj: dict) -> str:
@@ -597,7 +604,7 @@ def _row_cauldron(row: dict, origin: str, default_id: str, resolve: PathResolver
             source = texts[0]["source"]
     if problems:
         return None, problems
-    return Record(id=rid, source=source, turns=turns, origin=origin), []
+    return Record(id=rid, source=source, turns=turns, origin=origin, answers=answers), []
 
 
 def _row_docvqa(row: dict, origin: str, default_id: str, resolve: PathResolver):

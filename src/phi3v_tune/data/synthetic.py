@@ -29,7 +29,10 @@ from PIL import Image, ImageDraw
 
 from .schema import ImageRef, Record, Turn
 
-TASKS: tuple[str, ...] = ("colour", "shape", "compare", "motion")
+#: Every task the generator knows; the demo trains on ``DEMO_TASKS``.
+TASKS: tuple[str, ...] = ("colour", "shape", "compare", "motion", "video")
+#: Tasks a tiny model learns on a CPU in minutes: one image, two images, an 8-frame video.
+DEMO_TASKS: tuple[str, ...] = ("colour", "compare", "video")
 
 #: task -> the answer words (lowercase, one word each).
 CLASSES: dict[str, list[str]] = {
@@ -37,6 +40,7 @@ CLASSES: dict[str, list[str]] = {
     "shape": ["circle", "square", "triangle"],
     "compare": ["first", "second"],
     "motion": ["left", "right", "up", "down"],
+    "video": ["red", "green", "blue", "yellow"],
 }
 
 #: task -> the fixed user question.
@@ -45,6 +49,7 @@ QUESTIONS: dict[str, str] = {
     "shape": "What shape is shown? Answer with one word.",
     "compare": "Which image shows the bigger shape? Answer first or second.",
     "motion": "In which direction does the dot move? Answer with one word.",
+    "video": "The dot changes colour during the video. What colour is it at the end? Answer with one word.",
 }
 
 #: The palette: very distinct, pure-ish RGB colours (each channel is jittered by at most ``COLOUR_JITTER``).
@@ -110,10 +115,19 @@ def _shape_image(rng: random.Random, size: int, kind: str, colour: str, side_ran
     return image
 
 
-def _motion_frames(rng: random.Random, size: int, direction: str) -> list[Image.Image]:
+def _motion_frames(
+    rng: random.Random, size: int, direction: str, end_colour: str | None = None
+) -> list[Image.Image]:
+    """A dot crossing the frame; with ``end_colour`` it switches to that colour halfway (from another colour)."""
     scale = size / 336
     radius = round(rng.randint(*_DOT_RADIUS) * scale)
-    colour = _colour(rng, rng.choice(list(PALETTE)))
+    if end_colour is None:
+        colour = _colour(rng, rng.choice(list(PALETTE)))
+        colours = [colour] * MOTION_FRAMES
+    else:
+        first = rng.choice([c for c in PALETTE if c != end_colour])
+        half = MOTION_FRAMES // 2
+        colours = [_colour(rng, first)] * half + [_colour(rng, end_colour)] * (MOTION_FRAMES - half)
     start = radius + round(rng.randint(*_EDGE_MARGIN) * scale)
     end = size - 1 - radius - round(rng.randint(*_EDGE_MARGIN) * scale)
     across = size / 2 + rng.uniform(-_PERPENDICULAR_JITTER, _PERPENDICULAR_JITTER) * scale
@@ -125,7 +139,7 @@ def _motion_frames(rng: random.Random, size: int, direction: str) -> list[Image.
         cx, cy = (along, across) if direction in ("left", "right") else (across, along)
         cx, cy = round(cx), round(cy)
         frame = Image.new("RGB", (size, size), BACKGROUND)
-        ImageDraw.Draw(frame).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
+        ImageDraw.Draw(frame).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colours[k])
         frames.append(frame)
     return frames
 
@@ -141,6 +155,8 @@ def _make_images(task: str, answer: str, rng: random.Random, size: int) -> list[
         return [_shape_image(rng, size, kind, rng.choice(list(PALETTE)), r) for r in ranges]
     if task == "motion":
         return _motion_frames(rng, size, answer)
+    if task == "video":
+        return _motion_frames(rng, size, rng.choice(CLASSES["motion"]), end_colour=answer)
     raise ValueError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
 
 

@@ -36,6 +36,15 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
 
     def __init__(self, config: Phi3VConfig):
         super().__init__()
+        self.config = config
+        short, long, self.original_max, self.attention_scaling = self.compute(config)
+        self.register_buffer("short_inv_freq", short, persistent=False)
+        self.register_buffer("long_inv_freq", long, persistent=False)
+        self.use_long: torch.Tensor | None = None
+
+    @staticmethod
+    def compute(config: Phi3VConfig) -> tuple[torch.Tensor, torch.Tensor, int | None, float]:
+        """(short inv_freq, long inv_freq, switch length or None, cos/sin scaling) from the config."""
         rope = config.rope_parameters
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
@@ -44,16 +53,24 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
         if rope.get("rope_type") == "longrope":
             short = torch.tensor(rope["short_factor"], dtype=torch.float32)
             long = torch.tensor(rope["long_factor"], dtype=torch.float32)
-            self.original_max = int(config.original_max_position_embeddings)
-            scale = config.max_position_embeddings / self.original_max
-            self.attention_scaling = math.sqrt(1 + math.log(scale) / math.log(self.original_max)) if scale > 1 else 1.0
+            original_max = int(config.original_max_position_embeddings)
+            scale = config.max_position_embeddings / original_max
+            scaling = math.sqrt(1 + math.log(scale) / math.log(original_max)) if scale > 1 else 1.0
         else:
             short = long = torch.ones(dim // 2)
-            self.original_max = None
-            self.attention_scaling = 1.0
-        self.register_buffer("short_inv_freq", 1.0 / (short * base**exponent), persistent=False)
-        self.register_buffer("long_inv_freq", 1.0 / (long * base**exponent), persistent=False)
-        self.use_long: torch.Tensor | None = None
+            original_max, scaling = None, 1.0
+        return 1.0 / (short * base**exponent), 1.0 / (long * base**exponent), original_max, scaling
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the (non-persistent) frequencies: loading creates them empty, they are not in checkpoints."""
+        short, long, _, _ = self.compute(self.config)
+        if self.short_inv_freq.is_meta:
+            self.short_inv_freq = short
+            self.long_inv_freq = long
+        else:
+            self.short_inv_freq.copy_(short)
+            self.long_inv_freq.copy_(long)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +101,8 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
         if isinstance(module, Phi3VImageEmbedding):
             nn.init.normal_(module.glb_GN, std=self.config.initializer_range)
             nn.init.normal_(module.sub_GN, std=self.config.initializer_range)
+        elif isinstance(module, Phi3VSuScaledRotaryEmbedding):
+            module.reset_buffers()
 
 
 class Phi3VModel(Phi3Model):
@@ -133,7 +152,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
     def from_pretrained(cls, *args, **kwargs):
         """transformers' loader, then re-freeze the stored-but-unused CLIP tail (loading replaces parameters)."""
         out = super().from_pretrained(*args, **kwargs)
-        (out[0] if isinstance(out, tuple) else out).freeze_unused()
+        model = out[0] if isinstance(out, tuple) else out
+        model.freeze_unused()
+        model.model.rotary_emb.reset_buffers()  # never trust non-persistent buffers after loading
         return out
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ class TrainConfig:
                             nargs="?", const="latest")
     logging_steps: int = _f(10, "Log loss, learning rate and throughput every N steps.")
     eval_steps: int | None = _f(None, "Evaluate (loss; task metric where set) every N steps, plus before and after.")
+    metric: str | None = _f(None, "Task metric computed by greedy generation on the evaluation data before, during "
+                                  "(--eval-steps) and after training: anls | accuracy.", choices=("anls", "accuracy"))
+    eval_batch_size: int = _f(8, "Prompts per generation batch during evaluation.")
+    eval_max_new_tokens: int = _f(64, "Longest generated answer during evaluation (the recipe: 64).")
     report_to: str = _f("tensorboard", "Loggers: tensorboard, wandb, mlflow, none (comma separated).")
     num_workers: int = _f(2, "Data-loader worker processes (image decoding and HD transform happen there).")
     deepspeed: str | None = _f(None, "DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json.")

@@ -240,6 +240,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar(disable=not cfg.progress))
+    task_metric = None
+    if cfg.metric and data.eval:
+        from ..evaluate.runner import split_questions
+        from .eval_callback import TaskMetricCallback
+
+        task_metric = TaskMetricCallback(trainer, processor, split_questions(data.eval), cfg)
+        trainer.add_callback(task_metric)
 
     metrics: dict[str, Any] = {}
     if eval_ds is not None and cfg.eval_steps is not None and resume_from is None:
@@ -248,6 +255,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     metrics["train"] = result.metrics
     if eval_ds is not None:
         metrics["eval_after"] = trainer.evaluate()
+    if task_metric is not None:
+        metrics["task_metric"] = task_metric.history
 
     final = out / "final"
     trainer.save_model(str(final))

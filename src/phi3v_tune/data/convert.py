@@ -1,0 +1,138 @@
+"""Converters to the conversations jsonl: UCF-101 videos (as the original recipe) and the_cauldron-style tables."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .schema import DataError, Record
+from .video import frame_indices
+
+VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
+
+
+def _decode_frames(path: Path) -> list[Image.Image]:
+    """Every frame of the first video stream as RGB, counted by decoding (headers may be wrong or empty)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+
+
+def _ucf_root(src: Path, tmp: Path) -> Path:
+    if src.is_file():
+        if not tarfile.is_tarfile(src):
+            raise ValueError(f"{src}: expected a folder or a .tar.gz archive")
+        with tarfile.open(src) as tar:
+            tar.extractall(tmp, filter="data")
+        src = tmp
+    # the archive may hold one top folder (UCF101_subset/) above the split folders
+    children = [p for p in src.iterdir() if p.is_dir()]
+    if len(children) == 1 and not any(p.suffix in VIDEO_SUFFIXES for p in children[0].rglob("*") if p.is_file()
+                                      and p.parent.parent == children[0]):
+        return children[0]
+    return src
+
+
+def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = 8) -> list[Path]:
+    """`{split}/{class}/*.avi` -> `images/{split}/{class}/{stem}.{k}.jpg` + `{split}.jsonl`, as the original recipe.
+
+    Frames at `arange(0, total, total/num_frames).astype(int)` (total counted by decoding), RGB, not resized.
+    Classes are the sorted folder names; ids are `{split}-{i:010d}` in class order, then sorted file names.
+    """
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: not found")
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _ucf_root(src, Path(tmp))
+        splits = sorted(p for p in root.iterdir() if p.is_dir())
+        if not splits:
+            raise ValueError(f"{root}: expected split folders ({{split}}/{{class}}/*.avi)")
+        for split_dir in splits:
+            split = split_dir.name
+            classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+            videos = [(c, v) for c in classes for v in sorted((split_dir / c).iterdir())
+                      if v.suffix.lower() in VIDEO_SUFFIXES]
+            question = "Classify the video into one of the following classes: " + ", ".join(classes) + "."
+            lines = []
+            for i, (label, video) in enumerate(tqdm(videos, desc=f"ucf101 {split}", leave=False)):
+                frames = _decode_frames(video)
+                if not frames:
+                    raise ValueError(f"{video}: no frames could be decoded")
+                paths = []
+                for k, index in enumerate(frame_indices(len(frames), num_frames)):
+                    rel = Path("images") / split / label / f"{video.stem}.{k}.jpg"
+                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(frames[index]).save(out / rel)
+                    paths.append(str(rel))
+                lines.append({"id": f"{split}-{i:010d}", "source": "ucf101",
+                              "conversations": [{"images": paths, "user": question, "assistant": label}]})
+            target = out / f"{split}.jsonl"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "w", encoding="utf-8") as f:
+                for line in lines:
+                    f.write(json.dumps(line) + "\n")
+            written.append(target)
+    return written
+
+
+def _image_bytes(ref) -> tuple[bytes, str]:
+    if isinstance(ref, (bytes, bytearray)):
+        data = bytes(ref)
+        fmt = (Image.open(io.BytesIO(data)).format or "PNG").lower()
+        return data, {"jpeg": "jpg"}.get(fmt, fmt)
+    if isinstance(ref, Image.Image):
+        buf = io.BytesIO()
+        ref.convert("RGB").save(buf, "PNG")
+        return buf.getvalue(), "png"
+    path = Path(ref)
+    return path.read_bytes(), path.suffix.lstrip(".") or "png"
+
+
+def write_records(records: Sequence[Record], out: str | Path, name: str) -> Path:
+    """Records (images in memory or on disk) -> `{name}.jsonl` + `images/{name}/{id}_{k}.{ext}`."""
+    out = Path(out)
+    target = out / f"{name}.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "w", encoding="utf-8") as f:
+        for rec in tqdm(records, desc=f"writing {name}", leave=False):
+            k = 0
+            turns = []
+            for turn in rec.turns:
+                paths = []
+                for image in turn.images:
+                    data, ext = _image_bytes(image)
+                    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in rec.id)
+                    rel = Path("images") / name / f"{safe}_{k}.{ext}"
+                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (out / rel).write_bytes(data)
+                    paths.append(str(rel))
+                    k += 1
+                entry = {"user": turn.user, "assistant": turn.assistant}
+                if paths:
+                    entry["images"] = paths
+                turns.append(entry)
+            line = {"id": rec.id, "source": rec.source, "conversations": turns}
+            if rec.answers:
+                line["answers"] = rec.answers
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return target
+
+
+def convert_cauldron(src: str | Path, out: str | Path, split: str = "train") -> list[Path]:
+    """Any the_cauldron / DocVQA-style table -> `{split}.jsonl` + image files, to inspect and edit as text."""
+    from .sources import read_hf_dataset
+
+    records, problems = read_hf_dataset(src, split=split)
+    if problems:
+        raise DataError(problems)
+    return [write_records(records, out, split)]

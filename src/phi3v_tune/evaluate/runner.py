@@ -1,0 +1,94 @@
+"""Generation-based evaluation: sharded across ranks, gathered, scored with the task metric, per-sample rows."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.schema import Record
+from ..processing.processor import Phi3VProcessor
+from .generate import generate_answers
+from .metrics import score
+
+
+def split_questions(records: Sequence[Record]) -> list[Record]:
+    """One evaluation record per question: a record with k turns becomes k single-turn records with all its images.
+
+    The_cauldron rows (NLVR2, DocVQA) hold several questions about the same images; each one is scored.
+    """
+    out: list[Record] = []
+    for rec in records:
+        if len(rec.turns) == 1:
+            out.append(rec)
+            continue
+        images = rec.images
+        for j, turn in enumerate(rec.turns):
+            out.append(replace(rec, id=f"{rec.id}-q{j}", turns=[replace(turn, images=list(images))], answers=None))
+    return out
+
+
+def golds_of(rec: Record) -> list[str]:
+    return list(rec.answers) if rec.answers else [rec.turns[-1].assistant]
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def evaluate_records(
+    model,
+    processor: Phi3VProcessor,
+    records: Sequence[Record],
+    metric: str,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    video_frames_per_clip: int = 8,
+    progress: bool = True,
+) -> tuple[float, list[dict[str, Any]]]:
+    """Mean `metric` over `records` and one row per sample (id, prediction, gold, score), on every rank.
+
+    Under torch.distributed each rank answers records[rank::world]; results are gathered so that every rank returns
+    the same rows in the original order (and the same metric as a single process).
+    """
+    rank, world = _dist()
+    shard = list(range(rank, len(records), world))
+    answers = generate_answers(
+        model,
+        processor,
+        [records[i] for i in shard],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        video_frames_per_clip=video_frames_per_clip,
+        progress=progress and rank == 0,
+        desc=f"evaluating ({metric})",
+    )
+    mine = list(zip(shard, answers))
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+        mine = [pair for part in gathered for pair in part]
+    by_index = dict(mine)
+    rows = []
+    for i, rec in enumerate(records):
+        pred = by_index[i]
+        golds = golds_of(rec)
+        rows.append({"id": rec.id, "prediction": pred, "gold": golds if len(golds) > 1 else golds[0],
+                     "score": score(metric, pred, golds)})
+    mean = sum(r["score"] for r in rows) / len(rows) if rows else 0.0
+    return mean, rows
+
+
+def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
