@@ -115,7 +115,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data_file, tmp_pa
     straight = tmp_path / "straight"
     run_training(small_config(data_file, straight, max_steps=8))
     first = tmp_path / "resumed"
-    run_training(small_config(data_file, first, max_steps=4))
+    run_training(small_config(data_file, first, max_steps=8, stop_at_step=4))
     # continue the 4-step run to 8 steps from its checkpoint (same data order, LR schedule and RNG)
     ck = latest_complete(first)
     assert ck is not None and ck.name == "checkpoint-4"
@@ -205,10 +205,37 @@ def test_two_process_gloo_run(data_file, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-        "-m", "phi3v_tune", "train", "--model", "tiny", "--data", str(data_file), "--num-crops", "1",
-        "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--batch-size-per-device", "1",
-        "--num-workers", "0", "--report-to", "none", "--no-progress", "--save-steps", "2",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "phi3v_tune",
+        "train",
+        "--model",
+        "tiny",
+        "--data",
+        str(data_file),
+        "--num-crops",
+        "1",
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--batch-size-per-device",
+        "1",
+        "--num-workers",
+        "0",
+        "--report-to",
+        "none",
+        "--no-progress",
+        "--save-steps",
+        "2",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -32,8 +32,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .data import validate_path
 
-    report = validate_path(args.data, image_dir=args.image_dir, split=args.split,
-                           max_image_pixels=args.max_image_pixels)
+    report = validate_path(
+        args.data, image_dir=args.image_dir, split=args.split, max_image_pixels=args.max_image_pixels
+    )
     print(report.format())
     return 0 if report.ok else 1
 
@@ -69,35 +70,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="fine-tune a model (full, freeze-vision, lora, qlora)",
-                       description="Fine-tune Phi-3(.5)-vision. Settings: defaults < --task < --config < flags.")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model (full, freeze-vision, lora, qlora)",
+        description="Fine-tune Phi-3(.5)-vision. Settings: defaults < --task < --config < flags.",
+    )
     add_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("validate", help="check a data set without training and report every problem",
-                       description="Check a data set (jsonl, json, HF data set) and report every problem at once: "
-                                   "file:line, id, field, what was expected. Exit code 1 when problems exist.")
+    p = sub.add_parser(
+        "validate",
+        help="check a data set without training and report every problem",
+        description="Check a data set (jsonl, json, HF data set) and report every problem at once: "
+        "file:line, id, field, what was expected. Exit code 1 when problems exist.",
+    )
     p.add_argument("data", help="a conversations .jsonl/.json file, a local HF data set folder, or a hub id")
     p.add_argument("--image-dir", help="folder that relative image paths are relative to")
     p.add_argument("--split", default="train", help="split of a HF data set (default: train)")
-    p.add_argument("--max-image-pixels", type=int, default=178956970,
-                   help="report images with more pixels than this (default: 178956970)")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=178956970,
+        help="report images with more pixels than this (default: 178956970)",
+    )
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model (published layout, bf16)",
-                       description="Write base + LoRA adapter as one full checkpoint in the published layout.")
+    p = sub.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its base model (published layout, bf16)",
+        description="Write base + LoRA adapter as one full checkpoint in the published layout.",
+    )
     p.add_argument("--adapter", required=True, help="the adapter folder (a checkpoint or OUTPUT_DIR/final)")
     p.add_argument("--base", help="base model folder (default: the one recorded in the adapter)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="weight dtype of the merged checkpoint (default: bfloat16, as published)")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="weight dtype of the merged checkpoint (default: bfloat16, as published)",
+    )
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("demo", help="the quick-start demo: fine-tune a tiny model on synthetic data (CPU, minutes)",
-                       description="Generates a synthetic multi-task data set (colour, shape, two-image comparison, "
-                                   "8-frame motion video), trains a tiny randomly initialised Phi-3-vision on it and "
-                                   "prints accuracy before and after on a held-out split. Writes the checkpoint, "
-                                   "metrics.json and loss.png to --output-dir.")
+    p = sub.add_parser(
+        "demo",
+        help="the quick-start demo: fine-tune a tiny model on synthetic data (CPU, minutes)",
+        description="Generates a synthetic multi-task data set (colour, shape, two-image comparison, "
+        "8-frame motion video), trains a tiny randomly initialised Phi-3-vision on it and "
+        "prints accuracy before and after on a held-out split. Writes the checkpoint, "
+        "metrics.json and loss.png to --output-dir.",
+    )
     p.add_argument("--output-dir", default="outputs/demo", help="where everything goes (default: outputs/demo)")
     p.add_argument("--train-per-task", type=int, default=None, help="training samples per task")
     p.add_argument("--eval-per-task", type=int, default=None, help="held-out samples per task")

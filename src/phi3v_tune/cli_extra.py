@@ -24,8 +24,9 @@ def _load(args) -> tuple:
     from .train.merge import adapter_base, load_for_inference
 
     model_dir = Path(args.model)
-    model = load_for_inference(model_dir, base=args.base, dtype=_dtype(args.dtype),
-                               attn_implementation=args.attn_implementation)
+    model = load_for_inference(
+        model_dir, base=args.base, dtype=_dtype(args.dtype), attn_implementation=args.attn_implementation
+    )
     proc_dir = model_dir if (model_dir / "tokenizer.json").is_file() else Path(args.base or adapter_base(model_dir))
     processor = Phi3VProcessor.from_pretrained(proc_dir, num_crops=args.num_crops)
     return model.to(_device()).eval(), processor
@@ -35,8 +36,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a full checkpoint folder, or a LoRA adapter folder")
     p.add_argument("--base", help="base model folder for a LoRA adapter (default: the one it records)")
     p.add_argument("--num-crops", type=int, default=None, help="HD crops per image (default: the model folder's)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="weights dtype (default: bf16 on GPUs that support it, else fp32)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weights dtype (default: bf16 on GPUs that support it, else fp32)",
+    )
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"], help="attention kernels")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default: 64, as the recipe)")
@@ -53,8 +58,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(problems)
     records = split_questions(records)
     model, processor = _load(args)
-    value, rows = evaluate_records(model, processor, records, args.metric, batch_size=args.batch_size,
-                                   max_new_tokens=args.max_new_tokens, video_frames_per_clip=args.video_frames)
+    value, rows = evaluate_records(
+        model,
+        processor,
+        records,
+        args.metric,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        video_frames_per_clip=args.video_frames,
+    )
     out = Path(args.output or Path(args.model) / f"predictions-{args.metric}.jsonl")
     write_rows(rows, out)
     print(json.dumps({args.metric: value, "samples": len(rows), "predictions": str(out)}))
@@ -75,9 +87,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         records = [Record("prompt", None, [Turn(args.prompt, "", list(args.image or []), video=args.video)])]
     model, processor = _load(args)
-    answers = generate_answers(model, processor, records, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens, video_frames_per_clip=args.video_frames,
-                               progress=bool(args.data))
+    answers = generate_answers(
+        model,
+        processor,
+        records,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        video_frames_per_clip=args.video_frames,
+        progress=bool(args.data),
+    )
     if args.data:
         out = Path(args.output or "predictions.jsonl")
         write_rows([{"id": r.id, "prediction": a} for r, a in zip(records, answers)], out)
@@ -103,9 +121,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------------------------
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="score a model on a data set (ANLS or accuracy) by greedy generation",
-                       description="Greedy generation on every question of DATA, the task metric, and a per-sample "
-                                   "predictions jsonl (id, prediction, gold, score). Runs sharded under torchrun.")
+    p = sub.add_parser(
+        "eval",
+        help="score a model on a data set (ANLS or accuracy) by greedy generation",
+        description="Greedy generation on every question of DATA, the task metric, and a per-sample "
+        "predictions jsonl (id, prediction, gold, score). Runs sharded under torchrun.",
+    )
     _model_args(p)
     p.add_argument("--data", required=True, help="evaluation data (jsonl, json, HF data set folder or hub id)")
     p.add_argument("--image-dir", help="folder that relative image paths are relative to")
@@ -114,9 +135,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="predictions jsonl (default: MODEL/predictions-METRIC.jsonl)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="answer a prompt about images (or every sample of a data file)",
-                       description="Answer one prompt (--prompt with --image ... or --video) or every sample of "
-                                   "--data (written to --output as jsonl).")
+    p = sub.add_parser(
+        "predict",
+        help="answer a prompt about images (or every sample of a data file)",
+        description="Answer one prompt (--prompt with --image ... or --video) or every sample of "
+        "--data (written to --output as jsonl).",
+    )
     _model_args(p)
     p.add_argument("--image", action="append", help="an image file; repeat for several (tags are prepended)")
     p.add_argument("--video", help="a video file (frames are sampled)")
@@ -127,14 +151,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="predictions jsonl for --data (default: predictions.jsonl)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("convert", help="convert a data set to the conversations jsonl (ucf101 videos, the_cauldron)",
-                       description="ucf101: {split}/{class}/*.avi (or UCF101_subset.tar.gz) -> 8 frames per video as "
-                                   "JPEG + {split}.jsonl, exactly as the original recipe. cauldron: any the_cauldron-"
-                                   "style table -> {split}.jsonl + image files.")
+    p = sub.add_parser(
+        "convert",
+        help="convert a data set to the conversations jsonl (ucf101 videos, the_cauldron)",
+        description="ucf101: {split}/{class}/*.avi (or UCF101_subset.tar.gz) -> 8 frames per video as "
+        "JPEG + {split}.jsonl, exactly as the original recipe. cauldron: any the_cauldron-"
+        "style table -> {split}.jsonl + image files.",
+    )
     p.add_argument("kind", choices=["ucf101", "cauldron"], help="what to convert")
     p.add_argument("--src", required=True, help="source folder (or .tar.gz for ucf101, HF data set for cauldron)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-frames", type=int, default=8, help="frames per video (ucf101; default: 8)")
     p.add_argument("--split", default="train", help="split to convert (cauldron; default: train)")
     p.set_defaults(func=cmd_convert)
-

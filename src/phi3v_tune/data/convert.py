@@ -36,8 +36,9 @@ def _ucf_root(src: Path, tmp: Path) -> Path:
         src = tmp
     # the archive may hold one top folder (UCF101_subset/) above the split folders
     children = [p for p in src.iterdir() if p.is_dir()]
-    if len(children) == 1 and not any(p.suffix in VIDEO_SUFFIXES for p in children[0].rglob("*") if p.is_file()
-                                      and p.parent.parent == children[0]):
+    if len(children) == 1 and not any(
+        p.suffix in VIDEO_SUFFIXES for p in children[0].rglob("*") if p.is_file() and p.parent.parent == children[0]
+    ):
         return children[0]
     return src
 
@@ -60,8 +61,9 @@ def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = 8) -> lis
         for split_dir in splits:
             split = split_dir.name
             classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-            videos = [(c, v) for c in classes for v in sorted((split_dir / c).iterdir())
-                      if v.suffix.lower() in VIDEO_SUFFIXES]
+            videos = [
+                (c, v) for c in classes for v in sorted((split_dir / c).iterdir()) if v.suffix.lower() in VIDEO_SUFFIXES
+            ]
             question = "Classify the video into one of the following classes: " + ", ".join(classes) + "."
             lines = []
             for i, (label, video) in enumerate(tqdm(videos, desc=f"ucf101 {split}", leave=False)):
@@ -74,8 +76,13 @@ def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = 8) -> lis
                     (out / rel).parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(frames[index]).save(out / rel)
                     paths.append(str(rel))
-                lines.append({"id": f"{split}-{i:010d}", "source": "ucf101",
-                              "conversations": [{"images": paths, "user": question, "assistant": label}]})
+                lines.append(
+                    {
+                        "id": f"{split}-{i:010d}",
+                        "source": "ucf101",
+                        "conversations": [{"images": paths, "user": question, "assistant": label}],
+                    }
+                )
             target = out / f"{split}.jsonl"
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "w", encoding="utf-8") as f:

@@ -604,7 +604,7 @@ def _row_cauldron(row: dict, origin: str, default_id: str, resolve: PathResolver
             source = texts[0]["source"]
     if problems:
         return None, problems
-    return Record(id=rid, source=source, turns=turns, origin=origin, answers=answers), []
+    return Record(id=rid, source=source, turns=turns, origin=origin), []
 
 
 def _row_docvqa(row: dict, origin: str, default_id: str, resolve: PathResolver):

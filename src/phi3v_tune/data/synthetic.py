@@ -115,9 +115,7 @@ def _shape_image(rng: random.Random, size: int, kind: str, colour: str, side_ran
     return image
 
 
-def _motion_frames(
-    rng: random.Random, size: int, direction: str, end_colour: str | None = None
-) -> list[Image.Image]:
+def _motion_frames(rng: random.Random, size: int, direction: str, end_colour: str | None = None) -> list[Image.Image]:
     """A dot crossing the frame; with ``end_colour`` it switches to that colour halfway (from another colour)."""
     scale = size / 336
     radius = round(rng.randint(*_DOT_RADIUS) * scale)

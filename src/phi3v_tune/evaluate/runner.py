@@ -79,8 +79,14 @@ def evaluate_records(
     for i, rec in enumerate(records):
         pred = by_index[i]
         golds = golds_of(rec)
-        rows.append({"id": rec.id, "prediction": pred, "gold": golds if len(golds) > 1 else golds[0],
-                     "score": score(metric, pred, golds)})
+        rows.append(
+            {
+                "id": rec.id,
+                "prediction": pred,
+                "gold": golds if len(golds) > 1 else golds[0],
+                "score": score(metric, pred, golds),
+            }
+        )
     mean = sum(r["score"] for r in rows) / len(rows) if rows else 0.0
     return mean, rows
 

@@ -59,7 +59,7 @@ def quarantine_incomplete(output_dir: str | Path) -> list[Path]:
     """Rename checkpoint folders without a marker so nothing ever resumes from (or rotates on) them."""
     moved = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for step, p in checkpoints(output_dir):
+    for _, p in checkpoints(output_dir):
         if not is_complete(p):
             target = p.with_name(f"incomplete-{p.name}-{stamp}")
             os.replace(p, target)

@@ -27,24 +27,40 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
 @dataclass
 class TrainConfig:
     # -- data --------------------------------------------------------------------------------------------------------
-    data: str | None = _f(None, "Training data: a conversations .jsonl/.json file, a local Hugging Face data set "
-                          "(save_to_disk folder, parquet/arrow files) or a hub id.")
+    data: str | None = _f(
+        None,
+        "Training data: a conversations .jsonl/.json file, a local Hugging Face data set "
+        "(save_to_disk folder, parquet/arrow files) or a hub id.",
+    )
     eval_data: str | None = _f(None, "Evaluation data in the same forms (optional).")
-    eval_holdout: int = _f(0, "Hold out the first N training records as the evaluation set (the recipe's NLVR2/"
-                              "hateful-memes split) when --eval-data is not given.")
-    image_dir: str | None = _f(None, "Folder that relative image paths are relative to (default: the jsonl's folder, "
-                                     "then images/ below it).")
+    eval_holdout: int = _f(
+        0,
+        "Hold out the first N training records as the evaluation set (the recipe's NLVR2/"
+        "hateful-memes split) when --eval-data is not given.",
+    )
+    image_dir: str | None = _f(
+        None, "Folder that relative image paths are relative to (default: the jsonl's folder, then images/ below it)."
+    )
     split: str = _f("train", "Split to read from a Hugging Face data set.")
-    max_length: int | None = _f(None, "Truncate samples to this many tokens (text after the last image only; samples "
-                                      "whose images alone are longer are refused and reported).")
+    max_length: int | None = _f(
+        None,
+        "Truncate samples to this many tokens (text after the last image only; samples "
+        "whose images alone are longer are refused and reported).",
+    )
     num_crops: int = _f(16, "HD crops per image, 1..16 (the recipe uses 4 for video frames).")
     video_frames: int = _f(8, "Frames sampled from each video given as a turn's 'video'.")
-    skip_bad_samples: bool = _f(False, "Train on the valid samples when the data has problems; the skipped ids and "
-                                       "reasons are written to OUTPUT_DIR/skipped_samples.tsv. Default: stop and report.")
+    skip_bad_samples: bool = _f(
+        False,
+        "Train on the valid samples when the data has problems; the skipped ids and "
+        "reasons are written to OUTPUT_DIR/skipped_samples.tsv. Default: stop and report.",
+    )
     max_image_pixels: int | None = _f(178956970, "Refuse images with more pixels than this (decompression bombs).")
     # -- model and method --------------------------------------------------------------------------------------------
-    model: str | None = _f(None, "Base model: a local folder in the published layout (config.json, safetensors, "
-                                 "tokenizer) or a hub id. 'tiny' builds a tiny random model (smoke tests).")
+    model: str | None = _f(
+        None,
+        "Base model: a local folder in the published layout (config.json, safetensors, "
+        "tokenizer) or a hub id. 'tiny' builds a tiny random model (smoke tests).",
+    )
     method: str = _f("full", "Strategy: full | freeze-vision | lora | qlora.", choices=METHODS)
     freeze_projector: bool = _f(False, "With freeze-vision: also freeze the image projector and separators.")
     lora_rank: int = _f(64, "LoRA rank.")
@@ -52,8 +68,9 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_lm_head: bool = _f(True, "Also put LoRA on lm_head (the recipe does).")
     lora_vision: bool = _f(False, "Also put LoRA on the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector.")
-    attn_implementation: str = _f("sdpa", "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager.",
-                                  choices=("sdpa", "eager"))
+    attn_implementation: str = _f(
+        "sdpa", "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager.", choices=("sdpa", "eager")
+    )
     bf16: bool = _f(False, "bf16 mixed precision (default on GPUs that support it unless --fp16).")
     fp16: bool = _f(False, "fp16 mixed precision with loss scaling (fp32 master weights).")
     gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing (less memory, ~30% slower).")
@@ -69,21 +86,34 @@ class TrainConfig:
     adam_beta2: float = _f(0.95, "AdamW beta2.")
     adam_epsilon: float = _f(1e-7, "AdamW epsilon.")
     warmup_steps: int = _f(50, "Linear warm-up steps.")
-    lr_scheduler: str = _f("linear", "Learning-rate schedule after warm-up (transformers' names: linear, cosine, "
-                                     "constant_with_warmup, ...).")
+    lr_scheduler: str = _f(
+        "linear",
+        "Learning-rate schedule after warm-up (transformers' names: linear, cosine, constant_with_warmup, ...).",
+    )
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    group_by_length: bool = _f(True, "Batch samples of similar token length together (less padding) when "
-                                     "--batch-size-per-device > 1.")
+    group_by_length: bool = _f(
+        True, "Batch samples of similar token length together (less padding) when --batch-size-per-device > 1."
+    )
     seed: int = _f(42, "Random seed (data order, initialisation of adapters).")
     # -- checkpoints, logging, evaluation ----------------------------------------------------------------------------
     save_steps: int = _f(500, "Write a checkpoint every N optimizer steps (and always at the end).")
     save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
-    resume: str | None = _f(None, "Resume: 'latest' (the newest complete checkpoint in --output-dir) or a path.",
-                            nargs="?", const="latest")
+    resume: str | None = _f(
+        None, "Resume: 'latest' (the newest complete checkpoint in --output-dir) or a path.", nargs="?", const="latest"
+    )
+    stop_at_step: int | None = _f(
+        None,
+        "Checkpoint and stop at this step while keeping the schedule of the whole run "
+        "(time-sliced jobs: continue later with --resume).",
+    )
     logging_steps: int = _f(10, "Log loss, learning rate and throughput every N steps.")
     eval_steps: int | None = _f(None, "Evaluate (loss; task metric where set) every N steps, plus before and after.")
-    metric: str | None = _f(None, "Task metric computed by greedy generation on the evaluation data before, during "
-                                  "(--eval-steps) and after training: anls | accuracy.", choices=("anls", "accuracy"))
+    metric: str | None = _f(
+        None,
+        "Task metric computed by greedy generation on the evaluation data before, during "
+        "(--eval-steps) and after training: anls | accuracy.",
+        choices=("anls", "accuracy"),
+    )
     eval_batch_size: int = _f(8, "Prompts per generation batch during evaluation.")
     eval_max_new_tokens: int = _f(64, "Longest generated answer during evaluation (the recipe: 64).")
     report_to: str = _f("tensorboard", "Loggers: tensorboard, wandb, mlflow, none (comma separated).")
@@ -165,8 +195,9 @@ def recipe(task: str) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; defaults are suppressed so that only flags given on the command line override."""
     parser.add_argument("--config", help="YAML file with settings (flags given here override it).")
-    parser.add_argument("--task", help="A packaged recipe (docvqa, hateful_memes, nlvr2, ucf101, demo) whose "
-                                       "settings come first.")
+    parser.add_argument(
+        "--task", help="A packaged recipe (docvqa, hateful_memes, nlvr2, ucf101, demo) whose settings come first."
+    )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(f.type)

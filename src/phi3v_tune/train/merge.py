@@ -25,8 +25,9 @@ def adapter_base(adapter: str | Path) -> str:
     return base
 
 
-def load_for_inference(model_dir: str | Path, base: str | None = None, dtype: torch.dtype = torch.float32,
-                       merge: bool = True, **kwargs) -> Phi3VForCausalLM:
+def load_for_inference(
+    model_dir: str | Path, base: str | None = None, dtype: torch.dtype = torch.float32, merge: bool = True, **kwargs
+) -> Phi3VForCausalLM:
     """A full checkpoint, or base + LoRA adapter (merged unless `merge=False`)."""
     model_dir = Path(model_dir)
     if (model_dir / "adapter_config.json").is_file():

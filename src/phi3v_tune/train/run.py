@@ -50,9 +50,19 @@ def ensure_base_model(cfg: TrainConfig) -> str:
     from ..model.tiny import save_tiny_checkpoint
 
     folder = Path(cfg.output_dir) / "base-tiny"
-    if not (folder / "config.json").is_file() and is_main_process():
-        save_tiny_checkpoint(folder, seed=cfg.seed, num_crops=cfg.num_crops)
-    _barrier()
+    if is_main_process():
+        if not (folder / "config.json").is_file():
+            tmp = folder.with_name(f"base-tiny.tmp-{os.getpid()}")
+            save_tiny_checkpoint(tmp, seed=cfg.seed, num_crops=cfg.num_crops)
+            os.replace(tmp, folder)  # complete or absent: other ranks never see a half-written folder
+    else:  # the process group does not exist yet: wait for rank 0's folder to appear
+        import time
+
+        deadline = time.time() + 600
+        while not (folder / "config.json").is_file():
+            if time.time() > deadline:
+                raise TimeoutError(f"{folder}: rank 0 did not write the tiny base model")
+            time.sleep(0.2)
     return str(folder)
 
 
@@ -95,8 +105,11 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
     bad_ids = {p.id for p in problems if p.id is not None}
     if problems:
         if not cfg.skip_bad_samples:
-            raise DataError(problems, header=f"{len(problems)} problem(s) in {cfg.data} (nothing was trained; fix "
-                                             "them or pass --skip-bad-samples):")
+            raise DataError(
+                problems,
+                header=f"{len(problems)} problem(s) in {cfg.data} (nothing was trained; fix "
+                "them or pass --skip-bad-samples):",
+            )
         skipped = output_dir / "skipped_samples.tsv"
         if is_main_process():
             skipped.parent.mkdir(parents=True, exist_ok=True)
@@ -118,8 +131,11 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
     if plan.refused:
         path = write_refused(plan, output_dir / "refused_samples.tsv")
         if not cfg.skip_bad_samples:
-            raise DataError([], header=f"{len(plan.refused)} sample(s) cannot be trained on as they are (listed in "
-                                       f"{path}); fix them, raise --max-length, or pass --skip-bad-samples")
+            raise DataError(
+                [],
+                header=f"{len(plan.refused)} sample(s) cannot be trained on as they are (listed in "
+                f"{path}); fix them, raise --max-length, or pass --skip-bad-samples",
+            )
     eval_plan = None
     if eval_records:
         eval_plan = plan_records(eval_records, processor, cfg.max_length, cfg.video_frames, progress=False)
@@ -201,7 +217,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
 
-    from .trainer import Phi3VTrainer, ProgressBar
+    from .trainer import Phi3VTrainer, ProgressBar, StopAtStep
 
     cfg.validate()
     out = Path(cfg.output_dir)
@@ -226,9 +242,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = training_arguments(cfg, world)
     train_ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
-    eval_ds = (
-        ConversationDataset(data.eval, processor, cfg.max_length, cfg.video_frames) if data.eval else None
-    )
+    eval_ds = ConversationDataset(data.eval, processor, cfg.max_length, cfg.video_frames) if data.eval else None
     trainer = Phi3VTrainer(
         model=model,
         args=args,
@@ -240,6 +254,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar(disable=not cfg.progress))
+    if cfg.stop_at_step:
+        trainer.add_callback(StopAtStep(cfg.stop_at_step))
     task_metric = None
     if cfg.metric and data.eval:
         from ..evaluate.runner import split_questions

@@ -143,3 +143,15 @@ def nonfinite_guard(loss: torch.Tensor, step: int, ids: list[str]) -> None:
     """Stop with the step and the sample ids when the loss is NaN/inf."""
     if not torch.isfinite(loss).all():
         raise FloatingPointError(f"non-finite loss at step {step}; samples in the batch: {', '.join(map(str, ids))}")
+
+
+class StopAtStep(TrainerCallback):
+    """Save and stop at a given step; the LR schedule and data order stay those of the whole run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True

@@ -1,0 +1,127 @@
+"""`phi3v-tune convert`: UCF-101 videos -> frames + jsonl (the recipe's layout), the_cauldron -> jsonl."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+av = pytest.importorskip("av")
+
+from phi3v_tune.data.convert import convert_cauldron, convert_ucf101  # noqa: E402
+from phi3v_tune.data.video import frame_indices, sample_frames  # noqa: E402
+
+
+def make_video(path, n_frames: int, size=(48, 32)) -> None:
+    """Frame k is a flat grey of value 12*k, so decoded frames reveal their index."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for k in range(n_frames):
+            arr = np.full((size[1], size[0], 3), 12 * k, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def grey_index(image_path) -> int:
+    return round(float(np.asarray(Image.open(image_path)).mean()) / 12)
+
+
+@pytest.fixture()
+def ucf_tree(tmp_path):
+    root = tmp_path / "UCF101_subset"
+    for split in ("train", "test"):
+        for label, n in (("Basketball", 20), ("ApplyEyeMakeup", 13)):
+            for v in ("v_b", "v_a"):
+                make_video(root / split / label / f"{v}_{label}.avi", n)
+    return root
+
+
+def test_frame_indices_are_the_recipes():
+    assert frame_indices(20, 8) == [0, 2, 5, 7, 10, 12, 15, 17]
+    assert frame_indices(13, 8) == list(np.arange(0, 13, 13 / 8).astype(int))
+    assert frame_indices(5, 8) == [0, 0, 1, 1, 2, 3, 3, 4]
+
+
+def test_ucf101_layout_ids_questions_and_frames(ucf_tree, tmp_path):
+    out = tmp_path / "out"
+    files = convert_ucf101(ucf_tree, out, num_frames=8)
+    assert sorted(f.name for f in files) == ["test.jsonl", "train.jsonl"]
+    lines = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == [f"train-{i:010d}" for i in range(4)]
+    # classes sorted; videos sorted within a class
+    assert [x["conversations"][0]["assistant"] for x in lines] == ["ApplyEyeMakeup"] * 2 + ["Basketball"] * 2
+    first = lines[0]
+    assert first["source"] == "ucf101"
+    turn = first["conversations"][0]
+    assert turn["user"] == "Classify the video into one of the following classes: ApplyEyeMakeup, Basketball."
+    assert turn["images"] == [f"images/train/ApplyEyeMakeup/v_a_ApplyEyeMakeup.{k}.jpg" for k in range(8)]
+    # frame k of a 13-frame video is frame arange(0, 13, 13/8)[k]; not resized
+    for k, rel in enumerate(turn["images"]):
+        assert Image.open(out / rel).size == (48, 32)
+        assert grey_index(out / rel) == frame_indices(13, 8)[k]
+    bball = lines[2]["conversations"][0]["images"]
+    assert [grey_index(out / r) for r in bball] == [0, 2, 5, 7, 10, 12, 15, 17]
+
+
+def test_ucf101_from_tar_and_num_frames(ucf_tree, tmp_path):
+    archive = tmp_path / "UCF101_subset.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(ucf_tree, arcname="UCF101_subset")
+    out = tmp_path / "from_tar"
+    convert_ucf101(archive, out, num_frames=4)
+    line = json.loads((out / "test.jsonl").read_text().splitlines()[3])
+    assert line["id"] == "test-0000000003" and len(line["conversations"][0]["images"]) == 4
+
+
+def test_video_frames_in_a_turn_are_sampled(tmp_path):
+    make_video(tmp_path / "clip.avi", 16)
+    frames = sample_frames(tmp_path / "clip.avi", 8)
+    assert len(frames) == 8
+    assert [round(float(np.asarray(f).mean()) / 12) for f in frames] == [0, 2, 4, 6, 8, 10, 12, 14]
+
+
+def test_cauldron_table_to_jsonl(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    img = Image.new("RGB", (20, 10), (200, 10, 10))
+    table = datasets.Dataset.from_dict(
+        {
+            "images": [[img, img], [img]],
+            "texts": [
+                [
+                    {"user": "Same?", "assistant": "yes", "source": "nlvr2"},
+                    {"user": "Red?", "assistant": "yes", "source": "nlvr2"},
+                ],
+                [{"user": "Colour?", "assistant": "red", "source": "nlvr2"}],
+            ],
+        },
+        features=datasets.Features(
+            {
+                "images": datasets.Sequence(datasets.Image()),
+                "texts": [
+                    {
+                        "user": datasets.Value("string"),
+                        "assistant": datasets.Value("string"),
+                        "source": datasets.Value("string"),
+                    }
+                ],
+            }
+        ),
+    )
+    table.save_to_disk(str(tmp_path / "cauldron"))
+    (path,) = convert_cauldron(tmp_path / "cauldron", tmp_path / "jsonl", split="train")
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(rows) == 2 and len(rows[0]["conversations"]) == 2
+    assert len(rows[0]["conversations"][0]["images"]) == 2 and "images" not in rows[0]["conversations"][1]
+    assert (tmp_path / "jsonl" / rows[1]["conversations"][0]["images"][0]).is_file()
+    from phi3v_tune.data import read_jsonl
+
+    records, problems = read_jsonl(path)
+    assert not problems and records[0].turns[1].assistant == "yes"
