@@ -2,7 +2,7 @@
 
 Four tasks, each a single turn with a one-word answer from a small closed set (``CLASSES``):
 
-* ``colour``  -- one image, one large filled shape; answer its colour (red / green / blue / yellow).
+* ``colour``  -- one image, one large filled shape; answer its colour (red / green / blue / black).
 * ``shape``   -- one image, one very large filled shape; answer its kind (circle / square / triangle).
 * ``compare`` -- two images, each with one shape of very different sizes; which image has the bigger one
   (first / second).
@@ -36,11 +36,11 @@ DEMO_TASKS: tuple[str, ...] = ("colour", "compare", "video")
 
 #: task -> the answer words (lowercase, one word each).
 CLASSES: dict[str, list[str]] = {
-    "colour": ["red", "green", "blue", "yellow"],
+    "colour": ["red", "green", "blue", "black"],
     "shape": ["circle", "square", "triangle"],
     "compare": ["first", "second"],
     "motion": ["left", "right", "up", "down"],
-    "video": ["red", "green", "blue", "yellow"],
+    "video": ["red", "green", "blue", "black"],
 }
 
 #: task -> the fixed user question.
@@ -52,12 +52,13 @@ QUESTIONS: dict[str, str] = {
     "video": "The dot changes colour during the video. What colour is it at the end? Answer with one word.",
 }
 
-#: The palette: very distinct, pure-ish RGB colours (each channel is jittered by at most ``COLOUR_JITTER``).
+#: The palette: very distinct, pure-ish RGB colours (each channel is jittered by at most ``COLOUR_JITTER``). No two
+#: are opposite each other around the grey background: a tiny random model confused blue and yellow for long.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
     "green": (35, 175, 55),
     "blue": (35, 65, 220),
-    "yellow": (235, 215, 35),
+    "black": (25, 25, 25),
 }
 COLOUR_JITTER = 20
 #: Plain light-grey background of every image.

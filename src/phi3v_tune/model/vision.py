@@ -123,4 +123,5 @@ class Phi3VImageEmbedding(nn.Module):
             glb = torch.cat([glb, sub_gn.expand(s, 1, dim)], dim=1).reshape(-1, dim)
             pieces.extend([sub, glb_gn, glb])
         tokens = torch.cat(pieces, dim=0)
-        return self.img_projection(tokens.to(self.img_projection[0].weight.dtype))
+        # the separators' dtype is the compute dtype (a quantized projector would report uint8 storage)
+        return self.img_projection(tokens.to(self.glb_GN.dtype))

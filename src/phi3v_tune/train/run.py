@@ -275,7 +275,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         metrics["task_metric"] = task_metric.history
 
     final = out / "final"
-    trainer.save_model(str(final))
+    save_final(trainer, cfg, final)
     if trainer.is_world_process_zero():
         processor.save_pretrained(final)
         cfg.save(final / "train_config.yaml")
@@ -292,6 +292,25 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
         plot_losses(trainer.state.log_history, out / "loss.png")
     return metrics
+
+
+def save_final(trainer, cfg: TrainConfig, final: Path) -> None:
+    """The final model: an adapter for lora/qlora; for full/freeze-vision, the published layout in the training's
+    half precision (bf16/fp16, like the published bf16 checkpoint) or fp32 when trained in fp32."""
+    bf16, fp16 = precision(cfg)
+    half = torch.bfloat16 if bf16 else torch.float16 if fp16 else None
+    if cfg.method in ("lora", "qlora") or half is None or cfg.deepspeed:
+        trainer.save_model(str(final))
+        return
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        state = {k: v.to(half) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.save_pretrained(final, state_dict=state, max_shard_size="5GB")
+        cfg_file = final / "config.json"
+        data = json.loads(cfg_file.read_text())
+        data["torch_dtype"] = data["dtype"] = str(half).replace("torch.", "")
+        cfg_file.write_text(json.dumps(data, indent=2))
+    trainer.accelerator.wait_for_everyone()
 
 
 def _jsonable(x: Any) -> Any:

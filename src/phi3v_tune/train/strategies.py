@@ -76,7 +76,7 @@ def qlora_quantization_config(cfg: TrainConfig):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_use_double_quant=False,
-        llm_int8_skip_modules=["vision_embed_tokens", "lm_head"],
+        llm_int8_skip_modules=["model.vision_embed_tokens", "lm_head"],
     )
 
 
