@@ -21,7 +21,7 @@ from .evaluate.metrics import is_correct
 from .train.config import TrainConfig
 from .train.run import run_training
 
-DEFAULTS = {"train_per_task": 100, "eval_per_task": 20, "epochs": 3.0}
+DEFAULTS = {"train_per_task": 100, "eval_per_task": 20, "epochs": 3.5}
 #: The demo's tiny model: 4 decoder layers (hidden 64) learn the three tasks in a few CPU minutes.
 DEMO_MODEL = {"num_hidden_layers": 4}
 
