@@ -45,9 +45,18 @@ def write_data(folder: Path, n: int) -> Path:
     for i in range(n):
         page = Image.fromarray(rng.randint(0, 256, (1300, 1000, 3), dtype=np.uint8))
         page.save(folder / f"doc{i}.png")
-        lines.append({"id": f"doc{i}", "conversations": [{"images": [f"doc{i}.png"],
-                                                          "user": "What is the total amount on this invoice?",
-                                                          "assistant": f"The total is {i * 17 + 3}.00 dollars."}]})
+        lines.append(
+            {
+                "id": f"doc{i}",
+                "conversations": [
+                    {
+                        "images": [f"doc{i}.png"],
+                        "user": "What is the total amount on this invoice?",
+                        "assistant": f"The total is {i * 17 + 3}.00 dollars.",
+                    }
+                ],
+            }
+        )
     path = folder / "train.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return path
@@ -73,22 +82,44 @@ def main() -> None:
     results = []
     for method in args.methods.split(","):
         torch.cuda.reset_peak_memory_stats()
-        cfg = TrainConfig(data=str(data), model=str(model_dir), method=method, bf16=True, num_crops=16,
-                          output_dir=str(work / f"run-{method}"), max_steps=args.steps, batch_size=1,
-                          batch_size_per_device=1, gradient_checkpointing=True, warmup_steps=0,
-                          learning_rate=1e-5, logging_steps=1, save_steps=10_000, report_to="none",
-                          num_workers=2, progress=False, lora_rank=64, lora_alpha=128)
+        cfg = TrainConfig(
+            data=str(data),
+            model=str(model_dir),
+            method=method,
+            bf16=True,
+            num_crops=16,
+            output_dir=str(work / f"run-{method}"),
+            max_steps=args.steps,
+            batch_size=1,
+            batch_size_per_device=1,
+            gradient_checkpointing=True,
+            warmup_steps=0,
+            learning_rate=1e-5,
+            logging_steps=1,
+            save_steps=10_000,
+            report_to="none",
+            num_workers=2,
+            progress=False,
+            lora_rank=64,
+            lora_alpha=128,
+        )
         t = time.time()
         try:
             metrics = run_training(cfg)
             state = json.loads(next((work / f"run-{method}").glob("checkpoint-*/trainer_state.json")).read_text())
             logs = [h for h in state["log_history"] if "loss" in h]
             steady = [h["train_samples_per_second"] for h in logs[2:] if "train_samples_per_second" in h]
-            row = {"method": method, "ok": True, "steps": state["global_step"],
-                   "steady_samples_per_s": round(float(np.median(steady)), 3) if steady else None,
-                   "first_loss": logs[0]["loss"], "last_loss": logs[-1]["loss"],
-                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                   "wall_s": round(time.time() - t, 1), "train_runtime_s": metrics["train"].get("train_runtime")}
+            row = {
+                "method": method,
+                "ok": True,
+                "steps": state["global_step"],
+                "steady_samples_per_s": round(float(np.median(steady)), 3) if steady else None,
+                "first_loss": logs[0]["loss"],
+                "last_loss": logs[-1]["loss"],
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "wall_s": round(time.time() - t, 1),
+                "train_runtime_s": metrics["train"].get("train_runtime"),
+            }
         except Exception as err:  # report and go on with the next method
             row = {"method": method, "ok": False, "error": f"{type(err).__name__}: {err}"[:500]}
         results.append(row)

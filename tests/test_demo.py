@@ -8,8 +8,7 @@ from phi3v_tune.demo import run_demo
 
 
 def test_short_demo_learns_the_colour_task(tmp_path):
-    result = run_demo(tmp_path / "demo", train_per_task=48, eval_per_task=12, epochs=4, quiet=True,
-                      tasks=("colour",))
+    result = run_demo(tmp_path / "demo", train_per_task=120, eval_per_task=12, epochs=4, quiet=True, tasks=("colour",))
     assert result["before"]["colour"] <= 0.5
     assert result["after"]["colour"] >= 0.75  # chance is 0.25
     saved = json.loads((tmp_path / "demo" / "demo_metrics.json").read_text())

@@ -45,8 +45,10 @@ def docvqa_table(folder: Path, n: int = 4) -> Path:
 
 def cauldron_table(folder: Path, n: int, images_per_row: int, questions_per_row: int, answers: list[str]) -> Path:
     texts = [
-        [{"user": f"Question {j} about row {i}?", "assistant": answers[(i + j) % len(answers)], "source": "x"}
-         for j in range(questions_per_row)]
+        [
+            {"user": f"Question {j} about row {i}?", "assistant": answers[(i + j) % len(answers)], "source": "x"}
+            for j in range(questions_per_row)
+        ]
         for i in range(n)
     ]
     table = datasets.Dataset.from_dict(
@@ -54,8 +56,13 @@ def cauldron_table(folder: Path, n: int, images_per_row: int, questions_per_row:
         features=datasets.Features(
             {
                 "images": datasets.Sequence(datasets.Image()),
-                "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string"),
-                           "source": datasets.Value("string")}],
+                "texts": [
+                    {
+                        "user": datasets.Value("string"),
+                        "assistant": datasets.Value("string"),
+                        "source": datasets.Value("string"),
+                    }
+                ],
             }
         ),
     )
@@ -63,9 +70,28 @@ def cauldron_table(folder: Path, n: int, images_per_row: int, questions_per_row:
     return folder
 
 
-COMMON = ["--model", "tiny", "--num-crops", "1", "--max-steps", "2", "--batch-size", "1", "--num-workers", "0",
-          "--report-to", "none", "--no-progress", "--eval-steps", "1", "--eval-max-new-tokens", "4",
-          "--warmup-steps", "0", "--no-gradient-checkpointing"]
+COMMON = [
+    "--model",
+    "tiny",
+    "--num-crops",
+    "1",
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "1",
+    "--num-workers",
+    "0",
+    "--report-to",
+    "none",
+    "--no-progress",
+    "--eval-steps",
+    "1",
+    "--eval-max-new-tokens",
+    "4",
+    "--warmup-steps",
+    "0",
+    "--no-gradient-checkpointing",
+]
 
 
 def check_metric_log(out: Path, metric: str, n_eval: int) -> None:
@@ -82,8 +108,23 @@ def check_metric_log(out: Path, metric: str, n_eval: int) -> None:
 def test_docvqa_recipe_anls(tmp_path):
     data = docvqa_table(tmp_path / "docvqa")
     out = tmp_path / "run"
-    assert cli(["train", "--task", "docvqa", "--data", str(data), "--eval-data", str(data), "--output-dir", str(out),
-                *COMMON]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                "--task",
+                "docvqa",
+                "--data",
+                str(data),
+                "--eval-data",
+                str(data),
+                "--output-dir",
+                str(out),
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     cfg = (out / "train_config.yaml").read_text()
     assert "learning_rate: 5.0e-06" in cfg and "metric: anls" in cfg and "epochs: 2" in cfg
     check_metric_log(out, "anls", 4)
@@ -94,8 +135,23 @@ def test_docvqa_recipe_anls(tmp_path):
 def test_hateful_memes_recipe_holds_out_the_first_rows(tmp_path):
     data = cauldron_table(tmp_path / "hm", 6, 1, 1, ["yes", "no"])
     out = tmp_path / "run"
-    assert cli(["train", "--task", "hateful_memes", "--data", str(data), "--eval-holdout", "2",
-                "--output-dir", str(out), *COMMON]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                "--task",
+                "hateful_memes",
+                "--data",
+                str(data),
+                "--eval-holdout",
+                "2",
+                "--output-dir",
+                str(out),
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     check_metric_log(out, "accuracy", 2)
     assert json.loads((out / "metrics.json").read_text())["data"]["train_samples"] == 4
 
@@ -103,8 +159,10 @@ def test_hateful_memes_recipe_holds_out_the_first_rows(tmp_path):
 def test_nlvr2_recipe_keeps_both_images_and_every_question(tmp_path):
     data = cauldron_table(tmp_path / "nlvr2", 5, 2, 3, ["True", "False"])
     out = tmp_path / "run"
-    assert cli(["train", "--task", "nlvr2", "--data", str(data), "--eval-holdout", "2", "--output-dir", str(out),
-                *COMMON]) == 0
+    assert (
+        cli(["train", "--task", "nlvr2", "--data", str(data), "--eval-holdout", "2", "--output-dir", str(out), *COMMON])
+        == 0
+    )
     check_metric_log(out, "accuracy", 6)  # 2 held-out rows x 3 questions, each scored
     ids = [json.loads(x)["id"] for x in (out / "eval_predictions" / "step-0.jsonl").read_text().splitlines()]
     assert ids[:3] == ["train-0000000000-q0", "train-0000000000-q1", "train-0000000000-q2"]
@@ -119,32 +177,123 @@ def test_ucf101_recipe_on_converted_videos(tmp_path):
             make_video(root / split / label / f"v_{label}_1.avi", 9)
     assert cli(["convert", "ucf101", "--src", str(root), "--out", str(tmp_path / "conv")]) == 0
     out = tmp_path / "run"
-    assert cli(["train", "--task", "ucf101", "--data", str(tmp_path / "conv" / "train.jsonl"), "--eval-data",
-                str(tmp_path / "conv" / "test.jsonl"), "--output-dir", str(out), *COMMON]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                "--task",
+                "ucf101",
+                "--data",
+                str(tmp_path / "conv" / "train.jsonl"),
+                "--eval-data",
+                str(tmp_path / "conv" / "test.jsonl"),
+                "--output-dir",
+                str(out),
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     check_metric_log(out, "accuracy", 2)
 
 
 def test_eval_and_predict_clis(tmp_path, capsys):
     data = docvqa_table(tmp_path / "docvqa", n=3)
     out = tmp_path / "run"
-    assert cli(["train", "--data", str(data), "--output-dir", str(out), "--method", "lora", "--lora-rank", "4",
-                "--model", "tiny", "--num-crops", "1", "--max-steps", "2", "--batch-size", "1", "--num-workers", "0",
-                "--report-to", "none", "--no-progress"]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--method",
+                "lora",
+                "--lora-rank",
+                "4",
+                "--model",
+                "tiny",
+                "--num-crops",
+                "1",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "1",
+                "--num-workers",
+                "0",
+                "--report-to",
+                "none",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     final = out / "final"
     assert (final / "adapter_config.json").is_file()
     capsys.readouterr()
-    assert cli(["eval", "--model", str(final), "--data", str(data), "--split", "train", "--metric", "anls",
-                "--max-new-tokens", "4", "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert (
+        cli(
+            [
+                "eval",
+                "--model",
+                str(final),
+                "--data",
+                str(data),
+                "--split",
+                "train",
+                "--metric",
+                "anls",
+                "--max-new-tokens",
+                "4",
+                "--output",
+                str(tmp_path / "p.jsonl"),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["samples"] == 3 and 0.0 <= summary["anls"] <= 1.0
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 3
     img(1).save(tmp_path / "a.png")
     img(2).save(tmp_path / "b.png")
-    assert cli(["predict", "--model", str(final), "--image", str(tmp_path / "a.png"), "--image",
-                str(tmp_path / "b.png"), "--prompt", "Compare", "--max-new-tokens", "3"]) == 0
+    assert (
+        cli(
+            [
+                "predict",
+                "--model",
+                str(final),
+                "--image",
+                str(tmp_path / "a.png"),
+                "--image",
+                str(tmp_path / "b.png"),
+                "--prompt",
+                "Compare",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()  # a random tiny model's answer is arbitrary text; the call must succeed
-    assert cli(["predict", "--model", str(final), "--data", str(data), "--split", "train", "--max-new-tokens", "2",
-                "--output", str(tmp_path / "batch.jsonl")]) == 0
+    assert (
+        cli(
+            [
+                "predict",
+                "--model",
+                str(final),
+                "--data",
+                str(data),
+                "--split",
+                "train",
+                "--max-new-tokens",
+                "2",
+                "--output",
+                str(tmp_path / "batch.jsonl"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in (tmp_path / "batch.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["100", "101", "102"]
 
@@ -155,8 +304,12 @@ def test_validate_cli_reports_every_problem(tmp_path):
         "{broken\n"
         '{"id": "a", "conversations": [{"images": ["missing.png"], "user": "q", "assistant": "x"}]}\n'
     )
-    proc = subprocess.run([sys.executable, "-m", "phi3v_tune", "validate", str(tmp_path / "d.jsonl")],
-                          capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "phi3v_tune", "validate", str(tmp_path / "d.jsonl")],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": ""},
+    )
     assert proc.returncode == 1
     text = proc.stdout
     assert "d.jsonl:1" in text and "assistant" in text

@@ -25,7 +25,7 @@ from phi3v_tune.data.synthetic import (
     write_jsonl,
 )
 
-N_IMAGES = {"colour": 1, "shape": 1, "compare": 2, "motion": MOTION_FRAMES}
+N_IMAGES = {"colour": 1, "shape": 1, "compare": 2, "motion": MOTION_FRAMES, "video": MOTION_FRAMES}
 
 
 def _pixels(image) -> np.ndarray:
@@ -217,3 +217,19 @@ def test_answer_is_correct():
     assert answer_is_correct("FIRST", "first.")
     assert not answer_is_correct("reddish", "red")
     assert not answer_is_correct("", "red")
+
+
+def test_video_task_switches_colour_halfway(records):
+    from phi3v_tune.data.synthetic import BACKGROUND, PALETTE
+
+    for rec in [r for r in records if r.source == "video"][:8]:
+        frames = rec.turns[0].images
+        means = []
+        for frame in frames:
+            px = np.asarray(frame).reshape(-1, 3).astype(int)
+            px = px[np.abs(px - np.array(BACKGROUND)).sum(1) > 60]
+            means.append(px.mean(0))
+        nearest = [min(PALETTE, key=lambda c, m=m: np.abs(np.array(PALETTE[c]) - m).sum()) for m in means]
+        half = len(frames) // 2
+        assert nearest[half:] == [rec.turns[0].assistant] * (len(frames) - half)
+        assert len(set(nearest[:half])) == 1 and nearest[0] != rec.turns[0].assistant
