@@ -125,3 +125,20 @@ def test_cauldron_table_to_jsonl(tmp_path):
 
     records, problems = read_jsonl(path)
     assert not problems and records[0].turns[1].assistant == "yes"
+
+
+def test_a_video_turn_trains_as_its_sampled_frames(tmp_path, tiny_processor):
+    from phi3v_tune.data import read_jsonl
+    from phi3v_tune.data.examples import build_example
+
+    make_video(tmp_path / "clip.avi", 12)
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"id": "v1", "conversations": [{"video": "clip.avi", "user": "What happens?", "assistant": "fade"}]})
+        + "\n"
+    )
+    (record,), problems = read_jsonl(tmp_path / "d.jsonl")
+    assert not problems and record.turns[0].video.endswith("clip.avi")
+    example = build_example(record, tiny_processor, video_frames_per_clip=8)
+    assert example["num_images"] == 8 and example["pixel_values"].shape[0] == 8
+    assert [int((example["input_ids"] == -k).sum() > 0) for k in range(1, 9)] == [1] * 8
+    assert build_example(record, tiny_processor, video_frames_per_clip=4)["num_images"] == 4
