@@ -142,3 +142,23 @@ def test_a_video_turn_trains_as_its_sampled_frames(tmp_path, tiny_processor):
     assert example["num_images"] == 8 and example["pixel_values"].shape[0] == 8
     assert [int((example["input_ids"] == -k).sum() > 0) for k in range(1, 9)] == [1] * 8
     assert build_example(record, tiny_processor, video_frames_per_clip=4)["num_images"] == 4
+
+
+def test_a_wrong_frame_count_in_the_header_does_not_change_the_frames(tmp_path):
+    import struct
+
+    root = tmp_path / "ucf"
+    path = root / "train" / "Archery" / "v_x.avi"
+    make_video(path, 20)
+    data = bytearray(path.read_bytes())
+    avih = data.index(b"avih")
+    struct.pack_into("<I", data, avih + 8 + 16, 3)  # MainAVIHeader.dwTotalFrames
+    strh = data.index(b"strh")
+    struct.pack_into("<I", data, strh + 8 + 32, 3)  # AVIStreamHeader.dwLength
+    path.write_bytes(bytes(data))
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 3  # the header now lies
+    convert_ucf101(root, tmp_path / "out")
+    line = json.loads((tmp_path / "out" / "train.jsonl").read_text())
+    got = [grey_index(tmp_path / "out" / r) for r in line["conversations"][0]["images"]]
+    assert got == [0, 2, 5, 7, 10, 12, 15, 17]  # indices from the 20 decoded frames

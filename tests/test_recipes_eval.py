@@ -315,3 +315,67 @@ def test_validate_cli_reports_every_problem(tmp_path):
     assert "d.jsonl:1" in text and "assistant" in text
     assert "d.jsonl:2" in text
     assert "d.jsonl:3" in text and "not found" in text and "duplicate" in text.lower()
+
+
+def test_sharded_evaluation_equals_single_process(tmp_path):
+    """`torchrun --nproc_per_node 2 ... eval` (gloo) gives the same rows and metric as one process."""
+    import os
+
+    from phi3v_tune.data.synthetic import demo_split, write_jsonl
+    from phi3v_tune.model.tiny import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint(tmp_path / "tiny", seed=4, num_crops=1)
+    _, held_out = demo_split(0, 3, seed=2, tasks=("colour", "compare"), as_png=True)
+    data = write_jsonl(held_out, tmp_path / "data")  # 6 records: odd/even split across 2 ranks
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    base = [
+        "-m",
+        "phi3v_tune",
+        "eval",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--metric",
+        "accuracy",
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "2",
+    ]
+    single = subprocess.run(
+        [sys.executable, *base, "--output", str(tmp_path / "one.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29541",
+            *base,
+            "--output",
+            str(tmp_path / "two.jsonl"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    one = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert len(one) == 6 and one == two
+
+    def summary(out: str) -> dict:
+        return next(json.loads(x) for x in out.splitlines() if x.startswith("{") and '"processes"' in x)
+
+    s1, s2 = summary(single.stdout), summary(multi.stdout)
+    assert s2["processes"] == 2 and s1["accuracy"] == s2["accuracy"]

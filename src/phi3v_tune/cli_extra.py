@@ -9,14 +9,33 @@ from pathlib import Path
 import torch
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
+
+
+def _init_distributed() -> tuple[int, int]:
+    """Under torchrun: join the process group (gloo on CPU, nccl on GPUs) so evaluation is sharded."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return rank, world
+
+
+def _device() -> torch.device:
+    """The local rank's GPU under torchrun, else the CPU."""
+    import os
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def _load(args) -> tuple:
@@ -57,6 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if problems:
         raise DataError(problems)
     records = split_questions(records)
+    rank, world = _init_distributed()
     model, processor = _load(args)
     value, rows = evaluate_records(
         model,
@@ -68,8 +88,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         video_frames_per_clip=args.video_frames,
     )
     out = Path(args.output or Path(args.model) / f"predictions-{args.metric}.jsonl")
-    write_rows(rows, out)
-    print(json.dumps({args.metric: value, "samples": len(rows), "predictions": str(out)}))
+    if rank == 0:
+        write_rows(rows, out)
+        print(json.dumps({args.metric: value, "samples": len(rows), "predictions": str(out), "processes": world}))
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 
