@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, OSError) as err:
         if os.environ.get("PHI3V_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)

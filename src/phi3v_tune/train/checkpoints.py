@@ -68,13 +68,14 @@ def quarantine_incomplete(output_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """`None` -> no resume; 'latest' -> newest complete checkpoint (error if none); a path -> checked."""
+    """`None` -> no resume; 'latest' -> newest complete checkpoint, or a fresh start when there is none yet (so a
+    job script can always pass --resume); a path -> checked."""
     if not resume:
         return None
     if resume == "latest":
         found = latest_complete(output_dir)
-        if found is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {output_dir}")
+        if found is None and int(os.environ.get("RANK", "0")) == 0:
+            print(f"--resume: no complete checkpoint in {output_dir} yet; starting from step 0", flush=True)
         return found
     path = Path(resume)
     if not path.is_dir():

@@ -106,6 +106,11 @@ class TrainConfig:
         "Checkpoint and stop at this step while keeping the schedule of the whole run "
         "(time-sliced jobs: continue later with --resume).",
     )
+    skip_nonfinite: int = _f(
+        0,
+        "Skip up to N batches whose loss is NaN/inf (reported with step and sample ids) "
+        "instead of stopping at the first one.",
+    )
     logging_steps: int = _f(10, "Log loss, learning rate and throughput every N steps.")
     eval_steps: int | None = _f(None, "Evaluate (loss; task metric where set) every N steps, plus before and after.")
     metric: str | None = _f(

@@ -217,7 +217,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
 
-    from .trainer import Phi3VTrainer, ProgressBar, StopAtStep
+    from .trainer import FaultInjection, Phi3VTrainer, ProgressBar, StopAtStep
 
     cfg.validate()
     out = Path(cfg.output_dir)
@@ -256,6 +256,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     trainer.add_callback(ProgressBar(disable=not cfg.progress))
     if cfg.stop_at_step:
         trainer.add_callback(StopAtStep(cfg.stop_at_step))
+    if os.environ.get("PHI3V_FAULT_INJECT"):
+        trainer.add_callback(FaultInjection())
     task_metric = None
     if cfg.metric and data.eval:
         from ..evaluate.runner import split_questions

@@ -68,7 +68,43 @@ class Phi3VTrainer(Trainer):
         if model.training:
             self._tokens += int(inputs["attention_mask"].sum())
             self._samples += int(inputs["input_ids"].shape[0])
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if model.training:
+            loss = result[0] if isinstance(result, tuple) else result
+            if not bool(torch.isfinite(loss.detach()).all()):
+                loss = self._nonfinite(model, loss)
+                result = (loss, *result[1:]) if isinstance(result, tuple) else loss
+        return result
+
+    def _nonfinite(self, model, loss: torch.Tensor) -> torch.Tensor:
+        """Stop with the step and sample ids, or (within --skip-nonfinite) replace the batch by a zero loss."""
+        step = self.state.global_step + 1
+        ids = ", ".join(map(str, self.last_batch_ids)) or "unknown"
+        allowed = self.train_config.skip_nonfinite if self.train_config is not None else 0
+        self.nonfinite_skipped = getattr(self, "nonfinite_skipped", 0)
+        if self.nonfinite_skipped >= allowed:
+            from .checkpoints import latest_complete
+
+            last = latest_complete(self.args.output_dir)
+            raise FloatingPointError(
+                f"non-finite loss ({float(loss.detach())}) at step {step}; samples in the batch: {ids}. "
+                f"Last good checkpoint: {last or 'none yet'}. Check those samples, lower the learning rate, or pass "
+                f"--skip-nonfinite N to skip up to N such batches."
+            )
+        self.nonfinite_skipped += 1
+        if self.is_world_process_zero():
+            print(
+                f"warning: non-finite loss at step {step} (samples: {ids}); batch skipped "
+                f"({self.nonfinite_skipped}/{allowed})",
+                flush=True,
+            )
+        # a zero loss that still touches every trainable weight (DDP expects gradients for all of them)
+        return sum(
+            (p.reshape(-1)[:1].sum() * 0.0 for p in model.parameters() if p.requires_grad),
+            torch.zeros((), device=loss.device),
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = dict(inputs)
@@ -88,7 +124,18 @@ class Phi3VTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as err:
+            from .checkpoints import latest_complete
+
+            last = latest_complete(self.args.output_dir)
+            raise OSError(
+                f"could not write checkpoint-{self.state.global_step} ({err.strerror or err}); it is left incomplete "
+                f"and will never be resumed from. Last complete checkpoint: {last or 'none'}. Free disk space, "
+                "then continue with --resume."
+            ) from err
+        fault_injection("kill_in_save", self.state.global_step)  # files written, marker not yet
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
             from pathlib import Path
@@ -139,10 +186,22 @@ class ProgressBar(TrainerCallback):
             self.bar = None
 
 
-def nonfinite_guard(loss: torch.Tensor, step: int, ids: list[str]) -> None:
-    """Stop with the step and the sample ids when the loss is NaN/inf."""
-    if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"non-finite loss at step {step}; samples in the batch: {', '.join(map(str, ids))}")
+def fault_injection(point: str, step: int) -> None:
+    """Crash tests: `PHI3V_FAULT_INJECT=kill_at_step:N` or `kill_in_save:N` SIGKILLs rank 0 at that point."""
+    import os
+    import signal
+
+    spec = os.environ.get("PHI3V_FAULT_INJECT")
+    if not spec or int(os.environ.get("RANK", "0")) != 0:
+        return
+    name, _, at = spec.partition(":")
+    if name == point and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultInjection(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        fault_injection("kill_at_step", state.global_step)
 
 
 class StopAtStep(TrainerCallback):

@@ -1,0 +1,162 @@
+"""Reliability: non-finite losses stop training with step + sample ids (or are skipped within a budget)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_train import data_file, small_config  # noqa: F401  (fixture and helper)
+
+from phi3v_tune.train.checkpoints import latest_complete
+from phi3v_tune.train.run import run_training
+
+
+@pytest.fixture()
+def poisoned(monkeypatch):
+    """Every example of one record gets NaN pixels, so its batch has a NaN loss."""
+    import phi3v_tune.data.dataset as dataset
+
+    original = dataset.build_example
+
+    def build(record, *args, **kwargs):
+        example = original(record, *args, **kwargs)
+        if record.id == "shape-000001" and "pixel_values" in example:
+            example["pixel_values"] = torch.full_like(example["pixel_values"], float("nan"))
+        return example
+
+    monkeypatch.setattr(dataset, "build_example", build)
+
+
+def test_nan_loss_stops_with_step_and_sample_ids(data_file, tmp_path, poisoned):  # noqa: F811
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError) as err:
+        run_training(small_config(data_file, out, max_steps=12, save_steps=1, batch_size=1))
+    message = str(err.value)
+    assert "non-finite loss" in message and "shape-000001" in message and "at step" in message
+    step = int(message.split("at step ")[1].split(";")[0])
+    last = latest_complete(out)
+    if step > 1:  # the checkpoints before the bad step are complete and untouched
+        assert last is not None and last.name == f"checkpoint-{step - 1}"
+    assert f"Last good checkpoint: {last or 'none yet'}" in message
+
+
+def test_skip_nonfinite_skips_and_finishes(data_file, tmp_path, poisoned, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    metrics = run_training(small_config(data_file, out, max_steps=9, batch_size=1, skip_nonfinite=2))
+    assert metrics["train"]["train_loss"] == metrics["train"]["train_loss"]  # finite, not NaN
+    assert "batch skipped (1/2)" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    state = load_file(out / "final" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigkill_at_five_points_then_resume_equals_an_uninterrupted_run(data_file, tmp_path):  # noqa: F811
+    """2 gloo processes; rank 0 is SIGKILLed mid-run or while a checkpoint is written; --resume finishes the run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
+    env.pop("PHI3V_FAULT_INJECT", None)
+
+    def train(out: Path, port: int, fault: str | None = None, resume: bool = False) -> int:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "phi3v_tune",
+            "train",
+            "--model",
+            "tiny",
+            "--data",
+            str(data_file),
+            "--num-crops",
+            "1",
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "2",
+            "--batch-size-per-device",
+            "1",
+            "--save-steps",
+            "2",
+            "--num-workers",
+            "0",
+            "--report-to",
+            "none",
+            "--no-progress",
+            "--seed",
+            "3",
+            "--learning-rate",
+            "1e-3",
+            "--warmup-steps",
+            "1",
+        ]
+        if resume:
+            cmd.append("--resume")
+        run_env = {**env, "PHI3V_FAULT_INJECT": fault} if fault else env
+        return subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300).returncode
+
+    reference = tmp_path / "straight"
+    assert train(reference, 29611) == 0
+    expected = _weights(reference / "final")
+    for i, fault in enumerate(
+        ["kill_at_step:1", "kill_in_save:2", "kill_at_step:3", "kill_in_save:4", "kill_at_step:5"]
+    ):
+        out = tmp_path / f"killed-{i}"
+        assert train(out, 29621 + 2 * i, fault=fault) != 0  # the run died
+        assert not (out / "final").exists()
+        if fault.startswith("kill_in_save"):
+            step = int(fault.split(":")[1])
+            assert (out / f"checkpoint-{step}").is_dir()
+            assert not (out / f"checkpoint-{step}" / "checkpoint_complete.json").exists()
+        assert train(out, 29622 + 2 * i, resume=True) == 0
+        if fault.startswith("kill_in_save"):
+            assert list(out.glob("incomplete-checkpoint-*"))  # never resumed from
+        got = _weights(out / "final")
+        for k in expected:
+            assert torch.equal(expected[k], got[k]), (fault, k)
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(data_file, tmp_path, monkeypatch):  # noqa: F811
+    import errno
+
+    import transformers
+
+    from phi3v_tune.train.checkpoints import MARKER
+
+    original = transformers.PreTrainedModel.save_pretrained
+    calls = {"n": 0}
+
+    def save(self, folder, *args, **kwargs):
+        if "checkpoint-4" in str(folder):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        calls["n"] += 1
+        return original(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="could not write checkpoint-4 .*No space left.*checkpoint-2.*--resume"):
+        run_training(small_config(data_file, out, max_steps=6, save_steps=2))
+    assert (out / "checkpoint-2" / MARKER).is_file()
+    assert not (out / "checkpoint-4" / MARKER).exists()
+    assert latest_complete(out).name == "checkpoint-2"
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", original)
+    run_training(small_config(data_file, out, max_steps=6, save_steps=2, resume="latest"))
+    assert (out / "final" / MARKER).is_file() and list(out.glob("incomplete-checkpoint-4-*"))
