@@ -160,3 +160,38 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(data_file, tmp_pat
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", original)
     run_training(small_config(data_file, out, max_steps=6, save_steps=2, resume="latest"))
     assert (out / "final" / MARKER).is_file() and list(out.glob("incomplete-checkpoint-4-*"))
+
+
+def test_epoch_report_accounts_for_every_input_sample(data_file, tmp_path):  # noqa: F811
+    import json
+
+    lines = data_file.read_text().splitlines()  # 9 good samples: 3 colour, 3 shape, 3 compare
+    first = json.loads(lines[0])
+    dup = dict(first, conversations=[dict(first["conversations"][0], assistant="")])  # same id, empty answer
+    missing = json.loads(lines[1])
+    missing["id"] = "missing"
+    missing["conversations"][0]["images"] = ["images/nope.png"]
+    bad = tmp_path / "bad.jsonl"
+    (tmp_path / "images").symlink_to(data_file.parent / "images")
+    bad.write_text("\n".join([*lines, "{oops", json.dumps(dup), json.dumps(missing)]) + "\n")
+    out = tmp_path / "run"
+    # max_length 400: the two-image 'compare' samples (~680 tokens of images) are refused, the rest fit
+    run_training(small_config(bad, out, epochs=1, batch_size=1, skip_bad_samples=True, max_length=400, eval_holdout=1))
+    (report,) = [json.loads(x) for x in (out / "epoch_reports.jsonl").read_text().splitlines()]
+    assert report["input_samples"] == 12
+    assert report["invalid_skipped"] == 3  # broken JSON, duplicate id with empty answer, missing image
+    assert report["refused"] == 3 and report["refused_reasons"] == {"images_exceed_max_length": 3}
+    assert report["held_out_for_eval"] == 1
+    assert report["trained"] == 5 and report["not_reached_this_epoch"] == 0 and report["nonfinite_skipped"] == 0
+    parts = (
+        "trained",
+        "refused",
+        "invalid_skipped",
+        "nonfinite_skipped",
+        "not_reached_this_epoch",
+        "held_out_for_eval",
+    )
+    assert sum(report[k] for k in parts) == report["input_samples"]
+    # the bad line reuses the first sample's id; the good first sample is kept (held out here), not dropped
+    assert "colour-000000" in (out / "skipped_samples.tsv").read_text()
+    assert json.loads((out / "metrics.json").read_text())["data"]["train_samples"] == 5

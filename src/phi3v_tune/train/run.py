@@ -38,6 +38,8 @@ class LoadedData:
     eval: list[Record]
     train_plan: DataPlan
     eval_plan: DataPlan | None
+    input_total: int = 0  # every non-blank input line / row, good or bad
+    invalid: int = 0  # samples skipped for data problems (--skip-bad-samples)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -102,7 +104,9 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
         raise ValueError("--data is required")
     records, problems = load_records(cfg.data, image_dir=cfg.image_dir, split=cfg.split)
     problems = validate_records(records, problems, max_image_pixels=cfg.max_image_pixels)
-    bad_ids = {p.id for p in problems if p.id is not None}
+    loaded = {r.origin for r in records}
+    bad_origins = {p.origin for p in problems}  # one origin (file:line / row) per bad sample
+    input_total = len(records) + len(bad_origins - loaded)
     if problems:
         if not cfg.skip_bad_samples:
             raise DataError(
@@ -116,8 +120,8 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
             with open(skipped, "w", encoding="utf-8") as f:
                 for p in problems:
                     f.write(f"{p.id}\t{p.origin}\t{p.field}\t{p.message}\n")
-        say(f"skipping {len(problems)} problem(s) ({len(bad_ids)} sample ids); listed in {skipped}")
-        records = [r for r in records if r.id not in bad_ids]
+        say(f"skipping {len(bad_origins)} sample(s) with {len(problems)} problem(s); listed in {skipped}")
+        records = [r for r in records if r.origin not in bad_origins]
     eval_records: list[Record] = []
     if cfg.eval_data:
         eval_records, eval_problems = load_records(cfg.eval_data, image_dir=cfg.image_dir, split=cfg.split)
@@ -142,7 +146,7 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
         say(eval_plan.summary("evaluation data"))
     if not plan.kept:
         raise DataError([], header="no trainable samples left")
-    return LoadedData(plan.kept, eval_plan.kept if eval_plan else [], plan, eval_plan)
+    return LoadedData(plan.kept, eval_plan.kept if eval_plan else [], plan, eval_plan, input_total, len(bad_origins))
 
 
 def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
@@ -256,6 +260,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     trainer.add_callback(ProgressBar(disable=not cfg.progress))
     if cfg.stop_at_step:
         trainer.add_callback(StopAtStep(cfg.stop_at_step))
+    from .trainer import EpochReport
+
+    trainer.add_callback(EpochReport(trainer, data, out / "epoch_reports.jsonl"))
     if os.environ.get("PHI3V_FAULT_INJECT"):
         trainer.add_callback(FaultInjection())
     task_metric = None

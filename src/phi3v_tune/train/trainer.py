@@ -50,6 +50,8 @@ class Phi3VTrainer(Trainer):
         self._samples = 0
         self._last_log = (time.time(), 0, 0)
         self.last_batch_ids: list[str] = []
+        self.epoch_ids: list[str] = []  # samples trained on this epoch (this rank)
+        self.epoch_nonfinite: list[str] = []  # samples of batches skipped for a non-finite loss
 
     # ----------------------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -65,6 +67,8 @@ class Phi3VTrainer(Trainer):
         ids = inputs.pop("ids", None)
         if ids is not None:
             self.last_batch_ids = list(ids)
+            if model.training:
+                self.epoch_ids.extend(self.last_batch_ids)
         if model.training:
             self._tokens += int(inputs["attention_mask"].sum())
             self._samples += int(inputs["input_ids"].shape[0])
@@ -94,6 +98,7 @@ class Phi3VTrainer(Trainer):
                 f"--skip-nonfinite N to skip up to N such batches."
             )
         self.nonfinite_skipped += 1
+        self.epoch_nonfinite.extend(self.last_batch_ids)
         if self.is_world_process_zero():
             print(
                 f"warning: non-finite loss at step {step} (samples: {ids}); batch skipped "
@@ -214,3 +219,52 @@ class StopAtStep(TrainerCallback):
         if state.global_step >= self.step:
             control.should_save = True
             control.should_training_stop = True
+
+
+class EpochReport(TrainerCallback):
+    """At the end of every epoch: every input sample accounted for (trained, truncated, refused, invalid, skipped)."""
+
+    def __init__(self, trainer, data, path):
+        self.trainer = trainer
+        self.data = data
+        self.path = path
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        import json
+
+        seen, bad = list(self.trainer.epoch_ids), list(self.trainer.epoch_nonfinite)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, (seen, bad))
+            seen = [i for p in parts for i in p[0]]
+            bad = [i for p in parts for i in p[1]]
+        self.trainer.epoch_ids.clear()
+        self.trainer.epoch_nonfinite.clear()
+        plan = self.data.train_plan
+        kept = {r.id for r in self.data.train}
+        trained = kept & (set(seen) - set(bad))
+        report = {
+            "epoch": round(state.epoch or 0, 3),
+            "step": state.global_step,
+            "input_samples": self.data.input_total,
+            "held_out_for_eval": self.data.input_total - self.data.invalid - len(kept) - len(plan.refused)
+            if self.data.input_total
+            else 0,
+            "trained": len(trained),
+            "of_which_truncated": len(trained & set(plan.truncated)),
+            "refused": len(plan.refused),
+            "refused_reasons": {r: sum(1 for x in plan.refused if x[1] == r) for r in {x[1] for x in plan.refused}},
+            "invalid_skipped": self.data.invalid,
+            "nonfinite_skipped": len(set(bad)),
+            "not_reached_this_epoch": len(kept - set(seen)),
+        }
+        if self.trainer.is_world_process_zero():
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(report) + "\n")
+            print(
+                f"epoch {report['epoch']:g}: {report['input_samples']} input samples = {report['trained']} trained "
+                f"({report['of_which_truncated']} truncated) + {report['refused']} refused + "
+                f"{report['invalid_skipped']} invalid + {report['nonfinite_skipped']} skipped (non-finite) + "
+                f"{report['not_reached_this_epoch']} not reached + {report['held_out_for_eval']} held out",
+                flush=True,
+            )
