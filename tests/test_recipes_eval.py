@@ -84,6 +84,7 @@ COMMON = [
     "--report-to",
     "none",
     "--no-progress",
+    "--cpu",
     "--eval-steps",
     "1",
     "--eval-max-new-tokens",
@@ -225,6 +226,7 @@ def test_eval_and_predict_clis(tmp_path, capsys):
                 "--report-to",
                 "none",
                 "--no-progress",
+                "--cpu",
             ]
         )
         == 0
@@ -327,7 +329,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
     model = save_tiny_checkpoint(tmp_path / "tiny", seed=4, num_crops=1)
     _, held_out = demo_split(0, 3, seed=2, tasks=("colour", "compare"), as_png=True)
     data = write_jsonl(held_out, tmp_path / "data")  # 6 records: odd/even split across 2 ranks
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
     base = [
         "-m",
         "phi3v_tune",

@@ -67,6 +67,7 @@ def test_sigkill_at_five_points_then_resume_equals_an_uninterrupted_run(data_fil
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
     env.pop("PHI3V_FAULT_INJECT", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes (gloo), also on a GPU machine
 
     def train(out: Path, port: int, fault: str | None = None, resume: bool = False) -> int:
         cmd = [
@@ -101,6 +102,7 @@ def test_sigkill_at_five_points_then_resume_equals_an_uninterrupted_run(data_fil
             "--report-to",
             "none",
             "--no-progress",
+            "--cpu",
             "--seed",
             "3",
             "--learning-rate",

@@ -44,6 +44,7 @@ def small_config(data_file: Path, out: Path, **kw) -> TrainConfig:
         report_to="none",
         num_workers=0,
         progress=False,
+        cpu=True,  # exact fp32 results also on machines with a GPU
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -203,7 +204,7 @@ def test_bad_data_stops_with_the_full_report_unless_skipped(data_file, tmp_path)
 def test_two_process_gloo_run(data_file, tmp_path):
     """torchrun with 2 CPU processes: the distributed path of the Trainer (gloo)."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
         sys.executable,
         "-m",
@@ -234,6 +235,7 @@ def test_two_process_gloo_run(data_file, tmp_path):
         "--report-to",
         "none",
         "--no-progress",
+        "--cpu",
         "--save-steps",
         "2",
     ]

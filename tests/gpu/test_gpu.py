@@ -38,3 +38,44 @@ def test_qlora_strategy_quantizes_the_language_model(tiny_tokenizer, tmp_path):
     assert "Linear4bit" in names
     counts = count_parameters(model)
     assert 0 < counts.trainable < counts.total
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps(tmp_path, monkeypatch):
+    """fp16: fp32 master weights + GradScaler; an overflowing step lowers the scale instead of corrupting weights."""
+    from safetensors.torch import load_file
+
+    from phi3v_tune.data.synthetic import demo_split, write_jsonl
+    from phi3v_tune.train import trainer as trainer_module
+    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.train.run import run_training
+
+    train, _ = demo_split(4, 0, seed=1, tasks=("colour",), as_png=True)
+    data = write_jsonl(train, tmp_path / "data")
+    original = trainer_module.Trainer.compute_loss
+    calls = {"n": 0}
+
+    def huge_first_loss(self, model, inputs, *args, **kwargs):
+        loss = original(self, model, inputs, *args, **kwargs)
+        calls["n"] += 1
+        return loss * 1e30 if calls["n"] == 1 else loss  # inf in fp16 gradients
+
+    monkeypatch.setattr(trainer_module.Trainer, "compute_loss", huge_first_loss)
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        data=str(data),
+        model="tiny",
+        num_crops=1,
+        output_dir=str(out),
+        max_steps=3,
+        batch_size=1,
+        fp16=True,
+        warmup_steps=0,
+        report_to="none",
+        num_workers=0,
+        progress=False,
+        save_steps=3,
+    )
+    run_training(cfg)
+    scaler = torch.load(out / "checkpoint-3" / "scaler.pt", weights_only=False)
+    assert scaler["scale"] < 2.0**16  # the overflow halved the scale
+    assert all(torch.isfinite(v).all() for v in load_file(out / "final" / "model.safetensors").values())

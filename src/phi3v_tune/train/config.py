@@ -71,6 +71,7 @@ class TrainConfig:
     attn_implementation: str = _f(
         "sdpa", "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager.", choices=("sdpa", "eager")
     )
+    cpu: bool = _f(False, "Train on the CPU even when a GPU is present (smoke tests, exact fp32 reproducibility).")
     bf16: bool = _f(False, "bf16 mixed precision (default on GPUs that support it unless --fp16).")
     fp16: bool = _f(False, "fp16 mixed precision with loss scaling (fp32 master weights).")
     gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing (less memory, ~30% slower).")

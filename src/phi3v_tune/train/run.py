@@ -79,7 +79,7 @@ def precision(cfg: TrainConfig) -> tuple[bool, bool]:
         return False, True
     if cfg.bf16:
         return True, False
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if not cfg.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return True, False
     return False, False
 
@@ -203,14 +203,14 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         eval_steps=cfg.eval_steps if evaluate else None,
         report_to=report,
         dataloader_num_workers=cfg.num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available() and not cfg.cpu,
         remove_unused_columns=False,
         label_names=["labels"],
         deepspeed=cfg.deepspeed,
         ddp_find_unused_parameters=False,
-        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        optim="adamw_torch_fused" if torch.cuda.is_available() and not cfg.cpu else "adamw_torch",
         disable_tqdm=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=cfg.cpu or not torch.cuda.is_available(),
         save_only_model=False,
     )
 
