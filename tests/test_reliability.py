@@ -113,7 +113,10 @@ def test_sigkill_at_five_points_then_resume_equals_an_uninterrupted_run(data_fil
         if resume:
             cmd.append("--resume")
         run_env = {**env, "PHI3V_FAULT_INJECT": fault} if fault else env
-        return subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300).returncode
+        proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300)
+        if proc.returncode and not fault:
+            print(proc.stdout[-3000:], proc.stderr[-6000:])  # shown by pytest when the test fails
+        return proc.returncode
 
     reference = tmp_path / "straight"
     assert train(reference, 29611) == 0
