@@ -3,16 +3,18 @@
 A hypothesis strategy draws files of 1-4 lines; each line belongs to one named case class (broken JSON, wrong types,
 absurd image sizes, truncated / 16-bit / palette / CMYK / EXIF-rotated / animated images, decompression bombs, paths
 escaping the image folder, symlinks, unreadable files, ...) with random parameters. The test writes the jsonl and
-its images into a fresh temporary folder and runs the training pipeline's data path:
-``read_jsonl`` -> ``validate_records`` -> ``build_example`` (tiny processor) for the records without problems.
+its images into a fresh temporary folder and runs the training pipeline's data path: ``read_jsonl`` ->
+``validate_records`` -> ``plan_records`` (lengths from image headers) -> ``build_example`` (pixels; tiny processor
+with num_crops=4 so that aspect ratios show in ``image_sizes``) for the records without problems.
+One parametrized test runs each class on its own; another mixes classes in one file; a third feeds raw bytes.
 
 The invariant checked on every file:
 
 * nothing escapes but ``ValueError`` / ``DataError`` (and those name the file);
 * every non-blank line yields a record or at least one ``Problem`` whose origin is ``file:line``; content
   problems also name the sample id and the field;
-* a record without problems builds into a consistent example (ids, labels, image tokens, ``image_sizes``), or is
-  refused with a ``ValueError`` naming the file;
+* a record without problems builds into a consistent example (ids, labels, image tokens, ``image_sizes``, planned
+  length == built length), or is refused with a ``ValueError`` / ``SampleRefused`` naming the file;
 * class-specific expectations (EXIF applied, bombs refused, ``../`` refused, token counts of absurd sizes, ...).
 
 Counts of the generated cases per class are collected in ``CASES`` and checked / printed by the last test
@@ -84,9 +86,13 @@ CLASSES = [
     "multi_image_turns",
 ]
 
-#: (class, outcome) -> number of generated lines; outcome: sample / problem / refused_at_build / blank.
+#: (class, outcome) -> number of generated lines. Outcomes: sample; problem (reader / validator); refused_by_plan
+#: (ValueError while planning from headers, e.g. an undecodable video); refused_max_length (SampleRefused: does not
+#: fit max_length); refused_at_build (planned, then refused when decoded); blank (an empty line, skipped).
 CASES: Counter = Counter()
 RAW_LINES: Counter = Counter()
+#: SampleRefused reasons of a too small max_length (a valid sample that does not fit is refused, and reported).
+MAX_LENGTH_REASONS = ("images_exceed_max_length", "no_answer_after_truncation")
 #: Samples planned from their image headers but refused when decoded (the validator should have caught them).
 LATE_REFUSALS: list[str] = []
 # Images between Pillow's warning threshold and the configured limit are opened on purpose.
@@ -428,7 +434,13 @@ def make_case(env: Env, p: dict) -> Expect:  # noqa: C901 - one branch per class
         image = noise_image("RGB", p["size"], p["seed"])
         data = encode(image, p["fmt"])
         path = save(env, env.name(f".{p['fmt'].lower()}"), data[: int(p["keep"] * len(data))])
-        return Expect(record_line(env, p, path.name), "either", field=image_field(p), image=path)
+
+        def check_intact(example: dict, image_path: Path) -> None:
+            # accepted only when nothing but trailing bytes (end marker, checksum, row padding) is missing
+            ip = processor(env.limit).image_processor
+            assert ip.load_image(image_path).tobytes() == ip.load_image(data).tobytes()
+
+        return Expect(record_line(env, p, path.name), "either", field=image_field(p), check=check_intact, image=path)
 
     if cls == "png_16bit":
         value = p["value"]
@@ -725,6 +737,7 @@ def run_pipeline(
             example = build_example(record, proc, max_length=max_length)
         except ValueError as err:  # includes SampleRefused and DataError
             assert names_a_file(str(err), jsonl, record), f"build error does not name the file: {err}"
+            err.late = True  # type: ignore[attr-defined]
             refused[record.origin] = err
             LATE_REFUSALS.append(str(err))  # planned from the header, refused when decoded
             continue
@@ -788,7 +801,10 @@ def check_file(spec: dict) -> None:
                 outcome = "problem"
             elif origin in refused:
                 reason = getattr(refused[origin], "reason", "")
-                outcome = "refused_max_length" if reason == "images_exceed_max_length" else "refused_at_build"
+                if reason in MAX_LENGTH_REASONS:
+                    outcome = "refused_max_length"
+                else:
+                    outcome = "refused_at_build" if getattr(refused[origin], "late", False) else "refused_by_plan"
             else:
                 assert origin in examples, f"line {lineno} ({cls}) was silently dropped"
                 outcome = "sample"
@@ -799,12 +815,12 @@ def check_file(spec: dict) -> None:
             if expect.kind == "sample":
                 assert outcome in ("sample", "refused_max_length"), context
             elif expect.kind == "problem":
-                assert outcome in ("problem", "refused_at_build"), context
+                assert outcome in ("problem", "refused_by_plan", "refused_at_build"), context
             if outcome == "problem" and expect.field is not None:
                 matching = [x for x in found if same_field(x.field, expect.field)]
                 assert matching, context
                 found = matching
-            if outcome in ("problem", "refused_at_build") and expect.fragments:
+            if outcome in ("problem", "refused_by_plan", "refused_at_build") and expect.fragments:
                 messages = [x.message.lower() for x in found] + [str(refused.get(origin, "")).lower()]
                 for fragment in expect.fragments:
                     assert any(fragment.lower() in m for m in messages), (fragment, context)
