@@ -672,8 +672,8 @@ def is_blank(line: bytes, first: bool) -> bool:
 
 
 def same_field(got: str, expected: str) -> bool:
-    """Field names match; the validator calls a single ``image`` ``images[0]`` (see the xfail test below)."""
-    return got == expected or (expected.endswith(".image") and got == expected + "s[0]")
+    """Field names match exactly (a single ``image`` key is named ``image``, not ``images[0]``)."""
+    return got == expected
 
 
 def located(problem: Problem, jsonl: Path, lines: int) -> int:
@@ -901,11 +901,6 @@ def test_unreadable_or_missing_jsonl_is_a_data_error_naming_the_file(tmp_path):
         locked.chmod(stat.S_IRUSR | stat.S_IWUSR)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: validate._check_media names a single 'image' key 'conversations[i].images[0]' (a key the "
-    "line does not have), while read_jsonl names it 'conversations[i].image'",
-)
 def test_validator_names_the_image_key_the_line_uses(tmp_path):
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text(json.dumps({"id": "a", "conversations": [{"user": "q", "assistant": "x", "image": "gone.png"}]}))

@@ -32,6 +32,11 @@ class Turn:
     images: list[ImageRef] = field(default_factory=list)
     #: Absolute path of a video file; its frames are decoded later (they count as the turn's images).
     video: str | None = None
+    #: The data wrote a single ``"image"`` (not ``"images"``): problems then name that key.
+    single_image_key: bool = False
+
+    def image_field(self, j: int) -> str:
+        return "image" if self.single_image_key else f"images[{j}]"
 
 
 @dataclass

@@ -264,7 +264,9 @@ def _parse_turn(
                 video = str(path)
     if not ok:
         return None
-    return Turn(user=texts["user"], assistant=texts["assistant"], images=images, video=video)
+    turn = Turn(user=texts["user"], assistant=texts["assistant"], images=images, video=video)
+    turn.single_image_key = one is not None  # the line wrote "image": errors name that key
+    return turn
 
 
 def _image_value(

@@ -183,7 +183,7 @@ def _check_media(records: Sequence[Record], max_image_pixels: int | None, num_wo
             for j, image in enumerate(turn.images):
                 key: object = ("path", str(image)) if isinstance(image, (str, Path)) else ("obj", id(image))
                 jobs.setdefault(key, image)
-                uses.append((record, f"conversations[{i}].images[{j}]", key))
+                uses.append((record, f"conversations[{i}].{turn.image_field(j)}", key))
             if turn.video:
                 videos.append((record, f"conversations[{i}].video", turn.video))
 
