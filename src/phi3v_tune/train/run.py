@@ -300,6 +300,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         }
         (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
         plot_losses(trainer.state.log_history, out / "loss.png")
+    # every rank waits for rank 0's writes, then leaves the process group cleanly (no exit while peers still talk)
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return metrics
 
 
