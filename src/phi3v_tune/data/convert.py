@@ -13,18 +13,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .schema import DataError, Record
-from .video import frame_indices
+from .video import sample_frames
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
-
-
-def _decode_frames(path: Path) -> list[Image.Image]:
-    """Every frame of the first video stream as RGB, counted by decoding (headers may be wrong or empty)."""
-    import av
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        return [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
 
 
 def _ucf_root(src: Path, tmp: Path) -> Path:
@@ -67,14 +58,11 @@ def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = 8) -> lis
             question = "Classify the video into one of the following classes: " + ", ".join(classes) + "."
             lines = []
             for i, (label, video) in enumerate(tqdm(videos, desc=f"ucf101 {split}", leave=False)):
-                frames = _decode_frames(video)
-                if not frames:
-                    raise ValueError(f"{video}: no frames could be decoded")
                 paths = []
-                for k, index in enumerate(frame_indices(len(frames), num_frames)):
+                for k, frame in enumerate(sample_frames(video, num_frames)):  # counted by decoding
                     rel = Path("images") / split / label / f"{video.stem}.{k}.jpg"
                     (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(frames[index]).save(out / rel)
+                    frame.save(out / rel)
                     paths.append(str(rel))
                 lines.append(
                     {

@@ -24,16 +24,6 @@ def _decode_all(path: Path) -> list[Image.Image]:
         return [frame.to_image().convert("RGB") for frame in container.decode(stream)]
 
 
-def count_frames(path: str | Path) -> int:
-    """Frame count from the header, or by decoding when the header says nothing (0) or is wrong."""
-    import av
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        n = int(stream.frames or 0)
-    return n if n > 0 else len(_decode_all(Path(path)))
-
-
 def sample_frames(path: str | Path, num_frames: int = 8) -> list[Image.Image]:
     """Decode `num_frames` RGB frames at the recipe's indices (not resized).
 

@@ -68,11 +68,6 @@ def ensure_base_model(cfg: TrainConfig) -> str:
     return str(folder)
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def precision(cfg: TrainConfig) -> tuple[bool, bool]:
     """(bf16, fp16) for the Trainer: bf16 by default on GPUs that support it; fp32 on CPU unless asked."""
     if cfg.fp16:
