@@ -1,0 +1,1 @@
+"""Throughput tooling: the FLOP formula for model FLOPs utilisation and the training benchmark."""

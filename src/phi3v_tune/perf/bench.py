@@ -1,0 +1,467 @@
+"""`phi3v-tune bench`: training throughput of phi3v-tune against a plain Hugging Face build, on the same card.
+
+Both run a full-size Phi-3.5-vision with random weights (real speed, no download). Ours goes through the training
+code path users run: data planning, image decoding in data-loader workers, collation, our Trainer (forward, backward,
+optimizer step). The plain build (`perf/baseline.py`) gets random inputs made on the GPU, which favours it.
+
+Per row: images/s, tokens/s, model TFLOP/s and MFU (FLOPs from `perf/flops.py`, checked against
+torch.utils.flop_counter; the MFU denominator is this card's measured dense bf16 matmul rate), peak GPU memory,
+and the host gap (share of wall time between the end of one step and the start of the next: data waits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .flops import SampleShape, training_flops
+from .workloads import WORKLOADS, write_workload
+
+METHODS = ("full", "freeze-vision", "lora", "qlora")
+
+
+@dataclass
+class Row:
+    workload: str
+    build: str
+    method: str
+    checkpointing: bool
+    batch: int
+    packing: bool = False
+    img_s: float = 0.0
+    tokens_s: float = 0.0
+    tflops: float = 0.0
+    mfu: float = 0.0
+    peak_gib: float = 0.0
+    host_gap: float = 0.0
+    loss_first: float | None = None
+    loss_last: float | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def matmul_peak_tflops(n: int = 8192, iters: int = 30) -> float:
+    """This card's dense bf16 matmul rate (TFLOP/s): the MFU denominator."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
+
+
+def free_gpu() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def sample_shapes(records, lengths: list[int], num_crops: int, tokenizer) -> dict[str, SampleShape]:
+    """Per sample id: LM tokens (as planned), real crops and image tokens (from the image header), label tokens."""
+    from PIL import Image
+
+    from ..processing.image import hd_size, num_image_tokens
+
+    shapes = {}
+    for rec, length in zip(records, lengths):
+        crops = image_tokens = 0
+        for ref in rec.images:
+            with Image.open(ref) as im:
+                h, w = hd_size(im.width, im.height, num_crops)
+            crops += 1 + (h // 336) * (w // 336)
+            image_tokens += num_image_tokens(h, w)
+        answers = sum(len(tokenizer(t.assistant, add_special_tokens=False)["input_ids"]) + 2 for t in rec.turns)
+        shapes[rec.id] = SampleShape(length, crops, image_tokens, answers)
+    return shapes
+
+
+class StepTimer:
+    """Trainer callback: wall time of every optimizer step and the host gap before it, with the step's sample ids."""
+
+    def __new__(cls, trainer):
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            def __init__(self):
+                self.begin: list[float] = []
+                self.end: list[float] = []
+                self.ids: list[list[str]] = []
+                self.trainer = trainer
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                torch.cuda.synchronize()
+                self.begin.append(time.perf_counter())
+                self.ids.append([])
+
+            def on_substep_end(self, args, state, control, **kwargs):
+                self.ids[-1].extend(self.trainer.last_batch_ids)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                torch.cuda.synchronize()
+                self.end.append(time.perf_counter())
+                self.ids[-1].extend(self.trainer.last_batch_ids)
+
+        return _Timer()
+
+
+def summarise(
+    row: Row,
+    cycles: list[float],
+    gaps: list[float],
+    step_flops: list[float],
+    step_tokens: list[int],
+    step_samples: list[int],
+    peak_tflops: float,
+) -> Row:
+    wall = sum(cycles)
+    row.img_s = sum(step_samples) / wall
+    row.tokens_s = sum(step_tokens) / wall
+    row.tflops = sum(step_flops) / wall / 1e12
+    row.mfu = row.tflops / peak_tflops
+    row.host_gap = sum(gaps) / wall
+    row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int, peak: float, **overrides) -> Row:
+    """`steps` timed optimizer steps (after `warmup`) of our training path on workload files `wl`."""
+    import dataclasses
+
+    from transformers.trainer_callback import ProgressCallback
+
+    from ..data.dataset import ConversationDataset
+    from ..processing.processor import Phi3VProcessor
+    from ..train import run as run_mod
+    from ..train.config import TrainConfig
+    from ..train.strategies import apply_strategy
+    from ..train.trainer import Phi3VTrainer
+
+    free_gpu()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = dict(
+        data=str(wl.jsonl),
+        model=str(model_dir),
+        method=row.method,
+        bf16=True,
+        num_crops=wl.num_crops,
+        gradient_checkpointing=row.checkpointing,
+        batch_size=row.batch,
+        batch_size_per_device=row.batch,
+        max_steps=warmup + steps,
+        warmup_steps=0,
+        learning_rate=5e-6,
+        logging_steps=10_000,
+        save_steps=10**9,
+        report_to="none",
+        num_workers=8,
+        progress=False,
+        lora_rank=64,
+        lora_alpha=128,
+        output_dir=str(work / "run"),
+    )
+    if "packing" in fields:
+        settings["packing"] = row.packing
+    settings.update({k: v for k, v in overrides.items() if k in fields})
+    row.extra.update({k: v for k, v in overrides.items() if k in fields})
+    cfg = TrainConfig(**settings)
+    processor = Phi3VProcessor.from_pretrained(str(model_dir), num_crops=wl.num_crops)
+    data = run_mod.read_data(cfg, processor, work / "run")
+    shapes = sample_shapes(data.train, data.train_plan.lengths, wl.num_crops, processor.tokenizer)
+    model = apply_strategy(run_mod.load_model(cfg, str(model_dir)), cfg)
+    args = replace(run_mod.training_arguments(cfg, 1), save_strategy="no")
+    make_collator = getattr(run_mod, "make_collator", None)
+    if make_collator is not None:
+        collator = make_collator(cfg, processor)
+    else:
+        from ..data.collate import Collator
+
+        collator = Collator(processor.tokenizer.pad_token_id)
+    ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
+    trainer = Phi3VTrainer(
+        model=model, args=args, train_dataset=ds, data_collator=collator, processing_class=processor, train_config=cfg
+    )
+    trainer.remove_callback(ProgressCallback)
+    timer = StepTimer(trainer)
+    trainer.add_callback(timer)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    row.loss_first, row.loss_last = (losses[0], losses[-1]) if losses else (None, None)
+    cycles, gaps, flops, toks, samples = [], [], [], [], []
+    for i in range(warmup, len(timer.end)):
+        cycles.append(timer.end[i] - timer.end[i - 1])
+        gaps.append(timer.begin[i] - timer.end[i - 1])
+        ids = list(dict.fromkeys(timer.ids[i]))
+        batch = [shapes[x] for x in ids]
+        flops.append(training_flops(model.config if hasattr(model, "config") else cfg, batch, row.method))
+        toks.append(sum(s.tokens for s in batch))
+        samples.append(len(batch))
+    summarise(row, cycles, gaps, flops, toks, samples, peak)
+    trainer.accelerator.free_memory()
+    del trainer, model
+    free_gpu()
+    return row
+
+
+def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: int, peak: float) -> Row:
+    """The plain build on the same per-sample shapes (CLIP on all crop slots: 17 at num_crops 16)."""
+    from .baseline import build_plain, plain_step
+
+    free_gpu()
+    setup = build_plain(config, row.method, row.checkpointing)
+    slots = row.extra.get("crop_slots", 17)
+    cycles, flops, toks, losses = [], [], [], []
+    last = None
+    for i in range(warmup + steps):
+        s = shapes[i % len(shapes)]
+        losses.append(plain_step(setup, slots, s.tokens, s.image_tokens, s.label_tokens))
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        if i >= warmup:
+            cycles.append(now - last)
+            flops.append(training_flops(config, [s], row.method))
+            toks.append(s.tokens)
+        last = now
+    row.loss_first, row.loss_last = losses[0], losses[-1]
+    summarise(row, cycles, [0.0] * len(cycles), flops, toks, [1] * len(cycles), peak)
+    del setup
+    free_gpu()
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def write_checkpoint(folder: Path) -> None:
+    """A full-size random-weight bf16 checkpoint in the published layout, with a small local tokenizer."""
+    from ..model.modeling import Phi3VForCausalLM
+    from ..model.presets import phi35_vision_config
+    from ..model.tiny import build_tiny_tokenizer
+    from ..processing.processor import Phi3VProcessor
+
+    if (folder / "config.json").is_file():
+        return
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = Phi3VForCausalLM(phi35_vision_config())
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(folder, max_shard_size="5GB")
+    Phi3VProcessor.from_tokenizer(build_tiny_tokenizer(), num_crops=16).save_pretrained(folder)
+    del model
+    free_gpu()
+
+
+def markdown(rows: list[Row], peak: float, command: str) -> str:
+    card = torch.cuda.get_device_name()
+    import transformers
+
+    head = (
+        f"\n## {time.strftime('%Y-%m-%d')} — training throughput, {card}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}\n\nCommand: `{command}`. Measured dense bf16 matmul rate "
+        f"{peak:.0f} TFLOP/s (the MFU denominator).\n\n"
+        "| workload | build | method | ckpt | batch | packing | img/s | tokens/s | TFLOP/s | MFU | peak GiB | "
+        "host gap | loss first→last | notes |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        if r.error:
+            lines.append(
+                f"| {r.workload} | {r.build} | {r.method} | {r.checkpointing} | {r.batch} | {r.packing} | "
+                f"failed: {r.error[:120]} ||||||||\n"
+            )
+            continue
+        notes = ", ".join(f"{k}={v}" for k, v in r.extra.items())
+        loss = f"{r.loss_first:.3f}→{r.loss_last:.3f}" if r.loss_first is not None else ""
+        lines.append(
+            f"| {r.workload} | {r.build} | {r.method} | {'yes' if r.checkpointing else 'no'} | {r.batch} | "
+            f"{'yes' if r.packing else 'no'} | {r.img_s:.2f} | {r.tokens_s:.0f} | {r.tflops:.0f} | "
+            f"{100 * r.mfu:.0f}% | {r.peak_gib:.1f} | {100 * r.host_gap:.1f}% | {loss} | {notes} |\n"
+        )
+    return head + "".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="phi3v-tune bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--methods", default=",".join(METHODS), help="Strategies to measure (comma separated).")
+    ap.add_argument("--workloads", default="docvqa,memes", help=f"Workloads: {', '.join(WORKLOADS)}.")
+    ap.add_argument("--builds", default="plain,ours", help="plain (the Hugging Face baseline), ours, or both.")
+    ap.add_argument("--checkpointing", default="no,yes", help="Activation checkpointing settings to measure.")
+    ap.add_argument("--steps", type=int, default=8, help="Timed optimizer steps per row.")
+    ap.add_argument("--warmup", type=int, default=3, help="Untimed steps first (allocator, kernels, workers).")
+    ap.add_argument("--samples", type=int, default=64, help="Samples written per workload.")
+    ap.add_argument("--short-batch", type=int, default=8, help="Samples per step on the short workload.")
+    ap.add_argument(
+        "--padded-too",
+        default="full,lora",
+        help="Methods also measured with padded batches on the short workload (packing's baseline).",
+    )
+    ap.add_argument(
+        "--fixed-plain",
+        action="store_true",
+        help="Also time the plain full row at the fixed 17-crop 2560-token shape of the issue's table.",
+    )
+    ap.add_argument("--work", default="/tmp/phi3v-bench", help="Where data and runs go.")
+    ap.add_argument("--model-dir", default="/dev/shm/phi3v-random", help="Random checkpoint (written if missing).")
+    ap.add_argument("--json", default=None, help="Also write every row as JSON lines here.")
+    ap.add_argument("--results", default=None, help="Append the markdown table to this file (e.g. RESULTS.md).")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Extra TrainConfig settings for our rows (repeatable), e.g. --set compile=true.",
+    )
+    return ap.parse_args(argv)
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    import sys
+
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("phi3v-tune bench needs a CUDA GPU (it measures GPU training throughput)")
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k.replace("-", "_"): _value(v) for k, v in overrides.items()}
+    work, model_dir = Path(args.work), Path(args.model_dir)
+    peak = matmul_peak_tflops()
+    print(f"{torch.cuda.get_device_name()}: dense bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    t = time.time()
+    write_checkpoint(model_dir)
+    print(f"random checkpoint ready in {time.time() - t:.0f} s", flush=True)
+    from ..model.presets import phi35_vision_config
+
+    config = phi35_vision_config()
+    methods = args.methods.split(",")
+    ckpts = [c.strip() in ("yes", "true", "1") for c in args.checkpointing.split(",")]
+    builds = args.builds.split(",")
+    rows: list[Row] = []
+    out_json = open(args.json, "a") if args.json else None
+
+    def record(row: Row, fn, *a, **kw) -> None:
+        t0 = time.time()
+        try:
+            fn(row, *a, **kw)
+        except Exception as err:  # one failing row must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            row.error = f"{type(err).__name__}: {err}"
+            free_gpu()
+        row.extra["wall_s"] = round(time.time() - t0)
+        rows.append(row)
+        print(json.dumps(asdict(row)), flush=True)
+        if out_json:
+            out_json.write(json.dumps(asdict(row)) + "\n")
+            out_json.flush()
+
+    for name in args.workloads.split(","):
+        wl = write_workload(name, work / name, args.samples)
+        if name == "docvqa":
+            plain_shapes = None
+            if "plain" in builds:
+                from ..data.examples import build_example
+                from ..data.sources import read_jsonl
+                from ..processing.processor import Phi3VProcessor
+
+                proc = Phi3VProcessor.from_pretrained(str(model_dir), num_crops=wl.num_crops)
+                recs = read_jsonl(wl.jsonl)[0][: args.steps + args.warmup]
+                lengths = [int(build_example(r, proc)["input_ids"].shape[0]) for r in recs]
+                plain_shapes = list(sample_shapes(recs, lengths, wl.num_crops, proc.tokenizer).values())
+                if args.fixed_plain:
+                    fixed = [SampleShape(2560, 17, 2509, 10)]
+                    record(
+                        Row(name, "plain", "full", False, 1, extra={"shape": "fixed 17 crops 2560 tokens"}),
+                        run_plain,
+                        config,
+                        fixed,
+                        args.steps,
+                        args.warmup,
+                        peak,
+                    )
+            for method in methods:
+                for ck in ckpts:
+                    if "plain" in builds:
+                        record(
+                            Row(name, "plain", method, ck, 1),
+                            run_plain,
+                            config,
+                            plain_shapes,
+                            args.steps,
+                            args.warmup,
+                            peak,
+                        )
+                    if "ours" in builds:
+                        record(
+                            Row(name, "ours", method, ck, 1),
+                            run_ours,
+                            model_dir,
+                            wl,
+                            work,
+                            args.steps,
+                            args.warmup,
+                            peak,
+                            **overrides,
+                        )
+        else:
+            padded = args.padded_too.split(",") if args.padded_too else []
+            for method in methods:
+                for ck in ckpts:
+                    if "ours" not in builds:
+                        continue
+                    record(
+                        Row(name, "ours", method, ck, args.short_batch, packing=True),
+                        run_ours,
+                        model_dir,
+                        wl,
+                        work,
+                        args.steps,
+                        args.warmup,
+                        peak,
+                        **overrides,
+                    )
+                    if method in padded:
+                        record(
+                            Row(name, "ours", method, ck, args.short_batch, packing=False),
+                            run_ours,
+                            model_dir,
+                            wl,
+                            work,
+                            args.steps,
+                            args.warmup,
+                            peak,
+                            **overrides,
+                        )
+    command = "phi3v-tune bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = markdown(rows, peak, command)
+    print(table)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(table)
+    return rows
