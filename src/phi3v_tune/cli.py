@@ -130,10 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_extra import register
 
     register(sub)
+    sub.add_parser(
+        "bench",
+        help="GPU training throughput: phi3v-tune vs a plain Hugging Face build (see 'phi3v-tune bench --help')",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser (many flags, shared with benchmarks/bench_train.py)
+        from .perf.bench import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()

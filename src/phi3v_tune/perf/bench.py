@@ -47,24 +47,41 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+#: False only for the CPU smoke mode (`--tiny`), which runs the same code on a tiny model so tests can check it.
+ON_GPU = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
 def matmul_peak_tflops(n: int = 8192, iters: int = 30) -> float:
-    """This card's dense bf16 matmul rate (TFLOP/s): the MFU denominator."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(5):
+    """This card's dense bf16 matmul rate (TFLOP/s): the MFU denominator (fp32 on the CPU smoke mode)."""
+    if not ON_GPU:
+        n, iters = 512, 5
+    dev, dtype = ("cuda", torch.bfloat16) if ON_GPU else ("cpu", torch.float32)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(iters):
         a @ b
-    torch.cuda.synchronize()
+    sync()
     return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0
 
 
 def free_gpu() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if ON_GPU:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,7 +118,7 @@ class StepTimer:
                 self.trainer = trainer
 
             def on_step_begin(self, args, state, control, **kwargs):
-                torch.cuda.synchronize()
+                sync()
                 self.begin.append(time.perf_counter())
                 self.ids.append([])
 
@@ -109,7 +126,7 @@ class StepTimer:
                 self.ids[-1].extend(self.trainer.last_batch_ids)
 
             def on_step_end(self, args, state, control, **kwargs):
-                torch.cuda.synchronize()
+                sync()
                 self.end.append(time.perf_counter())
                 self.ids[-1].extend(self.trainer.last_batch_ids)
 
@@ -131,7 +148,7 @@ def summarise(
     row.tflops = sum(step_flops) / wall / 1e12
     row.mfu = row.tflops / peak_tflops
     row.host_gap = sum(gaps) / wall
-    row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    row.peak_gib = peak_gib()
     return row
 
 
@@ -163,7 +180,7 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
         max_steps=warmup + steps,
         warmup_steps=0,
         learning_rate=5e-6,
-        logging_steps=10_000,
+        logging_steps=1,
         save_steps=10**9,
         report_to="none",
         num_workers=8,
@@ -180,6 +197,9 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
     processor = Phi3VProcessor.from_pretrained(str(model_dir), num_crops=wl.num_crops)
     data = run_mod.read_data(cfg, processor, work / "run")
     shapes = sample_shapes(data.train, data.train_plan.lengths, wl.num_crops, processor.tokenizer)
+    from ..model.configuration import Phi3VConfig
+
+    config = Phi3VConfig.from_pretrained(str(model_dir))
     model = apply_strategy(run_mod.load_model(cfg, str(model_dir)), cfg)
     args = replace(run_mod.training_arguments(cfg, 1), save_strategy="no")
     make_collator = getattr(run_mod, "make_collator", None)
@@ -205,7 +225,7 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
         gaps.append(timer.begin[i] - timer.end[i - 1])
         ids = list(dict.fromkeys(timer.ids[i]))
         batch = [shapes[x] for x in ids]
-        flops.append(training_flops(model.config if hasattr(model, "config") else cfg, batch, row.method))
+        flops.append(training_flops(config, batch, row.method, lora_rank=cfg.lora_rank))
         toks.append(sum(s.tokens for s in batch))
         samples.append(len(batch))
     summarise(row, cycles, gaps, flops, toks, samples, peak)
@@ -220,14 +240,15 @@ def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: i
     from .baseline import build_plain, plain_step
 
     free_gpu()
-    setup = build_plain(config, row.method, row.checkpointing)
+    device = "cuda" if ON_GPU else "cpu"
+    setup = build_plain(config, row.method, row.checkpointing, device=device)
     slots = row.extra.get("crop_slots", 17)
     cycles, flops, toks, losses = [], [], [], []
-    last = None
+    last = time.perf_counter()
     for i in range(warmup + steps):
         s = shapes[i % len(shapes)]
-        losses.append(plain_step(setup, slots, s.tokens, s.image_tokens, s.label_tokens))
-        torch.cuda.synchronize()
+        losses.append(plain_step(setup, slots, s.tokens, s.image_tokens, s.label_tokens, device=device))
+        sync()
         now = time.perf_counter()
         if i >= warmup:
             cycles.append(now - last)
@@ -242,7 +263,7 @@ def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: i
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def write_checkpoint(folder: Path) -> None:
+def write_checkpoint(folder: Path, tiny: bool = False) -> None:
     """A full-size random-weight bf16 checkpoint in the published layout, with a small local tokenizer."""
     from ..model.modeling import Phi3VForCausalLM
     from ..model.presets import phi35_vision_config
@@ -250,6 +271,11 @@ def write_checkpoint(folder: Path) -> None:
     from ..processing.processor import Phi3VProcessor
 
     if (folder / "config.json").is_file():
+        return
+    if tiny:
+        from ..model.tiny import save_tiny_checkpoint
+
+        save_tiny_checkpoint(folder, num_crops=16)
         return
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
@@ -265,7 +291,7 @@ def write_checkpoint(folder: Path) -> None:
 
 
 def markdown(rows: list[Row], peak: float, command: str) -> str:
-    card = torch.cuda.get_device_name()
+    card = torch.cuda.get_device_name() if ON_GPU else "CPU (tiny model smoke run)"
     import transformers
 
     head = (
@@ -319,6 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model-dir", default="/dev/shm/phi3v-random", help="Random checkpoint (written if missing).")
     ap.add_argument("--json", default=None, help="Also write every row as JSON lines here.")
     ap.add_argument("--results", default=None, help="Append the markdown table to this file (e.g. RESULTS.md).")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run of this script on a tiny model (for tests).")
     ap.add_argument(
         "--set",
         action="append",
@@ -344,20 +371,27 @@ def _value(text: str) -> Any:
 def main(argv: list[str] | None = None) -> list[Row]:
     import sys
 
+    global ON_GPU
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("phi3v-tune bench needs a CUDA GPU (it measures GPU training throughput)")
+    ON_GPU = torch.cuda.is_available() and not args.tiny
+    if not ON_GPU and not args.tiny:
+        raise SystemExit("phi3v-tune bench needs a CUDA GPU (it measures GPU training throughput); --tiny: CPU smoke")
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k.replace("-", "_"): _value(v) for k, v in overrides.items()}
     work, model_dir = Path(args.work), Path(args.model_dir)
     peak = matmul_peak_tflops()
-    print(f"{torch.cuda.get_device_name()}: dense bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    print(f"matmul rate {peak:.1f} TFLOP/s", flush=True)
     t = time.time()
-    write_checkpoint(model_dir)
+    write_checkpoint(model_dir, tiny=args.tiny)
     print(f"random checkpoint ready in {time.time() - t:.0f} s", flush=True)
     from ..model.presets import phi35_vision_config
 
-    config = phi35_vision_config()
+    if args.tiny:
+        from ..model.configuration import Phi3VConfig
+
+        config = Phi3VConfig.from_pretrained(str(model_dir))
+    else:
+        config = phi35_vision_config()
     methods = args.methods.split(",")
     ckpts = [c.strip() in ("yes", "true", "1") for c in args.checkpointing.split(",")]
     builds = args.builds.split(",")
