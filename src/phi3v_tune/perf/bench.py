@@ -163,7 +163,6 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
     from ..processing.processor import Phi3VProcessor
     from ..train import run as run_mod
     from ..train.config import TrainConfig
-    from ..train.strategies import apply_strategy
     from ..train.trainer import Phi3VTrainer
 
     free_gpu()
@@ -200,7 +199,7 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
     from ..model.configuration import Phi3VConfig
 
     config = Phi3VConfig.from_pretrained(str(model_dir))
-    model = apply_strategy(run_mod.load_model(cfg, str(model_dir)), cfg)
+    model = run_mod.prepare_model(cfg, str(model_dir))
     args = replace(run_mod.training_arguments(cfg, 1), save_strategy="no")
     make_collator = getattr(run_mod, "make_collator", None)
     if make_collator is not None:

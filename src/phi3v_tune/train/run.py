@@ -93,6 +93,17 @@ def load_model(cfg: TrainConfig, folder: str) -> Phi3VForCausalLM:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def prepare_model(cfg: TrainConfig, base: str):
+    """Load the base model, set what trains (`--method`), compile layers if asked: the model the Trainer gets."""
+    model = apply_strategy(load_model(cfg, base), cfg)
+    say(f"method {cfg.method}: {count_parameters(model)}")
+    if cfg.compile:
+        from .compile import compile_layers
+
+        say(f"torch.compile: {compile_layers(model)} layers (compiled on first use)")
+    return model
+
+
 def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> LoadedData:
     """Load and check everything up front; stop with the full report unless --skip-bad-samples."""
     if not cfg.data:
@@ -234,9 +245,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if is_main_process():
         cfg.save(out / "train_config.yaml")
 
-    model = load_model(cfg, base)
-    model = apply_strategy(model, cfg)
-    say(f"method {cfg.method}: {count_parameters(model)}")
+    model = prepare_model(cfg, base)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = training_arguments(cfg, world)
