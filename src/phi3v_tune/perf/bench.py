@@ -133,6 +133,44 @@ class StepTimer:
         return _Timer()
 
 
+class profiled:
+    """With PHI3V_PROFILE=FOLDER: profile two steps after warm-up and write the top kernels there (to find time)."""
+
+    def __init__(self, trainer, warmup: int, name: str):
+        import os
+
+        self.folder = os.environ.get("PHI3V_PROFILE")
+        self.trainer, self.warmup, self.name = trainer, warmup, name
+
+    def __enter__(self):
+        if not self.folder:
+            return self
+        from torch.profiler import ProfilerActivity, profile, schedule
+        from transformers import TrainerCallback
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
+        self.prof = profile(activities=acts, schedule=schedule(wait=self.warmup, warmup=1, active=2))
+        prof = self.prof
+
+        class _Step(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                prof.step()
+
+        self.trainer.add_callback(_Step())
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.folder:
+            return False
+        self.prof.__exit__(*exc)
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        key = "cuda_time_total" if ON_GPU else "cpu_time_total"
+        table = self.prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
+        (Path(self.folder) / f"{self.name}.txt").write_text(table)
+        return False
+
+
 def summarise(
     row: Row,
     cycles: list[float],
@@ -215,7 +253,8 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
     trainer.remove_callback(ProgressCallback)
     timer = StepTimer(trainer)
     trainer.add_callback(timer)
-    trainer.train()
+    with profiled(trainer, warmup, f"ours-{row.workload}-{row.method}"):
+        trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     row.loss_first, row.loss_last = (losses[0], losses[-1]) if losses else (None, None)
     cycles, gaps, flops, toks, samples = [], [], [], [], []
@@ -244,10 +283,26 @@ def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: i
     slots = row.extra.get("crop_slots", 17)
     cycles, flops, toks, losses = [], [], [], []
     last = time.perf_counter()
+    import contextlib
+    import os
+
+    prof = contextlib.nullcontext()
     for i in range(warmup + steps):
+        if i == warmup and os.environ.get("PHI3V_PROFILE"):
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else []))
+            prof.__enter__()
         s = shapes[i % len(shapes)]
         losses.append(plain_step(setup, slots, s.tokens, s.image_tokens, s.label_tokens, device=device))
         sync()
+        if i == warmup + 1 and os.environ.get("PHI3V_PROFILE"):
+            prof.__exit__(None, None, None)
+            key = "cuda_time_total" if ON_GPU else "cpu_time_total"
+            table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
+            folder = Path(os.environ["PHI3V_PROFILE"])
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"plain-{row.workload}-{row.method}.txt").write_text(table)
         now = time.perf_counter()
         if i >= warmup:
             cycles.append(now - last)
