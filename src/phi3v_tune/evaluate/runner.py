@@ -42,6 +42,20 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """This rank's record indices, `rank::world`, padded with -1 to the same length on every rank.
+
+    Every rank must run the same number of generation batches: under ZeRO-3 / FSDP each forward pass gathers weight
+    shards from all ranks (and `generate` keeps finished ranks stepping with `synced_gpus`), so a rank with one batch
+    fewer would leave the others waiting forever. Padding slots answer record 0 again and are dropped.
+    """
+    if n == 0:
+        return []
+    per_rank = -(-n // world)
+    mine = list(range(rank, n, world))
+    return mine + [-1] * (per_rank - len(mine))
+
+
 def evaluate_records(
     model,
     processor: Phi3VProcessor,
@@ -58,18 +72,18 @@ def evaluate_records(
     the same rows in the original order (and the same metric as a single process).
     """
     rank, world = _dist()
-    shard = list(range(rank, len(records), world))
+    shard = shard_indices(len(records), rank, world)
     answers = generate_answers(
         model,
         processor,
-        [records[i] for i in shard],
+        [records[i if i >= 0 else 0] for i in shard],
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         video_frames_per_clip=video_frames_per_clip,
         progress=progress and rank == 0,
         desc=f"evaluating ({metric})",
     )
-    mine = list(zip(shard, answers))
+    mine = [(i, a) for i, a in zip(shard, answers) if i >= 0]  # drop the padding answers
     if world > 1:
         gathered: list[Any] = [None] * world
         torch.distributed.all_gather_object(gathered, mine)

@@ -116,6 +116,27 @@ class Phi3VModel(Phi3Model):
         self.rotary_emb = Phi3VSuScaledRotaryEmbedding(config)
         self.post_init()
 
+    def vision_every_step(self) -> bool:
+        """Whether a batch without images must still run the vision tower (on one dummy crop).
+
+        Distributed engines expect every rank to take part in the same collectives and gradient reductions. Under DDP
+        with `find_unused_parameters=False`, a rank whose batch has no image would leave the vision weights without
+        gradients (error at the next step); under ZeRO-3 / FSDP each layer's forward gathers its shards from every
+        rank, so a rank skipping CLIP while another runs it hangs - frozen weights included, and in evaluation too
+        (generation with `synced_gpus`). So: always while training under torch.distributed, and in any mode when the
+        vision weights are sharded (ZeRO-3 partitioned parameters carry `ds_id`; FSDP2 makes them DTensors).
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return False
+        if self.training:
+            return True
+        first = next(self.vision_embed_tokens.parameters(), None)
+        if first is None:
+            return False
+        from torch.distributed.tensor import DTensor
+
+        return hasattr(first, "ds_id") or isinstance(first, DTensor)
+
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None
     ) -> torch.Tensor:
@@ -123,6 +144,10 @@ class Phi3VModel(Phi3Model):
         image_mask = input_ids < 0
         embeds = self.embed_tokens(input_ids.clamp(min=0))
         if not bool(image_mask.any()):
+            if self.vision_every_step():
+                # zero-valued, but in the graph: every vision weight takes part in forward and backward
+                dummy = self.vision_embed_tokens.dummy_forward(input_ids.device).float().sum()  # fp32: no fp16 inf
+                return embeds + (0.0 * dummy).to(embeds.dtype)
             return embeds
         if pixel_values is None or image_sizes is None:
             raise ValueError("input_ids hold image positions (ids < 0) but no pixel_values/image_sizes were given")

@@ -95,6 +95,13 @@ class Phi3VImageEmbedding(nn.Module):
             out.append((gh * gw + 1) * s * s + 1 + (gh + 1) * s)
         return out
 
+    def dummy_forward(self, device: torch.device) -> torch.Tensor:
+        """The features of one black 336x336 image (global view + one sub-crop), for batches without images that
+        must still run every vision weight (see `Phi3VModel.vision_every_step`)."""
+        pixels = torch.zeros(1, 2, 3, CROP_SIZE, CROP_SIZE, device=device)
+        sizes = torch.tensor([[CROP_SIZE, CROP_SIZE]], device=device)
+        return self(pixels, sizes)
+
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """(num_images, N+1, 3, 336, 336), (num_images, 2) -> (sum of image tokens, hidden), images in order."""
         counts = self.crops_per_image(image_sizes)

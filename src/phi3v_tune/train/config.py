@@ -129,7 +129,15 @@ class TrainConfig:
     eval_max_new_tokens: int = _f(64, "Longest generated answer during evaluation (the recipe: 64).")
     report_to: str = _f("tensorboard", "Loggers: tensorboard, wandb, mlflow, none (comma separated).")
     num_workers: int = _f(2, "Data-loader worker processes (image decoding and HD transform happen there).")
-    deepspeed: str | None = _f(None, "DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json.")
+    deepspeed: str | None = _f(
+        None,
+        "DeepSpeed JSON config: configs/deepspeed/zero2.json, zero3.json or zero3_offload.json (launch with torchrun).",
+    )
+    fsdp: bool = _f(
+        False,
+        "PyTorch FSDP2 under torchrun: full sharding, one unit per decoder and CLIP layer, full state dict on save "
+        "(the same as `accelerate launch --config_file configs/accelerate/fsdp2.yaml`).",
+    )
     progress: bool = _f(True, "Show the progress bar (--no-progress: logs still go to the loggers).")
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -140,6 +148,10 @@ class TrainConfig:
             raise ValueError("--bf16 and --fp16 are exclusive")
         if self.batch_size < 1 or self.batch_size_per_device < 1:
             raise ValueError("batch sizes must be >= 1")
+        if self.fsdp and self.deepspeed:
+            raise ValueError("--fsdp and --deepspeed are exclusive (two ways of sharding the same model)")
+        if self.fsdp and self.method == "qlora":
+            raise ValueError("--fsdp does not shard 4-bit (qlora) weights; use --method lora or plain torchrun")
         if not 1 <= self.num_crops <= 16:
             raise ValueError(f"--num-crops must be in 1..16, got {self.num_crops}")
         if self.compile and self.method == "qlora":

@@ -19,6 +19,7 @@ from ..model.modeling import Phi3VForCausalLM
 from ..processing.processor import Phi3VProcessor
 from .checkpoints import quarantine_incomplete, resolve_resume, write_marker
 from .config import TrainConfig
+from .distributed import check_complete, check_resume_world_size, gathered_state_dict, peak_memory_per_rank
 from .plots import plot_losses
 from .strategies import apply_strategy, count_parameters, qlora_quantization_config
 
@@ -168,6 +169,31 @@ def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     return {prefix: True, f"{prefix}_kwargs": {"use_reentrant": False}}
 
 
+# FSDP units: the layers whose weights are gathered together (the model's `_no_split_modules`)
+FSDP_LAYERS = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+
+
+def fsdp_arguments(enabled: bool) -> dict[str, Any]:
+    """TrainingArguments for FSDP2 (what configs/accelerate/fsdp2.yaml says, for plain torchrun).
+
+    Activation checkpointing stays with --gradient-checkpointing (not FSDP's own wrapper, which would rename the
+    state-dict keys); the full state dict is gathered for the final save.
+    """
+    if not enabled:
+        return {}
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_transformer_layer_cls_to_wrap": list(FSDP_LAYERS),
+            "fsdp_reshard_after_forward": True,
+            "fsdp_state_dict_type": "FULL_STATE_DICT",
+            "fsdp_cpu_ram_efficient_loading": False,
+        },
+    }
+
+
 def training_arguments(cfg: TrainConfig, world_size: int):
     from transformers import TrainingArguments
 
@@ -213,6 +239,7 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         remove_unused_columns=False,
         label_names=["labels"],
         deepspeed=cfg.deepspeed,
+        **fsdp_arguments(cfg.fsdp),
         ddp_find_unused_parameters=False,
         optim="adamw_torch_fused" if torch.cuda.is_available() and not cfg.cpu else "adamw_torch",
         disable_tqdm=False,
@@ -237,6 +264,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         for m in moved:
             say(f"warning: {m.name}: an interrupted checkpoint write, renamed (never resumed from)")
     resume_from = resolve_resume(cfg.resume, out)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if resume_from is not None:
+        note = check_resume_world_size(resume_from, world, cfg.deepspeed)
+        if note:
+            say(f"note: {note}")
     set_seed(cfg.seed)
     base = ensure_base_model(cfg)
     processor = Phi3VProcessor.from_pretrained(base, num_crops=cfg.num_crops)
@@ -247,7 +279,6 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     model = prepare_model(cfg, base)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     args = training_arguments(cfg, world)
     train_ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
     eval_ds = ConversationDataset(data.eval, processor, cfg.max_length, cfg.video_frames) if data.eval else None
@@ -286,6 +317,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         metrics["eval_after"] = trainer.evaluate()
     if task_metric is not None:
         metrics["task_metric"] = task_metric.history
+    peak = peak_memory_per_rank(on_gpu=not args.use_cpu and torch.cuda.is_available())
+    if peak is not None:
+        metrics["peak_gpu_memory_gib_per_rank"] = peak
 
     final = out / "final"
     save_final(trainer, cfg, final)
@@ -312,20 +346,28 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def save_final(trainer, cfg: TrainConfig, final: Path) -> None:
-    """The final model: an adapter for lora/qlora; for full/freeze-vision, the published layout in the training's
-    half precision (bf16/fp16, like the published bf16 checkpoint) or fp32 when trained in fp32."""
+    """The final model: an adapter for lora/qlora; for full/freeze-vision, the published layout (safetensors shards
+    of at most 5 GB, the published key names) in the training's precision: bf16/fp16 like the published checkpoint,
+    fp32 when trained in fp32.
+
+    The same writer serves every engine: under ZeRO-3 and FSDP the shards are first gathered into one state on
+    rank 0 (every rank takes part), under ZeRO-2 / DDP / one device rank 0 already has all weights.
+    """
     bf16, fp16 = precision(cfg)
-    half = torch.bfloat16 if bf16 else torch.float16 if fp16 else None
-    if cfg.method in ("lora", "qlora") or half is None or cfg.deepspeed:
+    dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    if cfg.method in ("lora", "qlora"):
         trainer.save_model(str(final))
         return
+    state = gathered_state_dict(trainer)
     if trainer.is_world_process_zero():
+        assert state is not None
         model = trainer.accelerator.unwrap_model(trainer.model)
-        state = {k: v.to(half) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        check_complete(state, model)
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.save_pretrained(final, state_dict=state, max_shard_size="5GB")
         cfg_file = final / "config.json"
         data = json.loads(cfg_file.read_text())
-        data["torch_dtype"] = data["dtype"] = str(half).replace("torch.", "")
+        data["torch_dtype"] = data["dtype"] = str(dtype).replace("torch.", "")
         cfg_file.write_text(json.dumps(data, indent=2))
     trainer.accelerator.wait_for_everyone()
 

@@ -1,0 +1,258 @@
+"""Multi-GPU benchmark: every distributed strategy at 1, 2 and 4 GPUs on a full-size random Phi-3.5-vision.
+
+Writes a bf16 random-weight checkpoint once (published layout) and synthetic DocVQA-shape data (one document image
+per sample -> num_crops 16 -> 4x4 crops, ~2.5k tokens), then for each setting and GPU count launches
+`torchrun --nproc_per_node G -m phi3v_tune train ...` (FSDP2 through `accelerate launch`), batch 1 per GPU, activation
+checkpointing, a few steps. Per run: images/s (median over the logged steps after the warm-up; one image per sample),
+peak GiB per GPU (`peak_gpu_memory_gib_per_rank` in metrics.json), first/last loss. Every run has its own time
+limit and its failure is a table row, not the end of the benchmark. The table is printed and appended to --out.
+
+`--two-node` also emulates 2 nodes x 2 GPUs on one 4-GPU host (two torchrun agents, --nnodes 2 --node_rank 0/1,
+--master_addr 127.0.0.1) and compares its loss curve with the 1-node 4-GPU run of the same setting (same seed, data).
+
+DeepSpeed settings need deepspeed importable (see README: installed from /work/main/.whl with DS_BUILD_OPS=0).
+
+Usage: python benchmarks/bench_multigpu.py [--gpus 1,2,4] [--settings full-zero2,...] [--steps 8] [--two-node]
+       python benchmarks/bench_multigpu.py --dry-run     # print the commands only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# setting -> (method, extra train flags, launcher)
+SETTINGS: dict[str, tuple[str, list[str], str]] = {
+    "full-zero2": ("full", ["--deepspeed", str(REPO / "configs/deepspeed/zero2.json")], "torchrun"),
+    "full-zero3": ("full", ["--deepspeed", str(REPO / "configs/deepspeed/zero3.json")], "torchrun"),
+    "full-zero3-offload": ("full", ["--deepspeed", str(REPO / "configs/deepspeed/zero3_offload.json")], "torchrun"),
+    "full-fsdp2": ("full", [], "accelerate"),
+    "freeze-vision-ddp": ("freeze-vision", [], "torchrun"),
+    "lora-ddp": ("lora", [], "torchrun"),
+    "qlora-ddp": ("qlora", [], "torchrun"),
+}
+DEFAULT_SETTINGS = "full-zero2,full-zero3,full-fsdp2,freeze-vision-ddp,lora-ddp,qlora-ddp"
+
+
+@dataclass
+class Run:
+    setting: str
+    gpus: int
+    command: list[str]
+    output_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def train_flags(method: str, model: Path, data: Path, out: Path, gpus: int, steps: int) -> list[str]:
+    """The `phi3v-tune train` flags shared by every run: global batch = GPUs (1 per GPU), no accumulation."""
+    return [
+        "--model", str(model), "--data", str(data), "--method", method, "--bf16", "--num-crops", "16",
+        "--gradient-checkpointing", "--batch-size", str(gpus), "--batch-size-per-device", "1",
+        "--max-steps", str(steps), "--warmup-steps", "0", "--learning-rate", "1e-5", "--logging-steps", "1",
+        "--save-steps", "100000", "--report-to", "none", "--no-progress", "--num-workers", "2", "--seed", "0",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+
+
+def build_run(setting: str, gpus: int, model: Path, data: Path, work: Path, steps: int, port: int) -> Run:
+    method, extra, launcher = SETTINGS[setting]
+    out = work / f"run-{setting}-{gpus}gpu"
+    flags = train_flags(method, model, data, out, gpus, steps) + extra
+    if launcher == "accelerate":
+        head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "configs/accelerate/fsdp2.yaml"), "--num_processes", str(gpus),
+                "--main_process_port", str(port)]  # fmt: skip
+    else:
+        head = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(gpus),
+            "--master_port",
+            str(port),
+        ]
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+    return Run(setting, gpus, [*head, "-m", "phi3v_tune", "train", *flags], out, env)
+
+
+def two_node_runs(setting: str, model: Path, data: Path, work: Path, steps: int, port: int) -> list[Run]:
+    """Two torchrun agents on one host, 2 GPUs each, as node 0 and node 1 of a 2-node job (shared output folder)."""
+    method, extra, _ = SETTINGS[setting]
+    out = work / f"run-{setting}-2x2node"
+    flags = train_flags(method, model, data, out, 4, steps) + extra
+    runs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "-m", "phi3v_tune", "train", *flags]  # fmt: skip
+        runs.append(Run(setting, 4, cmd, out, {"CUDA_VISIBLE_DEVICES": f"{2 * node},{2 * node + 1}"}))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def read_result(out: Path, warmup: int) -> dict[str, Any]:
+    """images/s, peak GiB per GPU and the loss curve of a finished run folder."""
+    states = sorted(out.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not states:
+        raise FileNotFoundError(f"{out}: no checkpoint-*/trainer_state.json")
+    history = json.loads(states[-1].read_text())["log_history"]
+    logs = [h for h in history if "loss" in h]
+    rates = [h["train_samples_per_second"] for h in logs[warmup:] if "train_samples_per_second" in h]
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+    peaks = metrics.get("peak_gpu_memory_gib_per_rank") or []
+    return {
+        "img_per_s": round(statistics.median(rates), 3) if rates else None,
+        "peak_gib": round(max(peaks), 2) if peaks else None,
+        "losses": [h["loss"] for h in logs],
+        "steps": len(logs),
+    }
+
+
+def compare_losses(a: list[float], b: list[float]) -> float | None:
+    """Largest per-step difference between two loss curves (None when they have no steps in common)."""
+    pairs = list(zip(a, b))
+    return max(abs(x - y) for x, y in pairs) if pairs else None
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| setting | GPUs | img/s | img/s per GPU | peak GiB/GPU | first loss | last loss | wall s | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rate = r.get("img_per_s")
+        per = round(rate / r["gpus"], 3) if rate else None
+        losses = r.get("losses") or [None]
+        cells = [r["setting"], r["gpus"], rate, per, r.get("peak_gib"), losses[0], losses[-1], r.get("wall_s"),
+                 r.get("status", "")]  # fmt: skip
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def launch(runs: list[Run], timeout: float, log: Path) -> None:
+    """Start the run(s) together (several for the multi-node emulation), wait, raise on failure or timeout."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    procs = []
+    with open(log, "w") as fh:
+        for run in runs:
+            env = {**os.environ, **run.env, "PYTHONPATH": os.pathsep.join(
+                [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+            procs.append(subprocess.Popen(run.command, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
+        deadline = time.time() + timeout
+        try:
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, 9)  # the launcher and its workers (a session of their own)
+            raise TimeoutError(f"over {timeout:.0f} s") from None
+    codes = [p.returncode for p in procs]
+    if any(codes):
+        tail = log.read_text(errors="replace")[-1500:]
+        raise RuntimeError(f"exit codes {codes}; log {log}: ...{tail}")
+
+
+def execute(runs: list[Run], timeout: float, warmup: int, keep: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {"setting": runs[0].setting, "gpus": runs[0].gpus}
+    t = time.time()
+    try:
+        launch(runs, timeout, runs[0].output_dir.with_suffix(".log"))
+        row.update(read_result(runs[0].output_dir, warmup), status="ok")
+    except Exception as err:  # one failed setting is a row of the table, the rest still run
+        row["status"] = f"FAILED: {type(err).__name__}: {str(err)[-300:]}".replace("\n", " ").replace("|", "/")
+    row["wall_s"] = round(time.time() - t, 1)
+    if not keep:
+        import shutil
+
+        shutil.rmtree(runs[0].output_dir, ignore_errors=True)  # a full run's checkpoint is tens of GB
+    print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+    return row
+
+
+def prepare(model_dir: Path, work: Path, samples: int) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_train_check import build_checkpoint, write_data
+
+    if not (model_dir / "config.json").is_file():
+        build_checkpoint(model_dir)
+    data = work / "data" / "train.jsonl"
+    if not data.is_file():
+        data = write_data(work / "data", samples)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", default="1,2,4", help="GPU counts to run each setting on")
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3, help="logged steps left out of img/s")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    ap.add_argument("--work", default="/tmp/phi3v-multigpu")
+    ap.add_argument("--model-dir", default="/dev/shm/phi3v-random")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "multigpu_results.md"))
+    ap.add_argument("--port", type=int, default=29710)
+    ap.add_argument("--two-node", action="store_true", help="also emulate 2 nodes x 2 GPUs (needs 4 GPUs)")
+    ap.add_argument("--two-node-setting", default="lora-ddp")
+    ap.add_argument("--keep", action="store_true", help="keep the run folders")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    args = ap.parse_args(argv)
+    work, model = Path(args.work), Path(args.model_dir)
+    settings = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+    gpus = [int(g) for g in args.gpus.split(",")]
+    data = work / "data" / "train.jsonl"
+    plan = [[build_run(s, g, model, data, work, args.steps, args.port + i)]
+            for i, (s, g) in enumerate((s, g) for s in settings for g in gpus)]  # fmt: skip
+    if args.two_node:
+        plan.append([build_run(args.two_node_setting, 4, model, data, work, args.steps, args.port + 90)])
+        plan.append(two_node_runs(args.two_node_setting, model, data, work, args.steps, args.port + 91))
+    if args.dry_run:
+        for runs in plan:
+            for run in runs:
+                env = " ".join(f"{k}={v}" for k, v in run.env.items())
+                print(env, " ".join(run.command))
+        return 0
+
+    import torch
+
+    data = prepare(model, work, samples=max(gpus) * args.steps + 8)
+    rows = [execute(runs, args.timeout, args.warmup, keep=args.keep) for runs in plan]
+    text = table(rows)
+    if args.two_node:
+        one, two = rows[-2], rows[-1]
+        two["setting"] += " (2 nodes x 2)"
+        diff = compare_losses(one.get("losses") or [], two.get("losses") or [])
+        text = (
+            table(rows) + f"\n\n2-node emulation vs 1 node x 4 GPUs ({args.two_node_setting}): largest per-step loss "
+        )
+        text += f"difference {diff} over {min(len(one.get('losses') or []), len(two.get('losses') or []))} steps\n"
+        text += f"losses 1x4: {one.get('losses')}\nlosses 2x2: {two.get('losses')}"
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    header = (f"\n## bench_multigpu {time.strftime('%Y-%m-%d %H:%M')}, {torch.cuda.device_count()} x {card}, "
+              f"torch {torch.__version__}\n`python benchmarks/bench_multigpu.py {' '.join(argv or sys.argv[1:])}`; "
+              f"batch 1 per GPU, num_crops 16 (4x4 crops, ~2.5k tokens), activation checkpointing, bf16, "
+              f"{args.steps} steps, img/s = median after {args.warmup} warm-up steps\n\n")  # fmt: skip
+    print(header + text, flush=True)
+    with open(args.out, "a", encoding="utf-8") as f:
+        f.write(header + text + "\n")
+    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""benchmarks/bench_multigpu.py on a CPU: the commands it would launch and how it reads a finished run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_multigpu", REPO / "benchmarks" / "bench_multigpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_multigpu"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_commands_per_strategy_and_two_node_emulation(tmp_path):
+    bench = _bench()
+    m, d = Path("/m"), Path("/d/train.jsonl")
+    zero3 = bench.build_run("full-zero3", 2, m, d, tmp_path, 8, 29700)
+    cmd = " ".join(zero3.command)
+    assert "torch.distributed.run --nproc_per_node 2 --master_port 29700 -m phi3v_tune train" in cmd
+    assert "configs/deepspeed/zero3.json" in cmd and "--batch-size 2 --batch-size-per-device 1" in cmd
+    assert "--gradient-checkpointing" in cmd and zero3.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    fsdp = " ".join(bench.build_run("full-fsdp2", 4, m, d, tmp_path, 8, 29701).command)
+    assert "accelerate.commands.launch --config_file" in fsdp and "fsdp2.yaml --num_processes 4" in fsdp
+    assert "--method qlora" in " ".join(bench.build_run("qlora-ddp", 1, m, d, tmp_path, 8, 29702).command)
+    nodes = bench.two_node_runs("lora-ddp", m, d, tmp_path, 8, 29790)
+    assert [r.env["CUDA_VISIBLE_DEVICES"] for r in nodes] == ["0,1", "2,3"]
+    for rank, run in enumerate(nodes):
+        text = " ".join(run.command)
+        assert f"--nnodes 2 --nproc_per_node 2 --node_rank {rank} --master_addr 127.0.0.1 --master_port 29790" in text
+        assert "--batch-size 4 " in text and run.output_dir == nodes[0].output_dir
+
+
+def test_dry_run_prints_every_command(capsys, tmp_path):
+    bench = _bench()
+    assert bench.main(["--dry-run", "--gpus", "1,2", "--two-node", "--work", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 6 * 2 + 1 + 2  # settings x GPU counts, the 1x4 reference, the two node agents
+
+
+def test_reads_rate_peak_and_losses_of_a_run(tmp_path):
+    bench = _bench()
+    ck = tmp_path / "checkpoint-5"
+    ck.mkdir()
+    history = [{"loss": 3.0 - 0.1 * i, "train_samples_per_second": r} for i, r in enumerate([0.5, 1.0, 2.0, 2.2, 2.1])]
+    (ck / "trainer_state.json").write_text(json.dumps({"log_history": [*history, {"train_runtime": 9.0}]}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"peak_gpu_memory_gib_per_rank": [40.1, 41.256]}))
+    got = bench.read_result(tmp_path, warmup=2)
+    assert got["img_per_s"] == 2.1 and got["peak_gib"] == 41.26 and got["steps"] == 5
+    assert bench.compare_losses(got["losses"], [x + 0.01 for x in got["losses"]]) < 0.011
+    row = {"setting": "lora-ddp", "gpus": 2, "status": "ok", "wall_s": 3.0, **got}
+    text = bench.table([row, {"setting": "full-zero3", "gpus": 4, "status": "FAILED: x"}])
+    assert "| lora-ddp | 2 | 2.1 | 1.05 | 41.26 | 3.0 |" in text and "| full-zero3 | 4 |" in text

@@ -1,0 +1,221 @@
+"""Multi-GPU paths that a CPU can check: the vision tower runs on every rank every step (text-only batches under
+DDP / ZeRO-3 / FSDP), sharded evaluation equals one process, resume on another world size (DDP works, ZeRO stops
+with a clear message), FSDP2 arguments, consolidated final weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi3v_tune.model.tiny import tiny_model
+from phi3v_tune.train.distributed import check_resume_world_size, clean_key, saved_world_size, zero_partitions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def _text_batch(vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (2, 12), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _loss_and_grads(model, batch, distributed: bool, monkeypatch) -> tuple[torch.Tensor, dict, int]:
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: distributed)
+    calls = []
+    hook = model.model.vision_embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    if model.training:
+        loss.backward()
+    hook.remove()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, len(calls)
+
+
+def test_text_only_batch_runs_the_vision_tower_while_training_distributed(tiny_tokenizer, monkeypatch):
+    model = tiny_model(tiny_tokenizer).train()
+    batch = _text_batch(model.config.vocab_size)
+    loss0, grads0, calls0 = _loss_and_grads(model, batch, False, monkeypatch)
+    loss1, grads1, calls1 = _loss_and_grads(model, batch, True, monkeypatch)
+    assert (calls0, calls1) == (0, 1)
+    assert torch.equal(loss0, loss1)  # the dummy adds exactly 0
+    vision = [n for n in grads1 if ".vision_embed_tokens." in n]
+    assert vision and all(grads0[n] is None for n in vision)  # alone: no gradient (DDP would fail next step)
+    for n in vision:  # distributed: every trainable vision weight has a gradient, exactly zero
+        assert grads1[n] is not None and not grads1[n].any(), n
+    for n, g in grads0.items():
+        if n not in vision:
+            assert torch.equal(g, grads1[n]), n
+    # evaluation with unsharded weights: unchanged (no extra CLIP pass while generating)
+    model.eval()
+    with torch.no_grad():
+        loss2, _, calls2 = _loss_and_grads(model, batch, True, monkeypatch)
+    assert calls2 == 0 and torch.allclose(loss2, loss0)
+
+
+def test_shards_have_equal_length():
+    from phi3v_tune.evaluate.runner import shard_indices
+
+    parts = [shard_indices(5, r, 2) for r in range(2)]
+    assert parts == [[0, 2, 4], [1, 3, -1]]
+    assert [shard_indices(1, r, 3) for r in range(3)] == [[0], [-1], [-1]]
+    assert shard_indices(0, 0, 2) == [] and shard_indices(4, 0, 1) == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def _fake_zero_checkpoint(folder: Path, ranks: int, stage: int = 2) -> Path:
+    tag = folder / "global_step4"
+    tag.mkdir(parents=True)
+    (folder / "latest").write_text("global_step4")
+    for r in range(ranks):
+        (tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+        if stage == 3:
+            (tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"")
+    if stage < 3:
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    return folder
+
+
+def test_zero_checkpoint_on_another_world_size_stops_with_what_to_do(tmp_path):
+    ck = _fake_zero_checkpoint(tmp_path / "checkpoint-4", ranks=4, stage=3)
+    assert zero_partitions(ck) == 4 and saved_world_size(ck) == 4
+    assert check_resume_world_size(ck, 4, "configs/deepspeed/zero3.json") is None
+    with pytest.raises(RuntimeError) as err:
+        check_resume_world_size(ck, 2, "configs/deepspeed/zero3.json")
+    text = str(err.value)
+    assert "saved by 4 GPU(s)" in text and "this run has 2" in text
+    assert "--nproc_per_node 4" in text and "ds_to_universal" in text and "load_universal" in text
+    # converted to a universal checkpoint and loaded as one: any world size
+    (ck / "global_step4_universal").mkdir()
+    (ck / "latest_universal").write_text("global_step4_universal")
+    assert check_resume_world_size(ck, 2, {"checkpoint": {"load_universal": True}}) is None
+    with pytest.raises(RuntimeError):
+        check_resume_world_size(ck, 2, {"zero_optimization": {"stage": 3}})
+
+
+def test_full_state_checkpoints_resume_anywhere_with_a_note(tmp_path):
+    ck = tmp_path / "checkpoint-2"
+    ck.mkdir()
+    for r in range(2):
+        (ck / f"rng_state_{r}.pth").write_bytes(b"")
+    assert zero_partitions(ck) is None and saved_world_size(ck) == 2
+    assert check_resume_world_size(ck, 2, None) is None
+    assert "written by 2" in check_resume_world_size(ck, 1, None)
+
+
+def test_wrapper_names_are_removed_from_state_keys():
+    assert clean_key("module.model.layers.0.mlp.down_proj.weight") == "model.layers.0.mlp.down_proj.weight"
+    key = "model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.self_attn.qkv_proj.weight"
+    assert clean_key(key) == "model.layers.0.self_attn.qkv_proj.weight"
+    assert clean_key("_orig_mod.lm_head.weight") == "lm_head.weight"
+
+
+def test_fsdp_flag_gives_fsdp2_layer_wrapping():
+    from transformers import TrainingArguments
+
+    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.train.run import fsdp_arguments
+
+    with pytest.raises(ValueError, match="exclusive"):
+        TrainConfig(fsdp=True, deepspeed="configs/deepspeed/zero3.json").validate()
+    args = TrainingArguments(output_dir="/tmp/unused", report_to=[], **fsdp_arguments(True))
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert plugin["transformer_cls_names_to_wrap"] == "Phi3DecoderLayer,CLIPEncoderLayer"
+    assert plugin["reshard_after_forward"] is True and not plugin.get("activation_checkpointing")
+    assert fsdp_arguments(False) == {}
+
+
+def test_deepspeed_and_accelerate_configs_say_what_the_trainer_needs():
+    import yaml
+
+    for name in ("zero2", "zero3", "zero3_offload"):
+        cfg = json.loads((REPO / "configs" / "deepspeed" / f"{name}.json").read_text())
+        assert cfg["bf16"]["enabled"] == "auto" and cfg["train_micro_batch_size_per_gpu"] == "auto"
+        zero = cfg["zero_optimization"]
+        if name != "zero2":
+            assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    offload = json.loads((REPO / "configs" / "deepspeed" / "zero3_offload.json").read_text())
+    assert offload["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    acc = yaml.safe_load((REPO / "configs" / "accelerate" / "fsdp2.yaml").read_text())
+    fsdp = acc["fsdp_config"]
+    assert acc["distributed_type"] == "FSDP" and acc["mixed_precision"] == "bf16" and fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "Phi3DecoderLayer,CLIPEncoderLayer"
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT" and fsdp["fsdp_activation_checkpointing"] is False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dist_data(tmp_path_factory) -> tuple[Path, Path]:
+    """Text-only training data (every batch leaves the vision tower unused) and 5 image questions for evaluation."""
+    from phi3v_tune.data.synthetic import demo_split, write_jsonl
+
+    root = tmp_path_factory.mktemp("dist-data")
+    lines = [
+        {"id": f"t{i}", "conversations": [{"user": f"Count to {i}.", "assistant": " ".join(map(str, range(i + 1)))}]}
+        for i in range(6)
+    ]
+    train = root / "text.jsonl"
+    train.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    _, evaluation = demo_split(1, 2, seed=7, tasks=("colour", "shape", "compare"), as_png=True)
+    return train, write_jsonl(evaluation[:5], root / "eval")
+
+
+def _torchrun(args: list[str], port: int, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("PHI3V_FAULT_INJECT", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    return subprocess.run(
+        [*cmd, "-m", "phi3v_tune", "train", *args], env=env, capture_output=True, text=True, timeout=400
+    )
+
+
+def test_two_processes_text_only_ddp_sharded_eval_then_resume_on_one(dist_data, tmp_path):
+    """2 gloo ranks, every batch text-only, DDP with find_unused_parameters=False: trains (the vision tower runs on a
+    dummy crop); the task metric computed sharded before training equals one process on the same weights; the
+    2-rank checkpoint resumes in 1 process and finishes."""
+    from phi3v_tune import Phi3VForCausalLM, Phi3VProcessor
+    from phi3v_tune.data import load_records
+    from phi3v_tune.evaluate.runner import evaluate_records, split_questions
+    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.train.run import run_training
+
+    train, evaluation = dist_data
+    out = tmp_path / "ddp"
+    common = ["--model", "tiny", "--num-crops", "1", "--batch-size", "2", "--learning-rate", "1e-3",
+              "--warmup-steps", "0", "--seed", "3", "--num-workers", "0", "--report-to", "none", "--no-progress",
+              "--cpu", "--eval-max-new-tokens", "8"]  # fmt: skip
+    proc = _torchrun(["--data", str(train), "--eval-data", str(evaluation), "--metric", "accuracy",
+                      "--output-dir", str(out), "--max-steps", "3", "--save-steps", "1",
+                      *common], port=29651)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # (DDP raises "Expected to have finished reduction" at step 3 when the vision weights get no gradients)
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    logged = [json.loads(x) for x in (out / "eval_metrics.jsonl").read_text().splitlines()]
+    assert [e["when"] for e in logged] == ["before", "after"]
+    sharded = [json.loads(x) for x in (out / "eval_predictions" / "step-0.jsonl").read_text().splitlines()]
+
+    base = out / "base-tiny"
+    records = split_questions(load_records(str(evaluation))[0])
+    model = Phi3VForCausalLM.from_pretrained(base, dtype=torch.float32)
+    value, rows = evaluate_records(model, Phi3VProcessor.from_pretrained(base, num_crops=1), records, "accuracy",
+                                   max_new_tokens=8, progress=False)  # fmt: skip
+    assert [r["id"] for r in sharded] == [r.id for r in records]  # gathered back in the original order
+    assert [r["prediction"] for r in sharded] == [r["prediction"] for r in rows]
+    assert logged[0]["eval_accuracy"] == value
+
+    # resume the 2-process checkpoint-1 in one process (full optimizer state: any world size)
+    again = tmp_path / "one"
+    cfg = TrainConfig(data=str(train), model=str(base), num_crops=1, output_dir=str(again), batch_size=2,
+                      learning_rate=1e-3, warmup_steps=0, seed=3, max_steps=3, save_steps=1, num_workers=0,
+                      report_to="none", progress=False, cpu=True, resume=str(out / "checkpoint-1"))  # fmt: skip
+    run_training(cfg)
+    state = json.loads((again / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and (again / "final" / "model.safetensors").is_file()
