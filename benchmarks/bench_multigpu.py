@@ -58,7 +58,7 @@ def train_flags(method: str, model: Path, data: Path, out: Path, gpus: int, step
         "--model", str(model), "--data", str(data), "--method", method, "--bf16", "--num-crops", "16",
         "--gradient-checkpointing", "--batch-size", str(gpus), "--batch-size-per-device", "1",
         "--max-steps", str(steps), "--warmup-steps", "0", "--learning-rate", "1e-5", "--logging-steps", "1",
-        "--save-steps", "100000", "--report-to", "none", "--no-progress", "--num-workers", "2", "--seed", "0",
+        "--no-save-checkpoints", "--report-to", "none", "--no-progress", "--num-workers", "2", "--seed", "0",
         "--output-dir", str(out),
     ]  # fmt: skip
 

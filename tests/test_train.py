@@ -245,3 +245,12 @@ def test_two_process_gloo_run(data_file, tmp_path):
     assert state["global_step"] == 2
     assert (out / "final" / MARKER).is_file()
     assert "training data: 9 samples" in proc.stdout
+
+
+def test_no_save_checkpoints_writes_neither_checkpoints_nor_final_model(data_file, tmp_path):
+    """Benchmarks and smoke runs: --no-save-checkpoints trains and reports, and writes no weights at all."""
+    out = tmp_path / "nosave"
+    metrics = run_training(small_config(data_file, out, max_steps=2, save_checkpoints=False))
+    assert metrics["train"]["train_loss"] > 0
+    assert not list(out.glob("checkpoint-*")) and not (out / "final").exists()
+    assert "final_dir" not in json.loads((out / "metrics.json").read_text())

@@ -103,6 +103,10 @@ class TrainConfig:
     seed: int = _f(42, "Random seed (data order, initialisation of adapters).")
     # -- checkpoints, logging, evaluation ----------------------------------------------------------------------------
     save_steps: int = _f(500, "Write a checkpoint every N optimizer steps (and always at the end).")
+    save_checkpoints: bool = _f(
+        True,
+        "Write checkpoints and the final model (--no-save-checkpoints: neither, for benchmarks and smoke runs).",
+    )
     save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
     resume: str | None = _f(
         None, "Resume: 'latest' (the newest complete checkpoint in --output-dir) or a path.", nargs="?", const="latest"

@@ -225,7 +225,7 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         bf16=bf16,
         fp16=fp16,
         **checkpointing_arguments(cfg.gradient_checkpointing),
-        save_strategy="steps",
+        save_strategy="steps" if cfg.save_checkpoints else "no",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         logging_strategy="steps",
@@ -322,14 +322,16 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         metrics["peak_gpu_memory_gib_per_rank"] = peak
 
     final = out / "final"
-    save_final(trainer, cfg, final)
+    if cfg.save_checkpoints:
+        save_final(trainer, cfg, final)
     if trainer.is_world_process_zero():
-        processor.save_pretrained(final)
-        cfg.save(final / "train_config.yaml")
-        if cfg.method in ("lora", "qlora"):
-            (final / "base_model.txt").write_text(str(Path(base).resolve()) if Path(base).exists() else base)
-        write_marker(final, trainer.state.global_step)
-        metrics["final_dir"] = str(final)
+        if cfg.save_checkpoints:
+            processor.save_pretrained(final)
+            cfg.save(final / "train_config.yaml")
+            if cfg.method in ("lora", "qlora"):
+                (final / "base_model.txt").write_text(str(Path(base).resolve()) if Path(base).exists() else base)
+            write_marker(final, trainer.state.global_step)
+            metrics["final_dir"] = str(final)
         metrics["data"] = {
             "train_samples": len(data.train),
             "train_refused": len(data.train_plan.refused),
