@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default="1,2,4", help="GPU counts to run each setting on")
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument(
+        "--runs",
+        default=None,
+        help="explicit SETTING:GPUS list instead of --settings x --gpus, e.g. lora-ddp:1,full-zero2:4",
+    )
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3, help="logged steps left out of img/s")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
@@ -217,8 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
     gpus = [int(g) for g in args.gpus.split(",")]
     data = work / "data" / "train.jsonl"
-    plan = [[build_run(s, g, model, data, work, args.steps, args.port + i)]
-            for i, (s, g) in enumerate((s, g) for s in settings for g in gpus)]  # fmt: skip
+    pairs = [(s, g) for s in settings for g in gpus]
+    if args.runs:
+        pairs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
+        unknown = [s for s, _ in pairs if s not in SETTINGS]
+        if unknown:
+            ap.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+    gpus = sorted({g for _, g in pairs} | ({4} if args.two_node else set()))
+    plan = [[build_run(s, g, model, data, work, args.steps, args.port + i)] for i, (s, g) in enumerate(pairs)]
     if args.two_node:
         plan.append([build_run(args.two_node_setting, 4, model, data, work, args.steps, args.port + 90)])
         plan.append(two_node_runs(args.two_node_setting, model, data, work, args.steps, args.port + 91))
@@ -232,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     data = prepare(model, work, samples=max(gpus) * args.steps + 8)
-    rows = [execute(runs, args.timeout, args.warmup, keep=args.keep) for runs in plan]
+    rows = []
+    for runs in plan:
+        rows.append(execute(runs, args.timeout, args.warmup, keep=args.keep))
+        print("ROW", json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
     text = table(rows)
     if args.two_node:
         one, two = rows[-2], rows[-1]
