@@ -200,3 +200,80 @@ def test_epoch_report_accounts_for_every_input_sample(data_file, tmp_path):  # n
     # the bad line reuses the first sample's id; the good first sample is kept (held out here), not dropped
     assert "colour-000000" in (out / "skipped_samples.tsv").read_text()
     assert json.loads((out / "metrics.json").read_text())["data"]["train_samples"] == 5
+
+
+def test_gloo_run_device_is_plain_cpu_and_the_process_group_ends_before_exit(tmp_path):
+    """A gloo (multi-process CPU) run, here of one process.
+
+    1. accelerate names the device torch.device("cpu", 0), and the Trainer of transformers < 5.24 resumes the
+       optimizer with map_location=args.device; torch.load cannot map to "cpu:0". Ours is plain "cpu".
+    2. leave_process_group() really ends gloo (its threads are gone) although a DDP wrapper still refers to the
+       group: destroy_process_group() alone leaves the threads running into interpreter shutdown.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    env["MASTER_PORT"] = str(port)
+    script = textwrap.dedent(
+        f"""
+        import io
+        import torch
+        from transformers import TrainingArguments
+        from phi3v_tune.train.config import TrainConfig
+        from phi3v_tune.train.run import training_arguments
+
+        cfg = TrainConfig(data="unused.jsonl", model="tiny", output_dir={str(tmp_path)!r}, cpu=True, batch_size=1,
+                          batch_size_per_device=1, report_to="none")
+        args = training_arguments(cfg, 1)
+        assert str(args.distributed_state.distributed_type).endswith("MULTI_CPU"), args.distributed_state
+        print("accelerate", TrainingArguments.device.fget(args), "ours", args.device)
+        assert args.device == torch.device("cpu"), args.device
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
+        optimizer.zero_grad()
+        sum(p.sum() for g in optimizer.param_groups for p in g["params"]).backward()
+        optimizer.step()
+        buf = io.BytesIO()
+        torch.save(optimizer.state_dict(), buf)
+        buf.seek(0)
+        state = torch.load(buf, map_location=args.device, weights_only=True)
+        assert state["state"][0]["exp_avg"].device.type == "cpu"
+
+        import os, types
+        from phi3v_tune.train.run import leave_process_group
+
+        def gloo_threads():
+            names = []
+            for t in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{{t}}/comm") as f:
+                    names.append(f.read().strip())
+            return [n for n in names if "gloo" in n]
+
+        linear = torch.nn.Linear(2, 2)
+        ddp = torch.nn.parallel.DistributedDataParallel(linear)
+        ddp(torch.ones(1, 2)).sum().backward()
+        accelerator = types.SimpleNamespace(wait_for_everyone=torch.distributed.barrier, free_memory=lambda: None)
+        trainer = types.SimpleNamespace(model=linear, model_wrapped=ddp, accelerator=accelerator)
+        if os.path.isdir("/proc/self/task"):
+            assert gloo_threads(), "expected gloo threads while the group is alive"
+        del ddp
+        leave_process_group(trainer)
+        assert not torch.distributed.is_initialized()
+        assert trainer.model_wrapped is linear
+        if os.path.isdir("/proc/self/task"):
+            assert not gloo_threads(), gloo_threads()
+        print("clean exit")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "clean exit" in proc.stdout

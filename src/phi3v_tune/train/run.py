@@ -195,7 +195,7 @@ def fsdp_arguments(enabled: bool) -> dict[str, Any]:
 
 
 def training_arguments(cfg: TrainConfig, world_size: int):
-    from transformers import TrainingArguments
+    from .trainer import Phi3VTrainingArguments
 
     per_step = cfg.batch_size_per_device * world_size
     if cfg.batch_size % per_step:
@@ -205,7 +205,7 @@ def training_arguments(cfg: TrainConfig, world_size: int):
     bf16, fp16 = precision(cfg)
     report = [] if cfg.report_to in ("", "none") else [x.strip() for x in cfg.report_to.split(",") if x.strip()]
     evaluate = cfg.eval_steps is not None and (cfg.eval_data or cfg.eval_holdout)
-    return TrainingArguments(
+    return Phi3VTrainingArguments(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -340,11 +340,29 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         }
         (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
         plot_losses(trainer.state.log_history, out / "loss.png")
-    # every rank waits for rank 0's writes, then leaves the process group cleanly (no exit while peers still talk)
-    trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    leave_process_group(trainer)
     return metrics
+
+
+def leave_process_group(trainer) -> None:
+    """End a distributed run for good while the interpreter is fully alive: a last barrier (every rank waits for
+    rank 0's writes), destroy the process group, then drop the DDP wrapper so the backend is really freed here.
+
+    `destroy_process_group()` only unregisters the group: the DDP wrapper (its `process_group` and C++ reducer)
+    still owns the ProcessGroupGloo, so gloo's worker and socket threads were still running when the interpreter
+    shut down, and the group was torn down (or not) in whatever order finalization reached it while the peer exited
+    at the same time; now and then a rank aborted at exit ("terminate called without an active exception").
+    """
+    import gc
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+    if isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel):
+        trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()  # its list of prepared models holds the DDP wrapper too
+    gc.collect()  # the Trainer and its callbacks form reference cycles
 
 
 def save_final(trainer, cfg: TrainConfig, final: Path) -> None:

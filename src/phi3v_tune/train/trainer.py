@@ -9,9 +9,24 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .checkpoints import write_marker
+
+
+class Phi3VTrainingArguments(TrainingArguments):
+    """`TrainingArguments` whose CPU device is plain `cpu`.
+
+    accelerate names the device of a multi-process CPU (gloo) run `torch.device("cpu", 0)`, and the Trainer of
+    transformers < 5.24 loads the optimizer state of a distributed resume with `map_location=args.device`;
+    `torch.load` cannot map storages to "cpu:0" ("don't know how to restore data location ... (tagged with cpu:0)").
+    CPU tensors have no device index anyway, so nothing else changes.
+    """
+
+    @property
+    def device(self) -> torch.device:
+        device = super().device
+        return torch.device("cpu") if device.type == "cpu" else device
 
 
 class LengthGroupedEpochSampler(torch.utils.data.Sampler):
