@@ -95,6 +95,17 @@ class TrainConfig:
     group_by_length: bool = _f(
         True, "Batch samples of similar token length together (less padding) when --batch-size-per-device > 1."
     )
+    packing: bool = _f(
+        True,
+        "Padding-free training when --batch-size-per-device > 1: the samples of a forward pass are concatenated into "
+        "one row with attention kept inside each sample (varlen attention), so no compute goes to padding. Exact: "
+        "the same loss and gradients as the padded batch. Evaluation batches stay padded.",
+    )
+    packing_max_tokens: int | None = _f(
+        None,
+        "With --packing: at most this many tokens per packed row (samples fill rows in order; a longer sample gets a "
+        "row of its own). Default: one row per forward pass.",
+    )
     seed: int = _f(42, "Random seed (data order, initialisation of adapters).")
     # -- checkpoints, logging, evaluation ----------------------------------------------------------------------------
     save_steps: int = _f(500, "Write a checkpoint every N optimizer steps (and always at the end).")
@@ -135,6 +146,8 @@ class TrainConfig:
             raise ValueError("--bf16 and --fp16 are exclusive")
         if self.batch_size < 1 or self.batch_size_per_device < 1:
             raise ValueError("batch sizes must be >= 1")
+        if self.packing_max_tokens is not None and self.packing_max_tokens < 1:
+            raise ValueError(f"--packing-max-tokens must be >= 1, got {self.packing_max_tokens}")
         if not 1 <= self.num_crops <= 16:
             raise ValueError(f"--num-crops must be in 1..16, got {self.num_crops}")
         return self
