@@ -166,6 +166,33 @@ def test_packed_rows_also_exact_with_dense_masks(tiny_tokenizer, examples, impl)
     assert_same(loss_and_grads(m, Collator(pad_id)(few)), loss_and_grads(m, PackingCollator(pad_id, None, SWITCH)(few)))
 
 
+def test_packed_rows_with_activation_checkpointing(tiny_tokenizer, examples):
+    m = tiny_model(tiny_tokenizer, seed=4, original_max_position_embeddings=SWITCH).train()
+    m.set_attn_implementation(ATTN_NAME)
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pad_id = tiny_tokenizer.pad_token_id
+    few = examples[1:]
+    assert_same(loss_and_grads(m, Collator(pad_id)(few)), loss_and_grads(m, PackingCollator(pad_id, None, SWITCH)(few)))
+
+
+def test_generation_with_the_packed_attention_is_sdpa(tiny_tokenizer, tiny_processor):
+    """Evaluation generates with the training model: left-padded batches and the KV cache, same tokens as sdpa."""
+    texts = [tiny_processor.apply_chat_template([{"role": "user", "content": t}]) for t in ("Hi", "What colour is it?")]
+    batch = tiny_processor(text=texts, padding=True, padding_side="left")
+    out = {}
+    for impl in ("sdpa", ATTN_NAME):
+        m = tiny_model(tiny_tokenizer, seed=5)
+        m.set_attn_implementation(impl)
+        with torch.no_grad():
+            gen = m.generate(
+                **batch, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+        out[impl] = gen
+    assert torch.equal(out["sdpa"].sequences, out[ATTN_NAME].sequences)
+    for a, b in zip(out["sdpa"].logits, out[ATTN_NAME].logits):
+        assert torch.equal(a, b)
+
+
 def test_packed_path_builds_no_dense_mask(model, examples, tiny_tokenizer, monkeypatch):
     seen = []
     original = packed_attention.sdpa_mask

@@ -35,7 +35,8 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
 
     transformers' `longrope` picks one set for the whole batch from `max(position_ids) + 1`; the published model picks
     it from the key length. Both agree for a single unpadded sequence; this module makes a padded batch behave like
-    its samples run one by one. The model sets `use_long` (bool per row) right before the language model runs.
+    its samples run one by one. The model sets `use_long` (bool per row, or per token for packed rows) right before
+    the language model runs.
     """
 
     def __init__(self, config: Phi3VConfig):

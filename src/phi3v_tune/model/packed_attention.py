@@ -64,6 +64,7 @@ def _find_varlen() -> tuple[Callable | None, dict[str, Any]]:
 
 
 VARLEN_ATTN, _VARLEN_CAUSAL = _find_varlen()
+_VARLEN_SCALE = VARLEN_ATTN is not None and "scale" in inspect.signature(VARLEN_ATTN).parameters
 
 
 def segment_attention(
@@ -100,7 +101,7 @@ def varlen_attention(
         and query.is_cuda
         and query.dtype in (torch.float16, torch.bfloat16)
         and dropout == 0.0
-        and (scaling is None or "scale" in inspect.signature(VARLEN_ATTN).parameters)
+        and (scaling is None or _VARLEN_SCALE)
     )
     if fused:
         cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)

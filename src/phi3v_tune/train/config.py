@@ -69,7 +69,10 @@ class TrainConfig:
     lora_lm_head: bool = _f(True, "Also put LoRA on lm_head (the recipe does).")
     lora_vision: bool = _f(False, "Also put LoRA on the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector.")
     attn_implementation: str = _f(
-        "sdpa", "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager.", choices=("sdpa", "eager")
+        "sdpa",
+        "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager. With --packing, sdpa runs packed rows "
+        "through variable-length attention.",
+        choices=("sdpa", "eager"),
     )
     cpu: bool = _f(False, "Train on the CPU even when a GPU is present (smoke tests, exact fp32 reproducibility).")
     bf16: bool = _f(False, "bf16 mixed precision (default on GPUs that support it unless --fp16).")
