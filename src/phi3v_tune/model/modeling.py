@@ -7,12 +7,15 @@ Module tree and parameter names mirror the published checkpoint:
 Semantics chosen where the published code is ambiguous for batches: a padded batch computes exactly what each of its
 samples computes alone (positions come from the attention mask, and the su-RoPE short/long factor set is picked per
 sample from that sample's total key length, short while <= `original_max_position_embeddings`, long beyond).
+Packed rows (`cu_seq_lens_q`, see `data.packing`) compute the same: positions restart per sample, the factor set is
+chosen per sample from its length, and attention stays inside each sample (`packed_attention`).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -20,6 +23,7 @@ from transformers import Phi3ForCausalLM, Phi3Model
 from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
 
 from .configuration import Phi3VConfig
+from .packed_attention import ATTN_NAME, check_packed, packed_position_ids, packed_rows, token_segment_lengths
 from .vision import Phi3VImageEmbedding
 
 # transformers renamed the cache argument (`past_key_values` -> `cache`) during 5.x; speak whichever this one uses.
@@ -31,7 +35,8 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
 
     transformers' `longrope` picks one set for the whole batch from `max(position_ids) + 1`; the published model picks
     it from the key length. Both agree for a single unpadded sequence; this module makes a padded batch behave like
-    its samples run one by one. The model sets `use_long` (bool per row) right before the language model runs.
+    its samples run one by one. The model sets `use_long` (bool per row, or per token for packed rows) right before
+    the language model runs.
     """
 
     def __init__(self, config: Phi3VConfig):
@@ -204,8 +209,11 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values=None,
         cache=None,
+        rope_use_long: torch.Tensor | None = None,
         **kwargs,
     ):
+        """Padded rows (`attention_mask`) or packed rows (`cu_seq_lens_q`/`_k`, `max_length_q`/`_k`, `position_ids`
+        restarting per sample, optional `rope_use_long` per-token su-RoPE flags; see `data.packing`)."""
         past = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             if input_ids is None:
@@ -221,23 +229,36 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         else:
             key_lengths = torch.full((batch,), past_len + length, device=inputs_embeds.device)
         rotary = self.model.rotary_emb
-        if rotary.original_max is not None and position_ids is not None and kwargs.get("cu_seq_lens_q") is not None:
-            rotary.use_long = None  # packed rows: the caller passes per-token flags through `use_long` itself
+        cu_seq_lens = kwargs.get("cu_seq_lens_q")
+        packed = cu_seq_lens is not None
+        if packed:  # several samples per row: positions restart and the factor set is chosen per sample
+            if attention_mask is not None or past is not None:
+                raise ValueError("packed rows (cu_seq_lens_q) take no attention_mask and no cache")
+            check_packed(cu_seq_lens, kwargs.get("cu_seq_lens_k"), batch, length)
+            if position_ids is None:
+                position_ids = packed_position_ids(cu_seq_lens.to(inputs_embeds.device), batch, length)
+            if rotary.original_max is not None:
+                if rope_use_long is None:
+                    rope_use_long = token_segment_lengths(cu_seq_lens, batch, length) > rotary.original_max
+                rotary.use_long = rope_use_long.reshape(batch, length)
+            use_cache = False
         elif rotary.original_max is not None:
             rotary.use_long = key_lengths > rotary.original_max
+        skip_mask = packed_rows() if packed and self.config._attn_implementation == ATTN_NAME else nullcontext()
         try:
             lm_kwargs = {CACHE_ARG: past} if past is not None else {}
-            return super().forward(
-                input_ids=None,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                **lm_kwargs,
-                **kwargs,
-            )
+            with skip_mask:
+                return super().forward(
+                    input_ids=None,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    inputs_embeds=inputs_embeds,
+                    labels=labels,
+                    use_cache=use_cache,
+                    logits_to_keep=logits_to_keep,
+                    **lm_kwargs,
+                    **kwargs,
+                )
         finally:
             rotary.use_long = None
 

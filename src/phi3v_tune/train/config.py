@@ -69,7 +69,10 @@ class TrainConfig:
     lora_lm_head: bool = _f(True, "Also put LoRA on lm_head (the recipe does).")
     lora_vision: bool = _f(False, "Also put LoRA on the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector.")
     attn_implementation: str = _f(
-        "sdpa", "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager.", choices=("sdpa", "eager")
+        "sdpa",
+        "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager. With --packing, sdpa runs packed rows "
+        "through variable-length attention.",
+        choices=("sdpa", "eager"),
     )
     cpu: bool = _f(False, "Train on the CPU even when a GPU is present (smoke tests, exact fp32 reproducibility).")
     bf16: bool = _f(False, "bf16 mixed precision (default on GPUs that support it unless --fp16).")
@@ -99,6 +102,17 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     group_by_length: bool = _f(
         True, "Batch samples of similar token length together (less padding) when --batch-size-per-device > 1."
+    )
+    packing: bool = _f(
+        True,
+        "Padding-free training when --batch-size-per-device > 1: the samples of a forward pass are concatenated into "
+        "one row with attention kept inside each sample (varlen attention), so no compute goes to padding. Exact: "
+        "the same loss and gradients as the padded batch. Evaluation batches stay padded.",
+    )
+    packing_max_tokens: int | None = _f(
+        None,
+        "With --packing: at most this many tokens per packed row (samples fill rows in order; a longer sample gets a "
+        "row of its own). Default: one row per forward pass.",
     )
     seed: int = _f(42, "Random seed (data order, initialisation of adapters).")
     # -- checkpoints, logging, evaluation ----------------------------------------------------------------------------
@@ -156,6 +170,8 @@ class TrainConfig:
             raise ValueError("--fsdp and --deepspeed are exclusive (two ways of sharding the same model)")
         if self.fsdp and self.method == "qlora":
             raise ValueError("--fsdp does not shard 4-bit (qlora) weights; use --method lora or plain torchrun")
+        if self.packing_max_tokens is not None and self.packing_max_tokens < 1:
+            raise ValueError(f"--packing-max-tokens must be >= 1, got {self.packing_max_tokens}")
         if not 1 <= self.num_crops <= 16:
             raise ValueError(f"--num-crops must be in 1..16, got {self.num_crops}")
         if self.compile and self.method == "qlora":

@@ -14,8 +14,10 @@ import torch
 from ..data import DataError, load_records, validate_records
 from ..data.collate import Collator
 from ..data.dataset import ConversationDataset, DataPlan, plan_records, write_refused
+from ..data.packing import PackingCollator
 from ..data.schema import Record
 from ..model.modeling import Phi3VForCausalLM
+from ..model.packed_attention import ATTN_NAME as PACKED_ATTENTION
 from ..processing.processor import Phi3VProcessor
 from .checkpoints import quarantine_incomplete, resolve_resume, write_marker
 from .config import TrainConfig
@@ -80,9 +82,33 @@ def precision(cfg: TrainConfig) -> tuple[bool, bool]:
     return False, False
 
 
+def uses_packing(cfg: TrainConfig) -> bool:
+    """Packing changes nothing with one sample per forward pass, so it is only used with several."""
+    return cfg.packing and cfg.batch_size_per_device > 1
+
+
+def attention_implementation(cfg: TrainConfig) -> str:
+    """sdpa, or with packing its padding-free extension (identical to sdpa on padded batches and in generation)."""
+    if uses_packing(cfg) and cfg.attn_implementation == "sdpa":
+        return PACKED_ATTENTION
+    return cfg.attn_implementation  # eager + packing: transformers' block-diagonal mask from the position ids
+
+
+def data_collators(cfg: TrainConfig, processor: Phi3VProcessor, model: torch.nn.Module) -> tuple[Any, Collator]:
+    """(training collator, evaluation collator): packed rows for training when packing is on, padded evaluation."""
+    padded = Collator(processor.tokenizer.pad_token_id)
+    if not uses_packing(cfg):
+        return padded, padded
+    config = getattr(model, "config", None)
+    rope = getattr(config, "rope_parameters", None) or {}
+    switch = getattr(config, "original_max_position_embeddings", None) if rope.get("rope_type") == "longrope" else None
+    packed = PackingCollator(processor.tokenizer.pad_token_id, cfg.packing_max_tokens, switch)
+    return packed, padded
+
+
 def load_model(cfg: TrainConfig, folder: str) -> Phi3VForCausalLM:
     bf16, fp16 = precision(cfg)
-    kwargs: dict[str, Any] = {"attn_implementation": cfg.attn_implementation}
+    kwargs: dict[str, Any] = {"attn_implementation": attention_implementation(cfg)}
     if cfg.method in ("lora", "qlora"):
         # frozen base weights in the compute dtype; adapters are kept in fp32 by PEFT
         kwargs["dtype"] = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
@@ -282,12 +308,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     args = training_arguments(cfg, world)
     train_ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
     eval_ds = ConversationDataset(data.eval, processor, cfg.max_length, cfg.video_frames) if data.eval else None
+    train_collator, eval_collator = data_collators(cfg, processor, model)
     trainer = Phi3VTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=Collator(processor.tokenizer.pad_token_id),
+        data_collator=train_collator,
+        eval_data_collator=eval_collator,
         processing_class=processor,
         train_config=cfg,
     )

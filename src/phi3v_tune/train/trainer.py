@@ -58,9 +58,10 @@ class LengthGroupedEpochSampler(torch.utils.data.Sampler):
 class Phi3VTrainer(Trainer):
     """`Trainer` for Phi3V batches (pops the `ids` that travel with a batch, counts tokens, marks checkpoints)."""
 
-    def __init__(self, *args, train_config=None, **kwargs):
+    def __init__(self, *args, train_config=None, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_config = train_config
+        self.eval_data_collator = eval_data_collator  # evaluation batches (None: the training collator)
         self._tokens = 0
         self._samples = 0
         self._last_log = (time.time(), 0, 0)
@@ -78,15 +79,25 @@ class Phi3VTrainer(Trainer):
             return LengthGroupedEpochSampler(lengths, group, self.args.data_seed or self.args.seed)
         return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_data_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs.pop("ids", None)
+        num_tokens = inputs.pop("num_tokens", None)  # packed batches: real tokens (they have no attention_mask)
         if ids is not None:
             self.last_batch_ids = list(ids)
             if model.training:
                 self.epoch_ids.extend(self.last_batch_ids)
         if model.training:
-            self._tokens += int(inputs["attention_mask"].sum())
-            self._samples += int(inputs["input_ids"].shape[0])
+            self._tokens += int(num_tokens) if num_tokens is not None else int(inputs["attention_mask"].sum())
+            self._samples += len(ids) if ids is not None else int(inputs["input_ids"].shape[0])
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
@@ -129,6 +140,7 @@ class Phi3VTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = dict(inputs)
         inputs.pop("ids", None)
+        inputs.pop("num_tokens", None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""Attention for packed rows: several samples concatenated into one row, told apart by `cu_seq_lens`.
+
+Why: a right-padded batch costs `batch x longest sample` tokens in every layer; packing the same samples into one
+row without padding costs the sum of their lengths. It stays exact because each sample attends causally to its own
+tokens only, and its positions restart at 0 (see `data.packing.PackingCollator`), so every token sees what it would see
+if its sample ran alone.
+
+`ATTN_NAME` ("phi3v_packed") is registered with transformers' attention interface. Given the flash-attention style
+kwargs `cu_seq_lens_q`/`cu_seq_lens_k` (int32 offsets into the flattened `batch x length` tokens, starting at 0) and
+`max_length_q`/`max_length_k`, it runs variable-length attention: `torch.nn.attention.varlen.varlen_attn` on CUDA in
+bf16/fp16 where this torch has it, otherwise causal SDPA over each segment (exact; the CPU path). Without those kwargs
+it *is* transformers' "sdpa", so evaluation and generation through the same model are unchanged.
+
+transformers builds a dense block-diagonal mask when position ids restart inside a row; packed forwards run inside
+`packed_rows()`, under which the mask function registered for this name builds nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_NAME = "phi3v_packed"
+
+_PACKED_ROWS: ContextVar[bool] = ContextVar("phi3v_packed_rows", default=False)
+
+
+@contextmanager
+def packed_rows() -> Iterator[None]:
+    """While active, the mask function of `ATTN_NAME` returns None (the attention takes segments from cu_seq_lens)."""
+    token = _PACKED_ROWS.set(True)
+    try:
+        yield
+    finally:
+        _PACKED_ROWS.reset(token)
+
+
+def packed_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' sdpa mask, except on packed rows, where no (dense, length x length) mask is needed."""
+    return None if _PACKED_ROWS.get() else sdpa_mask(*args, **kwargs)
+
+
+def _find_varlen() -> tuple[Callable | None, dict[str, Any]]:
+    """torch's varlen_attn and its causal keyword (torch 2.10/2.11: is_causal=True; 2.13: window_size=(-1, 0))."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, {}
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        return varlen_attn, {"window_size": (-1, 0)}
+    if "is_causal" in params:
+        return varlen_attn, {"is_causal": True}
+    return None, {}
+
+
+VARLEN_ATTN, _VARLEN_CAUSAL = _find_varlen()
+_VARLEN_SCALE = VARLEN_ATTN is not None and "scale" in inspect.signature(VARLEN_ATTN).parameters
+
+
+def segment_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: list[int],
+    scaling: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """(T, H, D) flattened tokens -> (T, H, D): causal SDPA inside each segment [cu[i], cu[i+1])."""
+    out = []
+    for start, end in zip(cu_seq_lens[:-1], cu_seq_lens[1:]):
+        if end <= start:
+            continue
+        q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))  # (1, H, n, D)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        out.append(o[0].transpose(0, 1))
+    return torch.cat(out, dim=0)
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    max_length: int | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """(T, H, D) flattened tokens -> (T, H, D), causal within each segment; the fused kernel where it applies."""
+    fused = (
+        VARLEN_ATTN is not None
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and dropout == 0.0
+        and (scaling is None or _VARLEN_SCALE)
+    )
+    if fused:
+        cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
+        if max_length is None:
+            max_length = int((cu[1:] - cu[:-1]).max())
+        extra = dict(_VARLEN_CAUSAL)
+        if scaling is not None:
+            extra["scale"] = scaling
+        return VARLEN_ATTN(query, key, value, cu, cu, max_length, max_length, **extra)
+    return segment_attention(query, key, value, [int(x) for x in cu_seq_lens.tolist()], scaling, dropout)
+
+
+def check_packed(cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor | None, batch: int, length: int) -> None:
+    """Offsets must start at 0, never decrease, end at batch x length, and be the same for queries and keys."""
+    cu = cu_seq_lens_q.detach().cpu()
+    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seq_lens_q must be increasing offsets starting at 0, got {cu.tolist()}")
+    if int(cu[-1]) != batch * length:
+        raise ValueError(f"cu_seq_lens_q ends at {int(cu[-1])} but the rows hold {batch} x {length} tokens")
+    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k.detach().cpu(), cu):
+        raise ValueError("packed rows are self-attention: cu_seq_lens_k must equal cu_seq_lens_q")
+
+
+def token_segment_lengths(cu_seq_lens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """(batch, length): for every token, the length of the segment (sample) it belongs to."""
+    sizes = (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
+    return torch.repeat_interleave(sizes, sizes).reshape(batch, length)
+
+
+def packed_position_ids(cu_seq_lens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """(batch, length) positions restarting at 0 at every segment start."""
+    sizes = (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seq_lens[:-1].long(), sizes)
+    return (torch.arange(batch * length, device=cu_seq_lens.device) - starts).reshape(batch, length)
+
+
+def packed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: (B, H, L, D) q/k/v -> ((B, L, H, D) output, no weights)."""
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    batch, heads, length, _ = query.shape
+    if key.shape[2] != length:  # the offsets themselves are checked once per forward (`check_packed`), not per layer
+        raise ValueError("packed rows need self-attention over the same tokens (no KV cache)")
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    q, k, v = (x.transpose(1, 2).reshape(batch * length, heads, -1) for x in (query, key, value))
+    out = varlen_attention(q, k, v, cu_q, kwargs.get("max_length_q"), scaling, dropout)
+    return out.reshape(batch, length, heads, -1), None
+
+
+AttentionInterface.register(ATTN_NAME, packed_attention_forward)
+AttentionMaskInterface.register(ATTN_NAME, packed_mask)
