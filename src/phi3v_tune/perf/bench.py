@@ -239,13 +239,7 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
     config = Phi3VConfig.from_pretrained(str(model_dir))
     model = run_mod.prepare_model(cfg, str(model_dir))
     args = replace(run_mod.training_arguments(cfg, 1), save_strategy="no")
-    make_collator = getattr(run_mod, "make_collator", None)
-    if make_collator is not None:
-        collator = make_collator(cfg, processor)
-    else:
-        from ..data.collate import Collator
-
-        collator = Collator(processor.tokenizer.pad_token_id)
+    collator, _ = run_mod.data_collators(cfg, processor, model)
     ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
     trainer = Phi3VTrainer(
         model=model, args=args, train_dataset=ds, data_collator=collator, processing_class=processor, train_config=cfg
