@@ -114,6 +114,8 @@ class Phi3VTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = dict(inputs)
         inputs.pop("ids", None)
+        if inputs.get("labels") is not None:
+            prediction_loss_only = True  # the loss path computes no logits (model/loss.py); nothing else to gather
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # ----------------------------------------------------------------------------------------------------------------
