@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
+MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -75,6 +76,14 @@ class TrainConfig:
     bf16: bool = _f(False, "bf16 mixed precision (default on GPUs that support it unless --fp16).")
     fp16: bool = _f(False, "fp16 mixed precision with loss scaling (fp32 master weights).")
     gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing (less memory, ~30% slower).")
+    master_weights: str = _f(
+        "auto",
+        "Weights of full/freeze-vision: fp32 (fp32 weights + bf16/fp16 autocast, 16 bytes/parameter with AdamW) or "
+        "bf16-sr (bf16 weights and moments, AdamW computed in fp32 and written back with stochastic rounding: "
+        "8 bytes/parameter, small updates are not lost; bf16 only, not with --deepspeed). auto: bf16-sr on a CUDA "
+        "GPU with bf16, else fp32.",
+        choices=MASTER_WEIGHTS,
+    )
     # -- optimisation ------------------------------------------------------------------------------------------------
     output_dir: str = _f("outputs/run", "Where checkpoints, logs, loss.png and the final model go.")
     epochs: float = _f(1.0, "Training epochs.")
@@ -137,6 +146,23 @@ class TrainConfig:
             raise ValueError("batch sizes must be >= 1")
         if not 1 <= self.num_crops <= 16:
             raise ValueError(f"--num-crops must be in 1..16, got {self.num_crops}")
+        if self.master_weights not in MASTER_WEIGHTS:
+            raise ValueError(
+                f"--master-weights must be one of {', '.join(MASTER_WEIGHTS)}, got {self.master_weights!r}"
+            )
+        if self.master_weights == "bf16-sr":
+            if self.method not in ("full", "freeze-vision"):
+                raise ValueError(
+                    f"--master-weights bf16-sr is for --method full/freeze-vision (with {self.method} only the "
+                    "adapters train, and PEFT keeps them in fp32)"
+                )
+            if self.fp16:
+                raise ValueError("--master-weights bf16-sr trains in bf16; it cannot be combined with --fp16")
+            if self.deepspeed:
+                raise ValueError(
+                    "--master-weights bf16-sr cannot be combined with --deepspeed: DeepSpeed brings its own optimizer "
+                    "and master weights (use --master-weights fp32, or drop --deepspeed)"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:
