@@ -20,10 +20,12 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 from transformers import Phi3ForCausalLM, Phi3Model
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
 
 from .configuration import Phi3VConfig
 from .packed_attention import ATTN_NAME, check_packed, packed_position_ids, packed_rows, token_segment_lengths
+from .loss import DEFAULT_CHUNK, chunked_lm_loss
 from .vision import Phi3VImageEmbedding
 
 # transformers renamed the cache argument (`past_key_values` -> `cache`) during 5.x; speak whichever this one uses.
@@ -170,6 +172,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
     """Phi-3.5-vision for causal LM: `forward(input_ids, pixel_values, image_sizes, attention_mask, labels)`."""
 
     _tied_weights_keys = {}
+    loss_chunk_size: int = DEFAULT_CHUNK  # labelled positions per lm_head + cross-entropy chunk (model/loss.py)
 
     def __init__(self, config: Phi3VConfig):
         Phi3PreTrainedModel.__init__(self, config)
@@ -248,6 +251,17 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         try:
             lm_kwargs = {CACHE_ARG: past} if past is not None else {}
             with skip_mask:
+                if labels is not None:  # training / eval loss: no full-vocabulary logits (model/loss.py)
+                    return self.loss_forward(
+                        labels,
+                        logits_to_keep,
+                        attention_mask=attention_mask,
+                        position_ids=position_ids,
+                        inputs_embeds=inputs_embeds,
+                        use_cache=use_cache,
+                        **lm_kwargs,
+                        **kwargs,
+                    )
                 return super().forward(
                     input_ids=None,
                     attention_mask=attention_mask,
@@ -261,6 +275,34 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                 )
         finally:
             rotary.use_long = None
+
+    def loss_forward(
+        self, labels: torch.Tensor, logits_to_keep: int | torch.Tensor = 0, **kwargs
+    ) -> CausalLMOutputWithPast:
+        """Base model, then the chunked loss on labelled positions only; `logits` is None (training never reads it).
+
+        Loss arguments (`num_items_in_batch`, `shift_labels`, `ignore_index`) are taken out of `kwargs`; everything else
+        (attention and packing arguments included) goes to the base model untouched.
+        """
+        loss_args = {k: kwargs.pop(k) for k in ("num_items_in_batch", "shift_labels", "ignore_index") if k in kwargs}
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = self.model(input_ids=None, **kwargs)
+        loss = chunked_lm_loss(
+            outputs.last_hidden_state,
+            self.lm_head,
+            labels,
+            logits_to_keep=logits_to_keep,
+            chunk_size=self.loss_chunk_size,
+            **loss_args,
+        )
+        result = CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_ARG: getattr(outputs, CACHE_ARG, None)},
+        )
+        return result.to_tuple() if return_dict is False else result
 
     # ----------------------------------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, *args, pixel_values=None, image_sizes=None, **kwargs):

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
+MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -82,6 +83,14 @@ class TrainConfig:
         False,
         "Regional torch.compile of every decoder and CLIP layer (GPU): faster steps after a one-off compile of "
         "about a minute. Not with qlora (bitsandbytes kernels do not compile).",
+    )
+    master_weights: str = _f(
+        "auto",
+        "Weights of full/freeze-vision: fp32 (fp32 weights + bf16/fp16 autocast, 16 bytes/parameter with AdamW) or "
+        "bf16-sr (bf16 weights and moments, AdamW computed in fp32 and written back with stochastic rounding: "
+        "8 bytes/parameter, small updates are not lost; bf16 only, not with --deepspeed). auto: bf16-sr on a CUDA "
+        "GPU with bf16, else fp32.",
+        choices=MASTER_WEIGHTS,
     )
     # -- optimisation ------------------------------------------------------------------------------------------------
     output_dir: str = _f("outputs/run", "Where checkpoints, logs, loss.png and the final model go.")
@@ -176,6 +185,23 @@ class TrainConfig:
             raise ValueError(f"--num-crops must be in 1..16, got {self.num_crops}")
         if self.compile and self.method == "qlora":
             raise ValueError("--compile does not work with --method qlora (bitsandbytes 4-bit kernels); drop one")
+        if self.master_weights not in MASTER_WEIGHTS:
+            raise ValueError(
+                f"--master-weights must be one of {', '.join(MASTER_WEIGHTS)}, got {self.master_weights!r}"
+            )
+        if self.master_weights == "bf16-sr":
+            if self.method not in ("full", "freeze-vision"):
+                raise ValueError(
+                    f"--master-weights bf16-sr is for --method full/freeze-vision (with {self.method} only the "
+                    "adapters train, and PEFT keeps them in fp32)"
+                )
+            if self.fp16:
+                raise ValueError("--master-weights bf16-sr trains in bf16; it cannot be combined with --fp16")
+            if self.deepspeed:
+                raise ValueError(
+                    "--master-weights bf16-sr cannot be combined with --deepspeed: DeepSpeed brings its own optimizer "
+                    "and master weights (use --master-weights fp32, or drop --deepspeed)"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def precision(cfg: TrainConfig) -> tuple[bool, bool]:
     """(bf16, fp16) for the Trainer: bf16 by default on GPUs that support it; fp32 on CPU unless asked."""
     if cfg.fp16:
         return False, True
-    if cfg.bf16:
+    if cfg.bf16 or cfg.master_weights == "bf16-sr":
         return True, False
     if not cfg.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return True, False
@@ -106,12 +106,25 @@ def data_collators(cfg: TrainConfig, processor: Phi3VProcessor, model: torch.nn.
     return packed, padded
 
 
+def master_weights(cfg: TrainConfig) -> str:
+    """'bf16-sr' or 'fp32' for full/freeze-vision ('auto': bf16-sr when training in bf16 on a CUDA GPU without
+    DeepSpeed, so CPU runs stay exact fp32); 'fp32' for LoRA/QLoRA, whose adapters PEFT keeps in fp32."""
+    if cfg.method not in ("full", "freeze-vision"):
+        return "fp32"
+    if cfg.master_weights != "auto":
+        return cfg.master_weights
+    on_gpu = not cfg.cpu and torch.cuda.is_available()
+    return "bf16-sr" if on_gpu and precision(cfg)[0] and not cfg.deepspeed else "fp32"
+
+
 def load_model(cfg: TrainConfig, folder: str) -> Phi3VForCausalLM:
     bf16, fp16 = precision(cfg)
     kwargs: dict[str, Any] = {"attn_implementation": attention_implementation(cfg)}
     if cfg.method in ("lora", "qlora"):
         # frozen base weights in the compute dtype; adapters are kept in fp32 by PEFT
         kwargs["dtype"] = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    elif master_weights(cfg) == "bf16-sr":
+        kwargs["dtype"] = torch.bfloat16  # bf16 weights; the optimizer rounds stochastically (train/optim.py)
     else:
         kwargs["dtype"] = torch.float32  # fp32 master weights; bf16/fp16 autocast does the math
     if cfg.method == "qlora":
@@ -123,7 +136,8 @@ def load_model(cfg: TrainConfig, folder: str) -> Phi3VForCausalLM:
 def prepare_model(cfg: TrainConfig, base: str):
     """Load the base model, set what trains (`--method`), compile layers if asked: the model the Trainer gets."""
     model = apply_strategy(load_model(cfg, base), cfg)
-    say(f"method {cfg.method}: {count_parameters(model)}")
+    weights = f", {master_weights(cfg)} master weights" if cfg.method in ("full", "freeze-vision") else ""
+    say(f"method {cfg.method}{weights}: {count_parameters(model)}")
     if cfg.compile:
         from .compile import compile_layers
 

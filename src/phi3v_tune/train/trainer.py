@@ -70,6 +70,23 @@ class Phi3VTrainer(Trainer):
         self.epoch_nonfinite: list[str] = []  # samples of batches skipped for a non-finite loss
 
     # ----------------------------------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """With --master-weights bf16-sr: AdamWSR (train/optim.py) with HF's parameter groups (no decay on biases
+        and norms) and hyper-parameters; otherwise the Trainer's own choice."""
+        from .run import master_weights
+
+        cfg = self.train_config
+        if self.optimizer is None and cfg is not None and master_weights(cfg) == "bf16-sr":
+            from .optim import AdamWSR
+
+            args = self.args
+            self.optimizer_cls_and_kwargs = (
+                AdamWSR,
+                dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                     weight_decay=args.weight_decay, seed=args.seed),
+            )  # fmt: skip
+        return super().create_optimizer(model)
+
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
         lengths = getattr(ds, "lengths", None)
@@ -141,6 +158,8 @@ class Phi3VTrainer(Trainer):
         inputs = dict(inputs)
         inputs.pop("ids", None)
         inputs.pop("num_tokens", None)
+        if inputs.get("labels") is not None:
+            prediction_loss_only = True  # the loss path computes no logits (model/loss.py); nothing else to gather
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # ----------------------------------------------------------------------------------------------------------------
