@@ -24,8 +24,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
 
 from .configuration import Phi3VConfig
-from .packed_attention import ATTN_NAME, check_packed, packed_position_ids, packed_rows, token_segment_lengths
 from .loss import DEFAULT_CHUNK, chunked_lm_loss
+from .packed_attention import ATTN_NAME, check_packed, packed_position_ids, packed_rows, token_segment_lengths
 from .vision import Phi3VImageEmbedding
 
 # transformers renamed the cache argument (`past_key_values` -> `cache`) during 5.x; speak whichever this one uses.
