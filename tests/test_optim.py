@@ -146,10 +146,11 @@ def test_master_weights_config():
 
     assert master_weights(TrainConfig(cpu=True)) == "fp32"  # auto: CPU stays exact fp32
     assert master_weights(TrainConfig(method="lora", cpu=True)) == "fp32"
+    assert master_weights(TrainConfig(method="qlora", master_weights="auto")) == "fp32"
     forced = TrainConfig(master_weights="bf16-sr", cpu=True).validate()
     assert master_weights(forced) == "bf16-sr" and precision(forced) == (True, False)
     for bad, words in (
-        (dict(method="lora"), "full/freeze-vision"),
+        (dict(method="qlora"), "full/freeze-vision/lora"),
         (dict(fp16=True), "--fp16"),
         (dict(deepspeed="configs/deepspeed/zero2.json"), "DeepSpeed brings its own optimizer"),
     ):
@@ -217,3 +218,38 @@ def test_triton_kernel_in_the_interpreter():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "4 passed" in result.stdout  # the fifth needs CUDA
+
+
+def test_lora_bf16_sr_trains_bf16_adapters_without_autocast(tmp_path):
+    """--method lora --master-weights bf16-sr: adapters in bf16, AdamWSR, no autocast (TrainingArguments bf16 off)."""
+    from phi3v_tune.data.synthetic import demo_split, write_jsonl
+    from phi3v_tune.train import trainer as trainer_module
+    from phi3v_tune.train.run import run_training, training_arguments
+
+    train, _ = demo_split(2, 0, seed=5, tasks=("colour",), as_png=True)
+    data = write_jsonl(train, tmp_path / "data")
+    cfg = TrainConfig(data=str(data), model="tiny", num_crops=1, output_dir=str(tmp_path / "out"), batch_size=2,
+                      batch_size_per_device=1, learning_rate=1e-2, warmup_steps=0, seed=3, logging_steps=1,
+                      report_to="none", num_workers=0, progress=False, cpu=True, method="lora", lora_rank=4,
+                      master_weights="bf16-sr", max_steps=3)  # fmt: skip
+    assert training_arguments(cfg, 1).bf16 is False
+    seen = []
+    original = trainer_module.Phi3VTrainer.create_optimizer
+
+    def spy(self, model=None):
+        seen.append(original(self, model))
+        return seen[-1]
+
+    trainer_module.Phi3VTrainer.create_optimizer = spy
+    try:
+        run_training(cfg)
+    finally:
+        trainer_module.Phi3VTrainer.create_optimizer = original
+    assert isinstance(seen[0], AdamWSR)
+    params = [p for g in seen[0].param_groups for p in g["params"]]
+    assert params and all(p.dtype == torch.bfloat16 for p in params)
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "out" / "final" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and any(bool(v.abs().sum() > 0) for v in lora_b)  # B starts at zero: it moved

@@ -86,7 +86,8 @@ class TrainConfig:
     )
     master_weights: str = _f(
         "auto",
-        "Weights of full/freeze-vision: fp32 (fp32 weights + bf16/fp16 autocast, 16 bytes/parameter with AdamW) or "
+        "Trained weights of full/freeze-vision/lora: fp32 (fp32 weights or adapters + bf16/fp16 autocast; for full "
+        "16 bytes/parameter with AdamW) or "
         "bf16-sr (bf16 weights and moments, AdamW computed in fp32 and written back with stochastic rounding: "
         "8 bytes/parameter, small updates are not lost; bf16 only, not with --deepspeed). auto: bf16-sr on a CUDA "
         "GPU with bf16, else fp32.",
@@ -190,10 +191,10 @@ class TrainConfig:
                 f"--master-weights must be one of {', '.join(MASTER_WEIGHTS)}, got {self.master_weights!r}"
             )
         if self.master_weights == "bf16-sr":
-            if self.method not in ("full", "freeze-vision"):
+            if self.method == "qlora":
                 raise ValueError(
-                    f"--master-weights bf16-sr is for --method full/freeze-vision (with {self.method} only the "
-                    "adapters train, and PEFT keeps them in fp32)"
+                    "--master-weights bf16-sr is for --method full/freeze-vision/lora (QLoRA's k-bit preparation "
+                    "keeps fp32 adapters and norms)"
                 )
             if self.fp16:
                 raise ValueError("--master-weights bf16-sr trains in bf16; it cannot be combined with --fp16")

@@ -107,9 +107,12 @@ def data_collators(cfg: TrainConfig, processor: Phi3VProcessor, model: torch.nn.
 
 
 def master_weights(cfg: TrainConfig) -> str:
-    """'bf16-sr' or 'fp32' for full/freeze-vision ('auto': bf16-sr when training in bf16 on a CUDA GPU without
-    DeepSpeed, so CPU runs stay exact fp32); 'fp32' for LoRA/QLoRA, whose adapters PEFT keeps in fp32."""
-    if cfg.method not in ("full", "freeze-vision"):
+    """'bf16-sr' or 'fp32' for full/freeze-vision/lora ('auto': bf16-sr when training in bf16 on a CUDA GPU without
+    DeepSpeed, so CPU runs stay exact fp32); always 'fp32' for QLoRA (PEFT's k-bit preparation upcasts to fp32).
+
+    bf16-sr trains bf16 weights (for lora: bf16 adapters) without autocast: no per-op casts, no fp32 copies of
+    activations for the adapters, and the optimizer's stochastic rounding keeps small updates."""
+    if cfg.method not in ("full", "freeze-vision", "lora"):
         return "fp32"
     if cfg.master_weights != "auto":
         return cfg.master_weights
@@ -262,7 +265,7 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=bf16,
+        bf16=bf16 and master_weights(cfg) != "bf16-sr",  # all-bf16 weights need no autocast
         fp16=fp16,
         **checkpointing_arguments(cfg.gradient_checkpointing),
         save_strategy="steps" if cfg.save_checkpoints else "no",

@@ -110,6 +110,9 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, lora)
+    from .run import master_weights
+
+    # bf16-sr: adapters in the base weights' dtype (bf16), trained without autocast by the stochastic-rounding AdamW
+    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=master_weights(cfg) != "bf16-sr")
     model.freeze_unused()
     return peft_model
