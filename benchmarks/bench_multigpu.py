@@ -101,14 +101,17 @@ def two_node_runs(setting: str, model: Path, data: Path, work: Path, steps: int,
 
 # --------------------------------------------------------------------------------------------------------------------
 def read_result(out: Path, warmup: int) -> dict[str, Any]:
-    """images/s, peak GiB per GPU and the loss curve of a finished run folder."""
-    states = sorted(out.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    if not states:
-        raise FileNotFoundError(f"{out}: no checkpoint-*/trainer_state.json")
-    history = json.loads(states[-1].read_text())["log_history"]
+    """images/s, peak GiB per GPU and the loss curve of a finished run folder (metrics.json's log history; the
+    newest checkpoint's trainer_state.json for runs that predate it)."""
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+    history = metrics.get("log_history")
+    if history is None:
+        states = sorted(out.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+        if not states:
+            raise FileNotFoundError(f"{out}: no metrics.json log history and no checkpoint-*/trainer_state.json")
+        history = json.loads(states[-1].read_text())["log_history"]
     logs = [h for h in history if "loss" in h]
     rates = [h["train_samples_per_second"] for h in logs[warmup:] if "train_samples_per_second" in h]
-    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
     peaks = metrics.get("peak_gpu_memory_gib_per_rank") or []
     return {
         "img_per_s": round(statistics.median(rates), 3) if rates else None,
@@ -161,8 +164,9 @@ def launch(runs: list[Run], timeout: float, log: Path) -> None:
             raise TimeoutError(f"over {timeout:.0f} s") from None
     codes = [p.returncode for p in procs]
     if any(codes):
-        tail = log.read_text(errors="replace")[-1500:]
-        raise RuntimeError(f"exit codes {codes}; log {log}: ...{tail}")
+        text = log.read_text(errors="replace")
+        errors = [line for line in text.splitlines() if "Error" in line or "error:" in line][-3:]
+        raise RuntimeError(f"exit codes {codes}; log {log}; {' / '.join(errors)} ...{text[-800:]}")
 
 
 def execute(runs: list[Run], timeout: float, warmup: int, keep: bool) -> dict[str, Any]:
@@ -174,6 +178,14 @@ def execute(runs: list[Run], timeout: float, warmup: int, keep: bool) -> dict[st
     except Exception as err:  # one failed setting is a row of the table, the rest still run
         row["status"] = f"FAILED: {type(err).__name__}: {str(err)[-300:]}".replace("\n", " ").replace("|", "/")
     row["wall_s"] = round(time.time() - t, 1)
+    logs_dir = os.environ.get("PHI3V_BENCH_LOGS")
+    if logs_dir:  # keep every run's log (the run folders go)
+        import shutil
+
+        Path(logs_dir).mkdir(parents=True, exist_ok=True)
+        log = runs[0].output_dir.with_suffix(".log")
+        if log.is_file():
+            shutil.copy(log, Path(logs_dir) / log.name)
     if not keep:
         import shutil
 

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -57,3 +59,15 @@ def test_reads_rate_peak_and_losses_of_a_run(tmp_path):
     row = {"setting": "lora-ddp", "gpus": 2, "status": "ok", "wall_s": 3.0, **got}
     text = bench.table([row, {"setting": "full-zero3", "gpus": 4, "status": "FAILED: x"}])
     assert "| lora-ddp | 2 | 2.1 | 1.05 | 41.26 | 3.0 |" in text and "| full-zero3 | 4 |" in text
+
+
+def test_reads_a_run_without_checkpoints_from_metrics_json(tmp_path):
+    """Benchmark runs use --no-save-checkpoints: the log history comes from metrics.json."""
+    bench = _bench()
+    history = [{"loss": 2.0, "train_samples_per_second": r} for r in [0.5, 1.0, 3.0, 3.2]]
+    metrics = {"log_history": [*history, {"train_runtime": 4.0}], "peak_gpu_memory_gib_per_rank": [20.0, 21.5]}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    got = bench.read_result(tmp_path, warmup=2)
+    assert got["img_per_s"] == 3.1 and got["peak_gib"] == 21.5 and got["steps"] == 4
+    with pytest.raises(FileNotFoundError, match="no metrics.json log history"):
+        bench.read_result(tmp_path / "missing", warmup=0)

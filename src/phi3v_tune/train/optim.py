@@ -8,14 +8,17 @@ bits of the fp32 value before they are cut off, so the rounded value equals the 
 accumulate as they would in fp32. fp32 parameters in the same optimizer get the ordinary AdamW update.
 
 The random bits come from a stream seeded by (seed, step, tensor index): the same seed gives the same run, and a
-resume from a checkpoint (step stored per tensor, seed stored in the param groups) continues it identically. On CUDA
-a fused Triton kernel (optim_triton.py) does one read of weight/gradient/moments and one write per tensor; elsewhere
-(and as the reference) the same math runs in torch.
+resume from a checkpoint (step stored per tensor, seed stored in the param groups) continues it identically. The
+math runs in torch (the reference). A fused Triton kernel (optim_triton.py: one read of weight/gradient/moments and
+one write per tensor) is opt-in with PHI3V_TRITON_SR=1: it passes its checks in Triton's CPU interpreter, but on an
+H100 (2026-11-28) its mean update came out 27% short of fp32 (tests/gpu/test_optim_kernel.py), so it stays off
+until that is found.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -76,7 +79,9 @@ class AdamWSR(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=int(seed))
         super().__init__(params, defaults)
         self.state_dtype = state_dtype
-        self.use_triton = use_triton  # None: on CUDA when Triton is there; False: always the torch code
+        if use_triton is None:  # the kernel is opt-in until it passes tests/gpu/test_optim_kernel.py on a GPU
+            use_triton = True if os.environ.get("PHI3V_TRITON_SR") == "1" else False
+        self.use_triton = use_triton  # True: the Triton kernel on CUDA; False: the torch code (the reference)
 
     # ----------------------------------------------------------------------------------------------------------------
     @torch.no_grad()

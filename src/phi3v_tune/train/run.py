@@ -358,6 +358,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         metrics["eval_before"] = trainer.evaluate()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics["train"] = result.metrics
+    metrics["log_history"] = trainer.state.log_history  # per-step loss, lr, throughput (also without checkpoints)
     if eval_ds is not None:
         metrics["eval_after"] = trainer.evaluate()
     if task_metric is not None:
