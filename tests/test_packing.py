@@ -58,6 +58,11 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("ids", "num_tokens")}
 
 
+def logit_inputs(batch: dict) -> dict:
+    """Without labels: the model then returns logits (the loss path computes none)."""
+    return {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+
+
 def loss_and_grads(model, batch: dict, num_items: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     extra = {"num_items_in_batch": torch.tensor(num_items)} if num_items is not None else {}
@@ -151,7 +156,7 @@ def test_long_samples_use_long_factors_per_token(model, examples, tiny_tokenizer
     ref = loss_and_grads(model, Collator(pad_id)(examples))
     assert_same(ref, loss_and_grads(model, without_flags))
     with torch.no_grad():  # the flags matter: short factors everywhere change the long samples' logits
-        right, short = (model(**model_inputs(b)).logits for b in (packed, wrong))
+        right, short = (model(**logit_inputs(b)).logits for b in (packed, wrong))
     long = packed["rope_use_long"][0]
     assert float((right - short)[0, long].abs().max()) > 1e-3 and torch.equal(right[0, ~long], short[0, ~long])
 
@@ -221,7 +226,7 @@ def test_images_land_in_their_own_sample(model, examples, tiny_processor, tiny_t
 
     def per_token(batch: dict) -> torch.Tensor:
         with torch.no_grad():
-            logits = model(**model_inputs(batch)).logits[0]
+            logits = model(**logit_inputs(batch)).logits[0]
         labels = batch["input_ids"][0].clamp(min=0)  # every position, image positions as token 0
         return F.cross_entropy(logits[:-1], labels[1:], reduction="none")
 
