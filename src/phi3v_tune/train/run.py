@@ -278,6 +278,8 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         eval_steps=cfg.eval_steps if evaluate else None,
         report_to=report,
         dataloader_num_workers=cfg.num_workers,
+        # keep the workers across epochs: re-forking them at every epoch start leaves the GPU waiting
+        dataloader_persistent_workers=cfg.num_workers > 0,
         dataloader_pin_memory=torch.cuda.is_available() and not cfg.cpu,
         remove_unused_columns=False,
         label_names=["labels"],
