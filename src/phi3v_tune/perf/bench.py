@@ -416,6 +416,18 @@ def _value(text: str) -> Any:
     return text
 
 
+def docvqa_plain_shapes(wl, model_dir: Path, n: int) -> list[SampleShape]:
+    """The first `n` DocVQA samples' shapes, for the plain rows (same lengths as ours, CLIP on all 17 slots)."""
+    from ..data.examples import build_example
+    from ..data.sources import read_jsonl
+    from ..processing.processor import Phi3VProcessor
+
+    proc = Phi3VProcessor.from_pretrained(str(model_dir), num_crops=wl.num_crops)
+    recs = read_jsonl(wl.jsonl)[0][:n]
+    lengths = [int(build_example(r, proc)["input_ids"].shape[0]) for r in recs]
+    return list(sample_shapes(recs, lengths, wl.num_crops, proc.tokenizer).values())
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     import sys
 
@@ -463,85 +475,36 @@ def main(argv: list[str] | None = None) -> list[Row]:
             out_json.write(json.dumps(asdict(row)) + "\n")
             out_json.flush()
 
+    def ours(row: Row, wl) -> None:
+        record(row, run_ours, model_dir, wl, work, args.steps, args.warmup, peak, **overrides)
+
+    def plain(row: Row, shapes: list[SampleShape]) -> None:
+        record(row, run_plain, config, shapes, args.steps, args.warmup, peak)
+
     for name in args.workloads.split(","):
         # enough samples that the timed steps stay inside the first epoch (no epoch-boundary effects)
         per_step = args.short_batch if name != "docvqa" else 1
         wl = write_workload(name, work / name, max(args.samples, (args.warmup + args.steps + 1) * per_step))
         if name == "docvqa":
-            plain_shapes = None
+            plain_shapes: list[SampleShape] = []
             if "plain" in builds:
-                from ..data.examples import build_example
-                from ..data.sources import read_jsonl
-                from ..processing.processor import Phi3VProcessor
-
-                proc = Phi3VProcessor.from_pretrained(str(model_dir), num_crops=wl.num_crops)
-                recs = read_jsonl(wl.jsonl)[0][: args.steps + args.warmup]
-                lengths = [int(build_example(r, proc)["input_ids"].shape[0]) for r in recs]
-                plain_shapes = list(sample_shapes(recs, lengths, wl.num_crops, proc.tokenizer).values())
+                plain_shapes = docvqa_plain_shapes(wl, model_dir, args.steps + args.warmup)
                 if args.fixed_plain:
                     fixed = [SampleShape(2560, 17, 2509, 10)]
-                    record(
-                        Row(name, "plain", "full", False, 1, extra={"shape": "fixed 17 crops 2560 tokens"}),
-                        run_plain,
-                        config,
-                        fixed,
-                        args.steps,
-                        args.warmup,
-                        peak,
-                    )
+                    plain(Row(name, "plain", "full", False, 1, extra={"shape": "fixed 17 crops 2560 tokens"}), fixed)
             for method in methods:
                 for ck in ckpts:
                     if "plain" in builds:
-                        record(
-                            Row(name, "plain", method, ck, 1),
-                            run_plain,
-                            config,
-                            plain_shapes,
-                            args.steps,
-                            args.warmup,
-                            peak,
-                        )
+                        plain(Row(name, "plain", method, ck, 1), plain_shapes)
                     if "ours" in builds:
-                        record(
-                            Row(name, "ours", method, ck, 1),
-                            run_ours,
-                            model_dir,
-                            wl,
-                            work,
-                            args.steps,
-                            args.warmup,
-                            peak,
-                            **overrides,
-                        )
-        else:
+                        ours(Row(name, "ours", method, ck, 1), wl)
+        elif "ours" in builds:
             padded = args.padded_too.split(",") if args.padded_too else []
             for method in methods:
                 for ck in ckpts:
-                    if "ours" not in builds:
-                        continue
-                    record(
-                        Row(name, "ours", method, ck, args.short_batch, packing=True),
-                        run_ours,
-                        model_dir,
-                        wl,
-                        work,
-                        args.steps,
-                        args.warmup,
-                        peak,
-                        **overrides,
-                    )
+                    ours(Row(name, "ours", method, ck, args.short_batch, packing=True), wl)
                     if method in padded:
-                        record(
-                            Row(name, "ours", method, ck, args.short_batch, packing=False),
-                            run_ours,
-                            model_dir,
-                            wl,
-                            work,
-                            args.steps,
-                            args.warmup,
-                            peak,
-                            **overrides,
-                        )
+                        ours(Row(name, "ours", method, ck, args.short_batch, packing=False), wl)
     command = "phi3v-tune bench " + " ".join(sys.argv[1:] if argv is None else argv)
     table = markdown(rows, peak, command)
     print(table)
