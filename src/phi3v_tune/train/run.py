@@ -394,23 +394,25 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
 def leave_process_group(trainer) -> None:
     """End a distributed run for good while the interpreter is fully alive: a last barrier (every rank waits for
-    rank 0's writes), destroy the process group, then drop the DDP wrapper so the backend is really freed here.
+    rank 0's writes), release the DDP wrapper / DeepSpeed engine, then destroy the process group.
 
     `destroy_process_group()` only unregisters the group: the DDP wrapper (its `process_group` and C++ reducer)
     still owns the ProcessGroupGloo, so gloo's worker and socket threads were still running when the interpreter
     shut down, and the group was torn down (or not) in whatever order finalization reached it while the peer exited
     at the same time; now and then a rank aborted at exit ("terminate called without an active exception").
+    The wrappers go first: DeepSpeed's engine.destroy() (called by accelerate's free_memory) still talks to the
+    group, and once nothing else holds the group, destroying it frees it (and joins its threads) right there.
     """
     import gc
 
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     trainer.accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()
-    if isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel):
-        trainer.model_wrapped = trainer.model
-    trainer.accelerator.free_memory()  # its list of prepared models holds the DDP wrapper too
+    trainer.model_wrapped = trainer.model  # the DDP wrapper or DeepSpeed engine
+    trainer.accelerator.free_memory()  # its list of prepared models holds the wrapper too; destroys a DS engine
     gc.collect()  # the Trainer and its callbacks form reference cycles
+    torch.distributed.destroy_process_group()
+    gc.collect()
 
 
 def save_final(trainer, cfg: TrainConfig, final: Path) -> None:
