@@ -87,3 +87,20 @@ def test_zero3_text_only_samples_on_some_ranks_do_not_hang(ds_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]  # (a hang would end in the 400 s timeout instead)
     report = json.loads((out / "epoch_reports.jsonl").read_text().splitlines()[0])
     assert report["trained"] == 4  # 2 steps x 2 ranks: the image sample and the three text-only ones
+
+
+def test_lora_under_zero3_resumes_and_saves_a_whole_adapter(ds_data, tmp_path):
+    """ZeRO-3 partitions the adapters too: the checkpoint resumes, and the final adapter holds whole tensors."""
+    model, data, _ = ds_data
+    out = tmp_path / "lora"
+    lora = ("--method", "lora", "--lora-rank", "4", "--save-steps", "1")
+    proc = _train(model, data, out, "zero3.json", 29766, 2, "--max-steps", "2", *lora)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _train(model, data, out, "zero3.json", 29767, 2, "--max-steps", "4", "--resume", *lora)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    hidden = json.loads((model / "config.json").read_text())["hidden_size"]
+    a_shapes = {tuple(v.shape) for k, v in adapter.items() if "lora_A" in k}
+    assert (4, hidden) in a_shapes and all(v.numel() > 0 for v in adapter.values())
+    assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0: it trained
