@@ -219,3 +219,56 @@ def test_two_processes_text_only_ddp_sharded_eval_then_resume_on_one(dist_data, 
     run_training(cfg)
     state = json.loads((again / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and (again / "final" / "model.safetensors").is_file()
+
+
+def test_two_nodes_emulated_on_loopback_train_like_one_node(dist_data, tmp_path):
+    """`torchrun --nnodes 2 --nproc_per_node 1 --node_rank 0|1 --master_addr 127.0.0.1` (two agents, as on two
+    machines) gives the same loss curve as one node with 2 processes (CPU, fp32, same seed and data)."""
+    from phi3v_tune.data.synthetic import demo_split, write_jsonl
+
+    train, _ = demo_split(4, 0, seed=2, tasks=("colour",), as_png=True)
+    data = write_jsonl(train, tmp_path / "data")
+    common = ["-m", "phi3v_tune", "train", "--model", "tiny", "--data", str(data), "--num-crops", "1",
+              "--batch-size", "2", "--learning-rate", "1e-3", "--warmup-steps", "0", "--seed", "3",
+              "--num-workers", "0", "--report-to", "none", "--no-progress", "--cpu", "--max-steps", "3",
+              "--logging-steps", "1", "--no-save-checkpoints"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    one = subprocess.run([*run, "--nproc_per_node", "2", "--master_port", "29655", *common, "--output-dir",
+                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    agents = [
+        subprocess.Popen(
+            [
+                *run,
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                "29656",
+                *common,
+                "--output-dir",
+                str(tmp_path / "two"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    for agent in agents:
+        _, err = agent.communicate(timeout=400)
+        assert agent.returncode == 0, err[-3000:]
+
+    def losses(folder: Path) -> list[float]:
+        history = json.loads((folder / "metrics.json").read_text())["log_history"]
+        return [h["loss"] for h in history if "loss" in h]
+
+    assert len(losses(tmp_path / "one")) == 3
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-6)
