@@ -12,14 +12,17 @@ and the host gap (share of wall time between the end of one step and the start o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from .flops import SampleShape, training_flops
 from .workloads import WORKLOADS, write_workload
@@ -104,41 +107,42 @@ def sample_shapes(records, lengths: list[int], num_crops: int, tokenizer) -> dic
     return shapes
 
 
-class StepTimer:
+class StepTimer(TrainerCallback):
     """Trainer callback: wall time of every optimizer step and the host gap before it, with the step's sample ids."""
 
-    def __new__(cls, trainer):
-        from transformers import TrainerCallback
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.begin: list[float] = []
+        self.end: list[float] = []
+        self.ids: list[list[str]] = []
 
-        class _Timer(TrainerCallback):
-            def __init__(self):
-                self.begin: list[float] = []
-                self.end: list[float] = []
-                self.ids: list[list[str]] = []
-                self.trainer = trainer
+    def on_step_begin(self, args, state, control, **kwargs):
+        sync()
+        self.begin.append(time.perf_counter())
+        self.ids.append([])
 
-            def on_step_begin(self, args, state, control, **kwargs):
-                sync()
-                self.begin.append(time.perf_counter())
-                self.ids.append([])
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.ids[-1].extend(self.trainer.last_batch_ids)
 
-            def on_substep_end(self, args, state, control, **kwargs):
-                self.ids[-1].extend(self.trainer.last_batch_ids)
+    def on_step_end(self, args, state, control, **kwargs):
+        sync()
+        self.end.append(time.perf_counter())
+        self.ids[-1].extend(self.trainer.last_batch_ids)
 
-            def on_step_end(self, args, state, control, **kwargs):
-                sync()
-                self.end.append(time.perf_counter())
-                self.ids[-1].extend(self.trainer.last_batch_ids)
 
-        return _Timer()
+def write_kernel_table(prof, name: str) -> None:
+    """The profiler's top operations by device time (CPU time on the CPU) into PHI3V_PROFILE/name.txt."""
+    folder = Path(os.environ["PHI3V_PROFILE"])
+    folder.mkdir(parents=True, exist_ok=True)
+    key = "cuda_time_total" if ON_GPU else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
+    (folder / f"{name}.txt").write_text(table)
 
 
 class profiled:
     """With PHI3V_PROFILE=FOLDER: profile two steps after warm-up and write the top kernels there (to find time)."""
 
     def __init__(self, trainer, warmup: int, name: str):
-        import os
-
         self.folder = os.environ.get("PHI3V_PROFILE")
         self.trainer, self.warmup, self.name = trainer, warmup, name
 
@@ -146,7 +150,6 @@ class profiled:
         if not self.folder:
             return self
         from torch.profiler import ProfilerActivity, profile, schedule
-        from transformers import TrainerCallback
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
         self.prof = profile(activities=acts, schedule=schedule(wait=self.warmup, warmup=1, active=2))
@@ -164,10 +167,7 @@ class profiled:
         if not self.folder:
             return False
         self.prof.__exit__(*exc)
-        Path(self.folder).mkdir(parents=True, exist_ok=True)
-        key = "cuda_time_total" if ON_GPU else "cpu_time_total"
-        table = self.prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
-        (Path(self.folder) / f"{self.name}.txt").write_text(table)
+        write_kernel_table(self.prof, self.name)
         return False
 
 
@@ -195,13 +195,9 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
     """`steps` timed optimizer steps (after `warmup`) of our training path on workload files `wl`."""
     import dataclasses
 
-    from transformers.trainer_callback import ProgressCallback
-
-    from ..data.dataset import ConversationDataset
     from ..processing.processor import Phi3VProcessor
     from ..train import run as run_mod
     from ..train.config import TrainConfig
-    from ..train.trainer import Phi3VTrainer
 
     free_gpu()
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -209,7 +205,7 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
         data=str(wl.jsonl),
         model=str(model_dir),
         method=row.method,
-        bf16=True,
+        bf16=ON_GPU,
         num_crops=wl.num_crops,
         gradient_checkpointing=row.checkpointing,
         batch_size=row.batch,
@@ -218,16 +214,16 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
         warmup_steps=0,
         learning_rate=5e-6,
         logging_steps=1,
-        save_steps=10**9,
+        save_checkpoints=False,
         report_to="none",
-        num_workers=8,
+        num_workers=8 if ON_GPU else 0,
+        cpu=not ON_GPU,
         progress=False,
         lora_rank=64,
         lora_alpha=128,
         output_dir=str(work / "run"),
+        packing=row.packing,
     )
-    if "packing" in fields:
-        settings["packing"] = row.packing
     settings.update({k: v for k, v in overrides.items() if k in fields})
     row.extra.update({k: v for k, v in overrides.items() if k in fields})
     cfg = TrainConfig(**settings)
@@ -238,13 +234,7 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
 
     config = Phi3VConfig.from_pretrained(str(model_dir))
     model = run_mod.prepare_model(cfg, str(model_dir))
-    args = replace(run_mod.training_arguments(cfg, 1), save_strategy="no")
-    collator, _ = run_mod.data_collators(cfg, processor, model)
-    ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
-    trainer = Phi3VTrainer(
-        model=model, args=args, train_dataset=ds, data_collator=collator, processing_class=processor, train_config=cfg
-    )
-    trainer.remove_callback(ProgressCallback)
+    trainer = run_mod.build_trainer(cfg, data, processor, model, world=1)
     timer = StepTimer(trainer)
     trainer.add_callback(timer)
     with profiled(trainer, warmup, f"ours-{row.workload}-{row.method}"):
@@ -277,9 +267,6 @@ def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: i
     slots = row.extra.get("crop_slots", 17)
     cycles, flops, toks, losses = [], [], [], []
     last = time.perf_counter()
-    import contextlib
-    import os
-
     prof = contextlib.nullcontext()
     for i in range(warmup + steps):
         if i == warmup and os.environ.get("PHI3V_PROFILE"):
@@ -292,11 +279,7 @@ def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: i
         sync()
         if i == warmup + 1 and os.environ.get("PHI3V_PROFILE"):
             prof.__exit__(None, None, None)
-            key = "cuda_time_total" if ON_GPU else "cpu_time_total"
-            table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
-            folder = Path(os.environ["PHI3V_PROFILE"])
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"plain-{row.workload}-{row.method}.txt").write_text(table)
+            write_kernel_table(prof, f"plain-{row.workload}-{row.method}")
         now = time.perf_counter()
         if i >= warmup:
             cycles.append(now - last)

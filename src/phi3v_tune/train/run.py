@@ -293,13 +293,36 @@ def training_arguments(cfg: TrainConfig, world_size: int):
     )
 
 
+def build_trainer(cfg: TrainConfig, data: LoadedData, processor: Phi3VProcessor, model: torch.nn.Module, world: int):
+    """Datasets, collators and our Trainer with its progress bar: what `run_training` and the benchmark share."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from .trainer import Phi3VTrainer, ProgressBar
+
+    train_ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
+    eval_ds = ConversationDataset(data.eval, processor, cfg.max_length, cfg.video_frames) if data.eval else None
+    train_collator, eval_collator = data_collators(cfg, processor, model)
+    trainer = Phi3VTrainer(
+        model=model,
+        args=training_arguments(cfg, world),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=train_collator,
+        eval_data_collator=eval_collator,
+        processing_class=processor,
+        train_config=cfg,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar(disable=not cfg.progress))
+    return trainer
+
+
 # --------------------------------------------------------------------------------------------------------------------
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train as `cfg` says; returns the final metrics (also written to OUTPUT_DIR/metrics.json)."""
     from transformers import set_seed
-    from transformers.trainer_callback import ProgressCallback
 
-    from .trainer import FaultInjection, Phi3VTrainer, ProgressBar, StopAtStep
+    from .trainer import FaultInjection, StopAtStep
 
     cfg.validate()
     out = Path(cfg.output_dir)
@@ -324,22 +347,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     model = prepare_model(cfg, base)
 
-    args = training_arguments(cfg, world)
-    train_ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
-    eval_ds = ConversationDataset(data.eval, processor, cfg.max_length, cfg.video_frames) if data.eval else None
-    train_collator, eval_collator = data_collators(cfg, processor, model)
-    trainer = Phi3VTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=train_collator,
-        eval_data_collator=eval_collator,
-        processing_class=processor,
-        train_config=cfg,
-    )
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBar(disable=not cfg.progress))
+    trainer = build_trainer(cfg, data, processor, model, world)
     if cfg.stop_at_step:
         trainer.add_callback(StopAtStep(cfg.stop_at_step))
     from .trainer import EpochReport
@@ -356,16 +364,16 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         trainer.add_callback(task_metric)
 
     metrics: dict[str, Any] = {}
-    if eval_ds is not None and cfg.eval_steps is not None and resume_from is None:
+    if trainer.eval_dataset is not None and cfg.eval_steps is not None and resume_from is None:
         metrics["eval_before"] = trainer.evaluate()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics["train"] = result.metrics
     metrics["log_history"] = trainer.state.log_history  # per-step loss, lr, throughput (also without checkpoints)
-    if eval_ds is not None:
+    if trainer.eval_dataset is not None:
         metrics["eval_after"] = trainer.evaluate()
     if task_metric is not None:
         metrics["task_metric"] = task_metric.history
-    peak = peak_memory_per_rank(on_gpu=not args.use_cpu and torch.cuda.is_available())
+    peak = peak_memory_per_rank(on_gpu=not trainer.args.use_cpu and torch.cuda.is_available())
     if peak is not None:
         metrics["peak_gpu_memory_gib_per_rank"] = peak
 
