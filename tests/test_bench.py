@@ -90,3 +90,11 @@ def test_bench_script_runs_on_cpu_tiny(tmp_path):
         assert r["img_s"] > 0 and r["tokens_s"] > r["img_s"] and r["mfu"] > 0
     table = results.read_text()
     assert "| docvqa | plain | lora | no | 1 |" in table and table.count("\n| memes |") == 2
+
+
+def test_bench_refuses_an_unknown_training_setting(tmp_path):
+    """`--set compyle=true` must not silently measure the default setting."""
+    from phi3v_tune.perf.bench import main
+
+    with pytest.raises(SystemExit, match="unknown training setting.*compyle"):
+        main(["--tiny", "--work", str(tmp_path), "--model-dir", str(tmp_path / "ck"), "--set", "compyle=true"])

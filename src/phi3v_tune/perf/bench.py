@@ -193,14 +193,11 @@ def summarise(
 # ----------------------------------------------------------------------------------------------------------------
 def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int, peak: float, **overrides) -> Row:
     """`steps` timed optimizer steps (after `warmup`) of our training path on workload files `wl`."""
-    import dataclasses
-
     from ..processing.processor import Phi3VProcessor
     from ..train import run as run_mod
     from ..train.config import TrainConfig
 
     free_gpu()
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = dict(
         data=str(wl.jsonl),
         model=str(model_dir),
@@ -224,8 +221,8 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
         output_dir=str(work / "run"),
         packing=row.packing,
     )
-    settings.update({k: v for k, v in overrides.items() if k in fields})
-    row.extra.update({k: v for k, v in overrides.items() if k in fields})
+    settings.update(overrides)
+    row.extra.update(overrides)
     cfg = TrainConfig(**settings)
     processor = Phi3VProcessor.from_pretrained(str(model_dir), num_crops=wl.num_crops)
     data = run_mod.read_data(cfg, processor, work / "run")
@@ -421,6 +418,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         raise SystemExit("phi3v-tune bench needs a CUDA GPU (it measures GPU training throughput); --tiny: CPU smoke")
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k.replace("-", "_"): _value(v) for k, v in overrides.items()}
+    from ..train.config import FIELDS
+
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:  # a mistyped --set must not silently measure the default setting
+        raise SystemExit(f"--set: unknown training setting(s) {', '.join(unknown)} (see phi3v-tune train --help)")
     work, model_dir = Path(args.work), Path(args.model_dir)
     peak = matmul_peak_tflops()
     print(f"matmul rate {peak:.1f} TFLOP/s", flush=True)
