@@ -9,9 +9,7 @@ step where one rank has a text-only sample does not hang (every rank runs the vi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-REPO = Path(__file__).resolve().parents[1]
+from launch import REPO, TINY_CPU_FLAGS, cpu_env, torchrun  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +41,11 @@ def ds_data(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def _train(model: Path, data: Path, out: Path, config: str, port: int, nproc: int = 2, *extra: str):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           "-m", "phi3v_tune", "train", "--model", str(model), "--data", str(data), "--method", "full",
-           "--num-crops", "1", "--batch-size", "2", "--batch-size-per-device", "1", "--learning-rate", "1e-3",
-           "--warmup-steps", "0", "--report-to", "none", "--no-progress", "--num-workers", "0", "--cpu",
-           "--output-dir", str(out), "--deepspeed", str(REPO / "configs" / "deepspeed" / config), *extra]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    cmd = [*torchrun(nproc, port), "-m", "phi3v_tune", "train", *TINY_CPU_FLAGS, "--model", str(model), "--data",
+           str(data), "--method", "full", "--batch-size", "2", "--batch-size-per-device", "1", "--learning-rate",
+           "1e-3", "--warmup-steps", "0", "--output-dir", str(out), "--deepspeed",
+           str(REPO / "configs" / "deepspeed" / config), *extra]  # fmt: skip
+    return subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=400)
 
 
 def test_zero2_run_ends_cleanly(ds_data, tmp_path):

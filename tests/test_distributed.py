@@ -5,18 +5,15 @@ with a clear message), FSDP2 arguments, consolidated final weights."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import REPO, TINY_CPU_FLAGS, cpu_env, torchrun
 
 from phi3v_tune.model.tiny import tiny_model
 from phi3v_tune.train.distributed import check_resume_world_size, clean_key, saved_world_size, zero_partitions
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -169,11 +166,12 @@ def dist_data(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _torchrun(args: list[str], port: int, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("PHI3V_FAULT_INJECT", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
     return subprocess.run(
-        [*cmd, "-m", "phi3v_tune", "train", *args], env=env, capture_output=True, text=True, timeout=400
+        [*torchrun(nproc, port), "-m", "phi3v_tune", "train", *args],
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
 
 
@@ -228,34 +226,17 @@ def test_two_nodes_emulated_on_loopback_train_like_one_node(dist_data, tmp_path)
 
     train, _ = demo_split(4, 0, seed=2, tasks=("colour",), as_png=True)
     data = write_jsonl(train, tmp_path / "data")
-    common = ["-m", "phi3v_tune", "train", "--model", "tiny", "--data", str(data), "--num-crops", "1",
-              "--batch-size", "2", "--learning-rate", "1e-3", "--warmup-steps", "0", "--seed", "3",
-              "--num-workers", "0", "--report-to", "none", "--no-progress", "--cpu", "--max-steps", "3",
+    common = ["-m", "phi3v_tune", "train", *TINY_CPU_FLAGS, "--data", str(data), "--batch-size", "2",
+              "--learning-rate", "1e-3", "--warmup-steps", "0", "--seed", "3", "--max-steps", "3",
               "--logging-steps", "1", "--no-save-checkpoints"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
-    run = [sys.executable, "-m", "torch.distributed.run"]
-    one = subprocess.run([*run, "--nproc_per_node", "2", "--master_port", "29655", *common, "--output-dir",
-                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    one = subprocess.run([*torchrun(2, 29655), *common, "--output-dir", str(tmp_path / "one")], env=cpu_env(),
+                         capture_output=True, text=True, timeout=400)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
+    two_nodes = ("--nnodes", "2", "--master_addr", "127.0.0.1")
     agents = [
         subprocess.Popen(
-            [
-                *run,
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                "--node_rank",
-                str(rank),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                "29656",
-                *common,
-                "--output-dir",
-                str(tmp_path / "two"),
-            ],
-            env=env,
+            [*torchrun(1, 29656, *two_nodes, "--node_rank", str(rank)), *common, "--output-dir", str(tmp_path / "two")],
+            env=cpu_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

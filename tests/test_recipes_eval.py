@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch import REPO, TINY_CPU_FLAGS, cpu_env, torchrun
 from PIL import Image
 
 from phi3v_tune.cli import main as cli
 
 datasets = pytest.importorskip("datasets")
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def img(seed: int) -> Image.Image:
@@ -71,28 +70,10 @@ def cauldron_table(folder: Path, n: int, images_per_row: int, questions_per_row:
 
 
 COMMON = [
-    "--model",
-    "tiny",
-    "--num-crops",
-    "1",
-    "--max-steps",
-    "2",
-    "--batch-size",
-    "1",
-    "--num-workers",
-    "0",
-    "--report-to",
-    "none",
-    "--no-progress",
-    "--cpu",
-    "--eval-steps",
-    "1",
-    "--eval-max-new-tokens",
-    "4",
-    "--warmup-steps",
-    "0",
+    *TINY_CPU_FLAGS,
+    "--max-steps", "2", "--batch-size", "1", "--eval-steps", "1", "--eval-max-new-tokens", "4", "--warmup-steps", "0",
     "--no-gradient-checkpointing",
-]
+]  # fmt: skip
 
 
 def check_metric_log(out: Path, metric: str, n_eval: int) -> None:
@@ -213,21 +194,12 @@ def test_eval_and_predict_clis(tmp_path, capsys):
                 "lora",
                 "--lora-rank",
                 "4",
-                "--model",
-                "tiny",
-                "--num-crops",
-                "1",
+                *TINY_CPU_FLAGS,
                 "--max-steps",
                 "2",
                 "--batch-size",
                 "1",
-                "--num-workers",
-                "0",
-                "--report-to",
-                "none",
-                "--no-progress",
-                "--cpu",
-            ]
+            ]  # fmt: skip
         )
         == 0
     )
@@ -321,7 +293,6 @@ def test_validate_cli_reports_every_problem(tmp_path):
 
 def test_sharded_evaluation_equals_single_process(tmp_path):
     """`torchrun --nproc_per_node 2 ... eval` (gloo) gives the same rows and metric as one process."""
-    import os
 
     from phi3v_tune.data.synthetic import demo_split, write_jsonl
     from phi3v_tune.model.tiny import save_tiny_checkpoint
@@ -329,7 +300,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
     model = save_tiny_checkpoint(tmp_path / "tiny", seed=4, num_crops=1)
     _, held_out = demo_split(0, 3, seed=2, tasks=("colour", "compare"), as_png=True)
     data = write_jsonl(held_out, tmp_path / "data")  # 6 records: odd/even split across 2 ranks
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    env = cpu_env()
     base = [
         "-m",
         "phi3v_tune",
@@ -355,13 +326,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
     assert single.returncode == 0, single.stderr[-2000:]
     multi = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29541",
+            *torchrun(2, 29541),
             *base,
             "--output",
             str(tmp_path / "two.jsonl"),

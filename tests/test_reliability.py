@@ -59,57 +59,17 @@ def _weights(folder):
 @pytest.mark.slow
 def test_sigkill_at_five_points_then_resume_equals_an_uninterrupted_run(data_file, tmp_path):  # noqa: F811
     """2 gloo processes; rank 0 is SIGKILLed mid-run or while a checkpoint is written; --resume finishes the run."""
-    import os
     import subprocess
-    import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
-    env.pop("PHI3V_FAULT_INJECT", None)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes (gloo), also on a GPU machine
+    from launch import TINY_CPU_FLAGS, cpu_env, torchrun
+
+    env = cpu_env()
 
     def train(out: Path, port: int, fault: str | None = None, resume: bool = False) -> int:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            "-m",
-            "phi3v_tune",
-            "train",
-            "--model",
-            "tiny",
-            "--data",
-            str(data_file),
-            "--num-crops",
-            "1",
-            "--output-dir",
-            str(out),
-            "--max-steps",
-            "6",
-            "--batch-size",
-            "2",
-            "--batch-size-per-device",
-            "1",
-            "--save-steps",
-            "2",
-            "--num-workers",
-            "0",
-            "--report-to",
-            "none",
-            "--no-progress",
-            "--cpu",
-            "--seed",
-            "3",
-            "--learning-rate",
-            "1e-3",
-            "--warmup-steps",
-            "1",
-        ]
+        cmd = [*torchrun(2, port), "-m", "phi3v_tune", "train", *TINY_CPU_FLAGS, "--data", str(data_file),
+               "--output-dir", str(out), "--max-steps", "6", "--batch-size", "2", "--batch-size-per-device", "1",
+               "--save-steps", "2", "--seed", "3", "--learning-rate", "1e-3", "--warmup-steps", "1"]  # fmt: skip
         if resume:
             cmd.append("--resume")
         run_env = {**env, "PHI3V_FAULT_INJECT": fault} if fault else env

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -204,41 +202,12 @@ def test_bad_data_stops_with_the_full_report_unless_skipped(data_file, tmp_path)
 def test_two_process_gloo_run(data_file, tmp_path):
     """torchrun with 2 CPU processes: the distributed path of the Trainer (gloo)."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "phi3v_tune",
-        "train",
-        "--model",
-        "tiny",
-        "--data",
-        str(data_file),
-        "--num-crops",
-        "1",
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--batch-size-per-device",
-        "1",
-        "--num-workers",
-        "0",
-        "--report-to",
-        "none",
-        "--no-progress",
-        "--cpu",
-        "--save-steps",
-        "2",
-    ]
+    from launch import TINY_CPU_FLAGS, cpu_env, torchrun
+
+    env = cpu_env()
+    cmd = [*torchrun(2, 29533), "-m", "phi3v_tune", "train", *TINY_CPU_FLAGS, "--data", str(data_file),
+           "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--batch-size-per-device", "1",
+           "--save-steps", "2"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
