@@ -12,7 +12,7 @@ limit and its failure is a table row, not the end of the benchmark. The table is
 
 DeepSpeed settings need deepspeed importable (see README: installed from /work/main/.whl with DS_BUILD_OPS=0).
 
-Usage: python benchmarks/bench_multigpu.py [--gpus 1,2,4] [--settings full-zero2,...] [--steps 8] [--two-node]
+Usage: python benchmarks/bench_multigpu.py [--gpus 1,2,4] [--settings full-zero2,...] [--steps 8] [--two-node] [--parallel]
        python benchmarks/bench_multigpu.py --dry-run     # print the commands only
 """
 
@@ -194,6 +194,63 @@ def execute(runs: list[Run], timeout: float, warmup: int, keep: bool) -> dict[st
     return row
 
 
+def device_count(runs: list[Run]) -> int:
+    """GPUs a plan item occupies (the two agents of the 2-node emulation count 2 each)."""
+    return sum(len(r.env["CUDA_VISIBLE_DEVICES"].split(",")) for r in runs)
+
+
+def assign(runs: list[Run], ids: list[int]) -> list[Run]:
+    """The same runs on the given physical GPU ids (in order, each run taking as many as it had)."""
+    out, i = [], 0
+    for r in runs:
+        n = len(r.env["CUDA_VISIBLE_DEVICES"].split(","))
+        out.append(Run(r.setting, r.gpus, r.command, r.output_dir,
+                       {**r.env, "CUDA_VISIBLE_DEVICES": ",".join(str(x) for x in ids[i:i + n])}))  # fmt: skip
+        i += n
+    return out
+
+
+def run_parallel(plan: list[list[Run]], total: int, job) -> list[dict[str, Any]]:
+    """Run plan items side by side on disjoint GPUs of this host (in plan order, smaller ones filling gaps);
+    `job(runs)` returns an item's row. Rows come back in plan order."""
+    import threading
+
+    free = list(range(total))
+    cond = threading.Condition()
+    rows: list[dict[str, Any] | None] = [None] * len(plan)
+    pending = list(range(len(plan)))
+    too_big = [i for i in pending if device_count(plan[i]) > total]
+    if too_big:
+        raise ValueError(f"runs need more than the {total} GPUs here: {[plan[i][0].setting for i in too_big]}")
+
+    def work(i: int, ids: list[int]) -> None:
+        try:
+            rows[i] = job(assign(plan[i], ids))
+        finally:
+            with cond:
+                free.extend(ids)
+                cond.notify_all()
+
+    threads = []
+    with cond:
+        while pending:
+            started = False
+            for i in list(pending):
+                n = device_count(plan[i])
+                if n <= len(free):
+                    ids, free[:] = sorted(free)[:n], sorted(free)[n:]
+                    pending.remove(i)
+                    t = threading.Thread(target=work, args=(i, ids), daemon=True)
+                    t.start()
+                    threads.append(t)
+                    started = True
+            if pending and not started:
+                cond.wait()
+    for t in threads:
+        t.join()
+    return [r for r in rows if r is not None]
+
+
 def prepare(model_dir: Path, work: Path, samples: int) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_train_check import build_checkpoint, write_data
@@ -225,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--two-node", action="store_true", help="also emulate 2 nodes x 2 GPUs (needs 4 GPUs)")
     ap.add_argument("--two-node-setting", default="lora-ddp")
     ap.add_argument("--keep", action="store_true", help="keep the run folders")
+    ap.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run settings side by side on disjoint GPUs of this host (e.g. four 1-GPU runs at once) to save time",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = ap.parse_args(argv)
     work, model = Path(args.work), Path(args.model_dir)
@@ -255,10 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     data = prepare(model, work, samples=max(gpus) * args.steps + 8)
-    rows = []
-    for runs in plan:
-        rows.append(execute(runs, args.timeout, args.warmup, keep=args.keep))
-        print("ROW", json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+    def job(runs: list[Run]) -> dict[str, Any]:
+        row = execute(runs, args.timeout, args.warmup, keep=args.keep)
+        print("ROW", json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+        return row
+
+    if args.parallel:
+        rows = run_parallel(plan, torch.cuda.device_count(), job)
+    else:
+        rows = [job(runs) for runs in plan]
     text = table(rows)
     if args.two_node:
         one, two = rows[-2], rows[-1]
@@ -273,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"\n## bench_multigpu {time.strftime('%Y-%m-%d %H:%M')}, {torch.cuda.device_count()} x {card}, "
               f"torch {torch.__version__}\n`python benchmarks/bench_multigpu.py {' '.join(argv or sys.argv[1:])}`; "
               f"batch 1 per GPU, num_crops 16 (4x4 crops, ~2.5k tokens), activation checkpointing, bf16, "
-              f"{args.steps} steps, img/s = median after {args.warmup} warm-up steps\n\n")  # fmt: skip
+              f"{args.steps} steps, img/s = median after {args.warmup} warm-up steps"
+              f"{'; runs side by side on disjoint GPUs (--parallel)' if args.parallel else ''}\n\n")  # fmt: skip
     print(header + text, flush=True)
     with open(args.out, "a", encoding="utf-8") as f:
         f.write(header + text + "\n")

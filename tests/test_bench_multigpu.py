@@ -71,3 +71,40 @@ def test_reads_a_run_without_checkpoints_from_metrics_json(tmp_path):
     assert got["img_per_s"] == 3.1 and got["peak_gib"] == 21.5 and got["steps"] == 4
     with pytest.raises(FileNotFoundError, match="no metrics.json log history"):
         bench.read_result(tmp_path / "missing", warmup=0)
+
+
+def test_parallel_runs_share_the_host_on_disjoint_gpus(tmp_path):
+    """--parallel: items start as soon as enough GPUs are free, never two on one GPU, rows in plan order."""
+    import threading
+    import time
+
+    bench = _bench()
+    m, d = Path("/m"), Path("/d/train.jsonl")
+    plan = [[bench.build_run("full-zero2", 2, m, d, tmp_path, 4, 29700)],
+            [bench.build_run("lora-ddp", 1, m, d, tmp_path, 4, 29701)],
+            [bench.build_run("qlora-ddp", 1, m, d, tmp_path, 4, 29702)],
+            [bench.build_run("lora-ddp", 4, m, d, tmp_path, 4, 29703)],
+            bench.two_node_runs("lora-ddp", m, d, tmp_path, 4, 29704)]  # fmt: skip
+    busy: set[int] = set()
+    lock = threading.Lock()
+    seen = []
+
+    def job(runs):
+        ids = [int(x) for r in runs for x in r.env["CUDA_VISIBLE_DEVICES"].split(",")]
+        with lock:
+            assert not busy & set(ids), (busy, ids)
+            busy.update(ids)
+            seen.append((runs[0].setting, runs[0].gpus, sorted(ids), time.time()))
+        time.sleep(0.2)
+        with lock:
+            busy.difference_update(ids)
+        return {"setting": runs[0].setting, "gpus": runs[0].gpus, "ids": ids}
+
+    rows = bench.run_parallel(plan, 4, job)
+    assert [(r["setting"], r["gpus"]) for r in rows] == [
+        ("full-zero2", 2), ("lora-ddp", 1), ("qlora-ddp", 1), ("lora-ddp", 4), ("lora-ddp", 4)]  # fmt: skip
+    assert sorted(rows[-1]["ids"]) == [0, 1, 2, 3] and len(rows[-1]["ids"]) == 4
+    starts = {(s, g): t for s, g, _, t in seen}
+    assert abs(starts[("full-zero2", 2)] - starts[("qlora-ddp", 1)]) < 0.1  # the first three ran together
+    with pytest.raises(ValueError, match="more than the 2 GPUs"):
+        bench.run_parallel(plan, 2, job)
