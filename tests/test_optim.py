@@ -58,9 +58,11 @@ def test_bf16_stochastic_rounding_follows_fp32_master_weights_where_round_to_nea
     for r, s, n in zip(ref, sr, rn):
         assert float((r != 0).float().mean()) > 0.999  # fp32 moves (nearly) every weight
         along = r.sign()
-        # displacement along the fp32 run's direction, in total and as a projection: equal within 3%
-        assert abs(float((s * along).sum() / r.abs().sum()) - 1) < 0.03
-        assert abs(float((s * r).sum() / (r * r).sum()) - 1) < 0.03
+        # displacement along the fp32 run's direction, in total and as a projection: equal within 3% (8% for the
+        # 1024-element tensor, whose rounding noise alone is ~2% (one standard deviation over seeds))
+        tol = 0.03 if r.numel() >= 65536 else 0.08
+        assert abs(float((s * along).sum() / r.abs().sum()) - 1) < tol
+        assert abs(float((s * r).sum() / (r * r).sum()) - 1) < tol
         # mean absolute displacement within 10% (stochastic rounding adds zero-mean noise of about one spacing)
         assert abs(float(s.abs().mean() / r.abs().mean()) - 1) < 0.1
         assert float((s != 0).float().mean()) > 0.7
@@ -89,7 +91,7 @@ def test_fp32_parameters_get_torch_adamw_exactly():
 
 def test_stochastic_rounding_is_unbiased_and_exact_on_representable_values():
     x = torch.full((200_000,), 0.02 + 3e-5)  # between two bf16 neighbours
-    out = stochastic_round_bf16(x, torch.Generator().manual_seed(0)).float()
+    out = stochastic_round_bf16(x, key=12345).float()
     lo, hi = float(x[0].bfloat16().float()), None
     values = sorted(set(out.tolist()))
     assert len(values) == 2 and lo in values
@@ -99,9 +101,30 @@ def test_stochastic_rounding_is_unbiased_and_exact_on_representable_values():
     assert abs(frac_up - expected_up) < 0.01
     exact = torch.randn(1000).bfloat16().float()
     special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0])
-    got = stochastic_round_bf16(torch.cat([exact, special]), torch.Generator().manual_seed(1)).float()
+    got = stochastic_round_bf16(torch.cat([exact, special]), key=77).float()
     assert torch.equal(got[:1000], exact)
     assert got[1000] == float("inf") and got[1001] == float("-inf") and torch.isnan(got[1002])
+
+
+def test_random_bits_are_uniform_and_independent_across_streams():
+    """The 16 noise bits of the hash (index, key): uniform (chi-square over 256 bins of the top byte and of the low
+    byte), and streams of different keys uncorrelated; mix32 on tensors equals the integer version."""
+    from phi3v_tune.train.optim import index_hash, mix32, mix32_int, stream_keys
+
+    xs = [0, 1, 2, 65535, 2**31 - 1, 2**31, 2**32 - 1, 123456789]
+    assert mix32(torch.tensor(xs)).tolist() == [mix32_int(x) for x in xs]
+    n = 1 << 18
+    hashed = index_hash(n, "cpu")
+    a = mix32(hashed ^ 11) & 0xFFFF
+    b = mix32(hashed ^ 12) & 0xFFFF
+    for values in (a >> 8, a & 0xFF):
+        counts = torch.bincount(values, minlength=256).double()
+        chi2 = float(((counts - n / 256) ** 2 / (n / 256)).sum())
+        assert chi2 < 255 + 6 * (2 * 255) ** 0.5, chi2  # 255 degrees of freedom, ~6 sigma
+    corr = float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+    assert abs(corr) < 5 / n**0.5
+    keys = {k for step in range(1, 50) for index in range(20) for k in stream_keys(0, step, index)}
+    assert len(keys) == 49 * 20 * 3 and max(keys) < 2**31
 
 
 def _train(params, opt, grads) -> None:
@@ -150,7 +173,6 @@ def test_master_weights_config():
     forced = TrainConfig(master_weights="bf16-sr", cpu=True).validate()
     assert master_weights(forced) == "bf16-sr" and precision(forced) == (True, False)
     for bad, words in (
-        (dict(method="qlora"), "full/freeze-vision/lora"),
         (dict(fp16=True), "--fp16"),
         (dict(deepspeed="configs/deepspeed/zero2.json"), "DeepSpeed brings its own optimizer"),
     ):
@@ -217,7 +239,7 @@ def test_triton_kernel_in_the_interpreter():
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "4 passed" in result.stdout  # the fifth needs CUDA
+    assert "6 passed" in result.stdout  # the others need CUDA
 
 
 def test_lora_bf16_sr_trains_bf16_adapters_without_autocast(tmp_path):

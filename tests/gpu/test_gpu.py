@@ -79,3 +79,47 @@ def test_fp16_loss_scaling_skips_overflowing_steps(tmp_path, monkeypatch):
     scaler = torch.load(out / "checkpoint-3" / "scaler.pt", weights_only=False)
     assert scaler["scale"] < 2.0**16  # the overflow halved the scale
     assert all(torch.isfinite(v).all() for v in load_file(out / "final" / "model.safetensors").values())
+
+
+@pytest.mark.parametrize("weights", ["auto", "fp32"])
+def test_qlora_trains_bf16_adapters_by_default_and_fp32_on_request(tmp_path, weights):
+    """qlora on a GPU: auto = bf16-sr (bf16 adapters, frozen weights left in bf16, AdamWSR, no autocast); fp32 =
+    PEFT's k-bit preparation (fp32 adapters and upcast frozen weights under autocast). Both train."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    from phi3v_tune.data.synthetic import demo_split, write_jsonl
+    from phi3v_tune.train import trainer as trainer_module
+    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.train.optim import AdamWSR
+    from phi3v_tune.train.run import run_training
+
+    train, _ = demo_split(4, 0, seed=1, tasks=("colour",), as_png=True)
+    data = write_jsonl(train, tmp_path / "data")
+    seen = []
+    original = trainer_module.Phi3VTrainer.create_optimizer
+
+    def spy(self, model=None):
+        seen.append((original(self, model), self.model))
+        return seen[-1][0]
+
+    trainer_module.Phi3VTrainer.create_optimizer = spy
+    try:
+        cfg = TrainConfig(data=str(data), model="tiny", num_crops=1, output_dir=str(tmp_path / "run"), max_steps=3,
+                          batch_size=2, bf16=True, method="qlora", lora_rank=4, learning_rate=1e-2, warmup_steps=0,
+                          report_to="none", num_workers=0, progress=False, master_weights=weights)  # fmt: skip
+        metrics = run_training(cfg)
+    finally:
+        trainer_module.Phi3VTrainer.create_optimizer = original
+    opt, model = seen[0]
+    trained = [p for g in opt.param_groups for p in g["params"]]
+    vision = [p for n, p in model.named_parameters() if "img_processor" in n]
+    if weights == "auto":
+        assert isinstance(opt, AdamWSR) and all(p.dtype == torch.bfloat16 for p in trained)
+        assert all(p.dtype == torch.bfloat16 for p in vision)
+    else:
+        assert not isinstance(opt, AdamWSR) and all(p.dtype == torch.float32 for p in trained)
+        assert all(p.dtype == torch.float32 for p in vision)
+    assert np.isfinite(metrics["train"]["train_loss"])
+    adapter = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    assert any(bool(v.abs().sum() > 0) for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it moved

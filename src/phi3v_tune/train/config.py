@@ -86,11 +86,12 @@ class TrainConfig:
     )
     master_weights: str = _f(
         "auto",
-        "Trained weights of full/freeze-vision/lora: fp32 (fp32 weights or adapters + bf16/fp16 autocast; for full "
-        "16 bytes/parameter with AdamW) or "
+        "Trained weights (for lora/qlora: the adapters): fp32 (fp32 weights or adapters + bf16/fp16 autocast; for "
+        "full 16 bytes/parameter with AdamW; for qlora PEFT's k-bit preparation, which also upcasts the frozen "
+        "non-4-bit weights to fp32) or "
         "bf16-sr (bf16 weights and moments, AdamW computed in fp32 and written back with stochastic rounding: "
-        "8 bytes/parameter, small updates are not lost; bf16 only, not with --deepspeed). auto: bf16-sr on a CUDA "
-        "GPU with bf16, else fp32.",
+        "8 bytes/parameter, small updates are not lost, no autocast; bf16 only, not with --deepspeed). auto: bf16-sr "
+        "on a CUDA GPU with bf16, else fp32.",
         choices=MASTER_WEIGHTS,
     )
     # -- optimisation ------------------------------------------------------------------------------------------------
@@ -191,11 +192,6 @@ class TrainConfig:
                 f"--master-weights must be one of {', '.join(MASTER_WEIGHTS)}, got {self.master_weights!r}"
             )
         if self.master_weights == "bf16-sr":
-            if self.method == "qlora":
-                raise ValueError(
-                    "--master-weights bf16-sr is for --method full/freeze-vision/lora (QLoRA's k-bit preparation "
-                    "keeps fp32 adapters and norms)"
-                )
             if self.fp16:
                 raise ValueError("--master-weights bf16-sr trains in bf16; it cannot be combined with --fp16")
             if self.deepspeed:

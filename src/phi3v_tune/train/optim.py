@@ -7,24 +7,28 @@ moments) is updated in fp32 and written back with stochastic rounding: uniform r
 bits of the fp32 value before they are cut off, so the rounded value equals the fp32 one on average and small steps
 accumulate as they would in fp32. fp32 parameters in the same optimizer get the ordinary AdamW update.
 
-The random bits come from a stream seeded by (seed, step, tensor index): the same seed gives the same run, and a
-resume from a checkpoint (step stored per tensor, seed stored in the param groups) continues it identically. The
-math runs in torch (the reference). A fused Triton kernel (optim_triton.py: one read of weight/gradient/moments and
-one write per tensor) is opt-in with PHI3V_TRITON_SR=1: it passes its checks in Triton's CPU interpreter, but on an
-H100 (2026-11-28) its mean update came out 27% short of fp32 (tests/gpu/test_optim_kernel.py), so it stays off
-until that is found.
+The random bits are a hash of the element's index and a key derived from (seed, step, tensor index): the same seed
+gives the same run on any device, and a resume from a checkpoint (step stored per tensor, seed stored in the param
+groups) continues it identically. The update of a bf16 tensor runs as one fused Triton kernel on CUDA
+(optim_triton.py: one read of weight, gradient and moments and one write, per tensor) that computes bit for bit what
+the torch code here computes (`adamw_sr_torch_`, the reference and the CPU path, ~40 tensor operations). Before its
+first use on a GPU the kernel is run once on a small tensor and compared with the reference; if they differ it is
+not used (a warning says so). PHI3V_TRITON_SR=0 turns it off, =1 insists on it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 _MASK64 = (1 << 64) - 1
+_MASK32 = (1 << 32) - 1
 
 
 def stream_seed(seed: int, step: int, index: int) -> int:
@@ -36,16 +40,109 @@ def stream_seed(seed: int, step: int, index: int) -> int:
     return x & 0x7FFFFFFF
 
 
-def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def mix32_int(x: int) -> int:
+    """lowbias32 (C. Wellons' 32-bit integer hash): x -> a well-mixed 32-bit value."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def stream_keys(seed: int, step: int, index: int) -> tuple[int, int, int]:
+    """31-bit keys of the three random streams (weight, first and second moment) of one tensor at one step."""
+    base = stream_seed(seed, step, index)
+    return tuple(mix32_int(base + j * 0x9E3779B9) & 0x7FFFFFFF for j in range(3))  # type: ignore[return-value]
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 tensors of uint32 values, without int64 overflow (split c into 16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """mix32_int element-wise on an int64 tensor of uint32 values (the kernel does the same in uint32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def index_hash(n: int, device: torch.device | str) -> torch.Tensor:
+    """The per-element half of the random bits: mix32 of each flat index."""
+    return mix32(torch.arange(n, device=device, dtype=torch.int64))
+
+
+def stochastic_round_bf16(x: torch.Tensor, key: int, hashed_index: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 -> bf16, rounding up with probability equal to the distance from the lower neighbour (unbiased).
 
     Adding uniform 16-bit noise to the bit pattern and truncating does this for both signs (the bits are sign and
-    magnitude); infinities stay infinite and NaNs stay NaN.
+    magnitude); infinities stay infinite and NaNs stay NaN. The noise of element i is mix32(mix32(i) ^ key) mod 2**16.
     """
     x = x.float().contiguous()
-    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    if hashed_index is None:
+        hashed_index = index_hash(x.numel(), x.device)
+    noise = (mix32(hashed_index ^ key) & 0xFFFF).to(torch.int32).view(x.shape)
     rounded = ((x.view(torch.int32) + noise) & -65536).view(torch.float32)
     return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AdamWScalars:
+    """The fp32 constants of one AdamW step, computed once in double precision so that the kernel and the torch
+    reference multiply by the very same numbers."""
+
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    decay: float  # 1 - lr * weight_decay
+    step_size: float  # lr / (1 - beta1**step)
+    inv_bc2_sqrt: float  # 1 / sqrt(1 - beta2**step)
+
+    @classmethod
+    def of(cls, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> AdamWScalars:
+        return cls(1 - beta1, beta2, 1 - beta2, eps, 1 - lr * weight_decay, lr / (1 - beta1**step),
+                   1 / math.sqrt(1 - beta2**step))  # fmt: skip
+
+
+_KERNEL_CHECKED: dict[str, bool] = {}
+
+
+def kernel_matches_reference(device: torch.device) -> bool:
+    """Run the Triton kernel once on this device and compare every element with the torch reference (both moment
+    dtypes, some non-finite values). False (with a warning) means the optimizer keeps to the torch code."""
+    name = str(device)
+    if name not in _KERNEL_CHECKED:
+        from . import optim_triton
+
+        ok = optim_triton.available()
+        if ok:
+            gen = torch.Generator().manual_seed(0)
+            n = (1 << 16) + 123
+            hyper = AdamWScalars.of(5e-6, 0.9, 0.95, 1e-7, 0.01, 3)
+            for dtype in (torch.bfloat16, torch.float32):
+                p = (torch.randn(n, generator=gen) * 0.02).bfloat16()
+                p[:3] = torch.tensor([float("inf"), float("nan"), 0.0])
+                g = (torch.randn(n, generator=gen) * 1e-3).bfloat16()
+                m = (torch.randn(n, generator=gen) * 1e-3).to(dtype)
+                v = (torch.rand(n, generator=gen) * 2e-6).to(dtype)
+                want = [t.to(device) for t in (p, g, m, v)]
+                got = [t.clone() for t in want]
+                adamw_sr_torch_(*want, hyper, (11, 22, 33))
+                optim_triton.adamw_sr_(*got, hyper, (11, 22, 33))
+                ok = ok and all(torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a.view(torch.int32),
+                                            b.view(torch.int16) if b.dtype == torch.bfloat16 else b.view(torch.int32))
+                                for a, b in zip(want, got))  # fmt: skip
+            if not ok:
+                warnings.warn(
+                    f"the fused AdamWSR kernel does not reproduce the torch reference on {name}; using the (slower) "
+                    "torch code instead", stacklevel=2,
+                )  # fmt: skip
+        _KERNEL_CHECKED[name] = ok
+    return _KERNEL_CHECKED[name]
 
 
 def _triton_ok(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
@@ -79,9 +176,10 @@ class AdamWSR(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=int(seed))
         super().__init__(params, defaults)
         self.state_dtype = state_dtype
-        if use_triton is None:  # the kernel is opt-in until it passes tests/gpu/test_optim_kernel.py on a GPU
-            use_triton = True if os.environ.get("PHI3V_TRITON_SR") == "1" else False
-        self.use_triton = use_triton  # True: the Triton kernel on CUDA; False: the torch code (the reference)
+        if use_triton is None:
+            use_triton = {"1": True, "0": False}.get(os.environ.get("PHI3V_TRITON_SR", ""))
+        # None: the Triton kernel on CUDA where it reproduces the reference; True: insist; False: the torch code
+        self.use_triton = use_triton
 
     # ----------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -107,32 +205,31 @@ class AdamWSR(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["step"] += 1
-                seed = stream_seed(group["seed"], state["step"], index)
-                self._update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group, state["step"], seed)
+                keys = stream_keys(group["seed"], state["step"], index)
+                self._update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group, state["step"], keys)
         return loss
 
-    def _update(self, p, grad, exp_avg, exp_avg_sq, group: dict[str, Any], step: int, seed: int) -> None:
+    def _update(self, p, grad, exp_avg, exp_avg_sq, group: dict[str, Any], step: int, keys) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         if p.dtype == torch.float32:  # the ordinary AdamW update, in place (as torch's single-tensor AdamW)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2_sqrt = math.sqrt(1 - beta2**step)
             p.mul_(1 - lr * wd)
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
             return
-        use_triton = self.use_triton is not False and _triton_ok(p, grad, exp_avg, exp_avg_sq)
-        if use_triton:
+        hyper = AdamWScalars.of(lr, beta1, beta2, eps, wd, step)
+        fits = _triton_ok(p, grad, exp_avg, exp_avg_sq)
+        if self.use_triton is True and not fits:
+            raise RuntimeError("use_triton=True needs CUDA tensors, contiguous, and the triton package")
+        if fits and self.use_triton is not False and (self.use_triton or kernel_matches_reference(p.device)):
             from .optim_triton import adamw_sr_
 
-            adamw_sr_(p, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, wd, bias_correction1,
-                      bias_correction2_sqrt, seed)  # fmt: skip
+            adamw_sr_(p, grad, exp_avg, exp_avg_sq, hyper, keys)
             return
-        if self.use_triton:
-            raise RuntimeError("use_triton=True needs CUDA tensors, contiguous, and the triton package")
-        adamw_sr_torch_(p, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, wd, bias_correction1,
-                        bias_correction2_sqrt, seed)  # fmt: skip
+        adamw_sr_torch_(p, grad, exp_avg, exp_avg_sq, hyper, keys)
 
     # ----------------------------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -154,23 +251,21 @@ def adamw_sr_torch_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    bias_correction1: float,
-    bias_correction2_sqrt: float,
-    seed: int,
+    hyper: AdamWScalars,
+    keys: tuple[int, int, int],
 ) -> None:
-    """One AdamW step of a bf16 tensor in fp32; writes p (and bf16 moments) back with stochastic rounding."""
+    """One AdamW step of a bf16 tensor in fp32; writes p (and bf16 moments) back with stochastic rounding.
+
+    Each line is one fp32 operation per element, in the order the kernel does them (the kernel matches bit for bit).
+    """
     g = grad.float()
-    m = exp_avg.float().lerp_(g, 1 - beta1)
-    v = exp_avg_sq.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    new_p = p.float().mul_(1 - lr * weight_decay).addcdiv_(m, denom, value=-lr / bias_correction1)
-    gen = torch.Generator(device=p.device)
-    gen.manual_seed(seed)
-    p.copy_(stochastic_round_bf16(new_p, gen).view_as(p))
-    for state, value in ((exp_avg, m), (exp_avg_sq, v)):
-        state.copy_(stochastic_round_bf16(value, gen).view_as(state) if state.dtype == torch.bfloat16 else value)
+    m = exp_avg.float()
+    v = exp_avg_sq.float()
+    m = m + (g - m) * hyper.one_minus_beta1
+    v = v * hyper.beta2 + (g * g) * hyper.one_minus_beta2
+    denom = v.sqrt() * hyper.inv_bc2_sqrt + hyper.eps
+    new_p = p.float() * hyper.decay - (m / denom) * hyper.step_size
+    hashed = index_hash(p.numel(), p.device).view(p.shape)
+    p.copy_(stochastic_round_bf16(new_p, keys[0], hashed))
+    for state, value, key in ((exp_avg, m, keys[1]), (exp_avg_sq, v, keys[2])):
+        state.copy_(stochastic_round_bf16(value, key, hashed) if state.dtype == torch.bfloat16 else value)

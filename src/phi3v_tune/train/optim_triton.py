@@ -1,9 +1,14 @@
 """The fused CUDA kernel of AdamWSR (optim.py): one pass per tensor reads p, g, m, v and writes p, m, v.
 
-The math is optim.adamw_sr_torch_'s; the random bits come from Triton's Philox (`tl.randint4x`) keyed by the step's
-seed and the element index, so results are deterministic but not bit-equal to the torch reference (different random
-streams): both are unbiased roundings of the same fp32 values. Importing this module never fails; `available()` says
-whether Triton is there.
+It computes exactly what optim.adamw_sr_torch_ computes, bit for bit: the same fp32 operations in the same order,
+each rounded on its own (no fused multiply-add: `enable_fp_fusion=False`; IEEE division and square root), and the
+same random bits (optim.mix32 applied twice to the element index and a per-stream key, integer arithmetic that every
+backend computes alike). So the torch code is the reference the kernel is tested against, element by element
+(tests/gpu/test_optim_kernel.py, and optim.kernel_matches_reference before first use on each GPU).
+
+An earlier version drew its random bits from Triton's Philox stream; on an H100 its updates came out 27% short on
+average, which element-wise equality with the torch reference would have caught. Importing this module never
+fails; `available()` says whether Triton is there.
 """
 
 from __future__ import annotations
@@ -26,45 +31,45 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _round_bf16(x, bits16):
+    def _mix32(x):
+        """lowbias32 (see optim.mix32) on uint32 values; products wrap modulo 2**32."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _round_bf16(x, index_hash, key):
         """fp32 -> bf16 with stochastic rounding: add 16 random bits below the kept ones, then truncate."""
+        bits = _mix32(index_hash ^ key) & 0xFFFF
         raw = x.to(tl.uint32, bitcast=True)
-        raw = ((raw + (bits16 & 0xFFFF)) >> 16) << 16
+        raw = (raw + bits) & 0xFFFF0000
         rounded = raw.to(tl.float32, bitcast=True)
         return tl.where(x != x, x, rounded).to(tl.bfloat16)
 
-    @triton.jit(do_not_specialize=["seed", "lr", "step_size", "inv_bc2_sqrt"])
+    @triton.jit(do_not_specialize=["decay", "step_size", "inv_bc2_sqrt", "key_p", "key_m", "key_v"])
     def _adamw_sr_kernel(
-        p_ptr,
-        g_ptr,
-        m_ptr,
-        v_ptr,
-        n,
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        step_size,
-        inv_bc2_sqrt,
-        seed,
-        STATES_BF16: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
+        p_ptr, g_ptr, m_ptr, v_ptr, n,
+        one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, inv_bc2_sqrt,
+        key_p, key_m, key_v,
+        STATES_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = m + (1.0 - beta1) * (g - m)
-        v = beta2 * v + (1.0 - beta2) * g * g
-        p = p * (1.0 - lr * weight_decay) - step_size * m / (tl.sqrt(v) * inv_bc2_sqrt + eps)
-        r_p, r_m, r_v, _ = tl.randint4x(seed, offs)
-        tl.store(p_ptr + offs, _round_bf16(p, r_p), mask=mask)
+        m = m + one_minus_beta1 * (g - m)
+        v = beta2 * v + one_minus_beta2 * (g * g)
+        denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
+        p = p * decay - step_size * tl.div_rn(m, denom)
+        index_hash = _mix32(offs.to(tl.uint32))
+        tl.store(p_ptr + offs, _round_bf16(p, index_hash, key_p.to(tl.uint32)), mask=mask)
         if STATES_BF16:
-            tl.store(m_ptr + offs, _round_bf16(m, r_m), mask=mask)
-            tl.store(v_ptr + offs, _round_bf16(v, r_v), mask=mask)
+            tl.store(m_ptr + offs, _round_bf16(m, index_hash, key_m.to(tl.uint32)), mask=mask)
+            tl.store(v_ptr + offs, _round_bf16(v, index_hash, key_v.to(tl.uint32)), mask=mask)
         else:
             tl.store(m_ptr + offs, m, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
@@ -75,14 +80,8 @@ def adamw_sr_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    bias_correction1: float,
-    bias_correction2_sqrt: float,
-    seed: int,
+    hyper: "AdamWScalars",  # noqa: F821  (optim.AdamWScalars; imported lazily to keep this module standalone)
+    keys: tuple[int, int, int],
 ) -> None:
     """In place, on contiguous tensors of one device: p bf16; grad any float; moments both bf16 or both fp32."""
     if triton is None:
@@ -95,7 +94,8 @@ def adamw_sr_(
     if n == 0:
         return
     _adamw_sr_kernel[(triton.cdiv(n, BLOCK),)](
-        p, grad, exp_avg, exp_avg_sq, n, lr, beta1, beta2, eps, weight_decay,
-        lr / bias_correction1, 1.0 / bias_correction2_sqrt, seed,
-        STATES_BF16=exp_avg.dtype == torch.bfloat16, BLOCK=BLOCK,
+        p, grad, exp_avg, exp_avg_sq, n,
+        hyper.one_minus_beta1, hyper.beta2, hyper.one_minus_beta2, hyper.eps, hyper.decay, hyper.step_size,
+        hyper.inv_bc2_sqrt, keys[0], keys[1], keys[2],
+        STATES_BF16=exp_avg.dtype == torch.bfloat16, BLOCK=BLOCK, enable_fp_fusion=False,
     )  # fmt: skip

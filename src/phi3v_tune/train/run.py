@@ -107,13 +107,12 @@ def data_collators(cfg: TrainConfig, processor: Phi3VProcessor, model: torch.nn.
 
 
 def master_weights(cfg: TrainConfig) -> str:
-    """'bf16-sr' or 'fp32' for full/freeze-vision/lora ('auto': bf16-sr when training in bf16 on a CUDA GPU without
-    DeepSpeed, so CPU runs stay exact fp32); always 'fp32' for QLoRA (PEFT's k-bit preparation upcasts to fp32).
+    """'bf16-sr' or 'fp32' ('auto': bf16-sr when training in bf16 on a CUDA GPU without DeepSpeed, so CPU runs stay
+    exact fp32).
 
-    bf16-sr trains bf16 weights (for lora: bf16 adapters) without autocast: no per-op casts, no fp32 copies of
-    activations for the adapters, and the optimizer's stochastic rounding keeps small updates."""
-    if cfg.method not in ("full", "freeze-vision", "lora"):
-        return "fp32"
+    bf16-sr trains bf16 weights (for lora/qlora: bf16 adapters) without autocast: no per-op casts, no fp32 copies of
+    activations for the adapters (for qlora no fp32 copy of the frozen vision tower, embeddings and norms either),
+    and the optimizer's stochastic rounding keeps small updates."""
     if cfg.master_weights != "auto":
         return cfg.master_weights
     on_gpu = not cfg.cpu and torch.cuda.is_available()

@@ -96,9 +96,13 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
 
     from peft import LoraConfig, get_peft_model
 
-    if cfg.method == "qlora":
+    from .run import master_weights
+
+    bf16_sr = master_weights(cfg) == "bf16-sr"
+    if cfg.method == "qlora" and not bf16_sr:
         from peft import prepare_model_for_kbit_training
 
+        # fp32 norms, embeddings and vision tower under autocast (PEFT's recipe); bf16-sr keeps them bf16
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     model.requires_grad_(False)
     lora = LoraConfig(
@@ -110,9 +114,11 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    from .run import master_weights
-
     # bf16-sr: adapters in the base weights' dtype (bf16), trained without autocast by the stochastic-rounding AdamW
-    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=master_weights(cfg) != "bf16-sr")
+    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=not bf16_sr)
+    if bf16_sr:  # PEFT leaves adapters on 4-bit layers in fp32 (their base weight has no float dtype)
+        for param in peft_model.parameters():
+            if param.requires_grad and param.dtype == torch.float32:
+                param.data = param.data.to(torch.bfloat16)
     model.freeze_unused()
     return peft_model
