@@ -170,10 +170,20 @@ def test_master_weights_config():
     assert master_weights(TrainConfig(cpu=True)) == "fp32"  # auto: CPU stays exact fp32
     assert master_weights(TrainConfig(method="lora", cpu=True)) == "fp32"
     assert master_weights(TrainConfig(method="qlora", master_weights="auto")) == "fp32"
+    import unittest.mock
+
+    gpu = TrainConfig(bf16=True)
+    with unittest.mock.patch("torch.cuda.is_available", return_value=True):
+        assert master_weights(gpu) == "bf16-sr"
+        assert master_weights(TrainConfig(bf16=True, method="qlora")) == "bf16-sr"
+        assert master_weights(TrainConfig(bf16=True, fsdp=True)) == "fp32"
+        with unittest.mock.patch.dict(os.environ, {"ACCELERATE_USE_FSDP": "true"}):
+            assert master_weights(gpu) == "fp32"  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
     forced = TrainConfig(master_weights="bf16-sr", cpu=True).validate()
     assert master_weights(forced) == "bf16-sr" and precision(forced) == (True, False)
     for bad, words in (
         (dict(fp16=True), "--fp16"),
+        (dict(fsdp=True), "FSDP2 shards the weights"),
         (dict(deepspeed="configs/deepspeed/zero2.json"), "DeepSpeed brings its own optimizer"),
     ):
         with pytest.raises(ValueError, match=words):

@@ -259,6 +259,8 @@ def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: i
     from .baseline import build_plain, plain_step
 
     free_gpu()
+    if ON_GPU:  # PyTorch's default SDPA order (cuDNN first on H100), whatever an earlier row of ours selected
+        torch.backends.cuda.enable_cudnn_sdp(True)
     device = "cuda" if ON_GPU else "cpu"
     setup = build_plain(config, row.method, row.checkpointing, device=device)
     slots = row.extra.get("crop_slots", 17)

@@ -75,6 +75,14 @@ class TrainConfig:
         "through variable-length attention.",
         choices=("sdpa", "eager"),
     )
+    sdpa_backend: str = _f(
+        "flash",
+        "Which PyTorch SDPA kernels sdpa may use on a GPU: flash (FlashAttention, or memory-efficient where a mask "
+        "needs it; cuDNN's off) or cudnn (PyTorch's default order, cuDNN first on H100). cuDNN builds a plan for "
+        "every new sequence length, ~1-1.7 ms of CPU time per layer call when lengths vary from step to step "
+        "(measured on an H100, benchmarks/RESULTS.md).",
+        choices=("flash", "cudnn"),
+    )
     cpu: bool = _f(False, "Train on the CPU even when a GPU is present (smoke tests, exact fp32 reproducibility).")
     bf16: bool = _f(False, "bf16 mixed precision (default on GPUs that support it unless --fp16).")
     fp16: bool = _f(False, "fp16 mixed precision with loss scaling (fp32 master weights).")
@@ -194,6 +202,11 @@ class TrainConfig:
         if self.master_weights == "bf16-sr":
             if self.fp16:
                 raise ValueError("--master-weights bf16-sr trains in bf16; it cannot be combined with --fp16")
+            if self.fsdp:
+                raise ValueError(
+                    "--master-weights bf16-sr cannot be combined with --fsdp: FSDP2 shards the weights and keeps "
+                    "fp32 master weights in its own mixed precision (use --master-weights fp32 or auto)"
+                )
             if self.deepspeed:
                 raise ValueError(
                     "--master-weights bf16-sr cannot be combined with --deepspeed: DeepSpeed brings its own optimizer "

@@ -112,11 +112,17 @@ def master_weights(cfg: TrainConfig) -> str:
 
     bf16-sr trains bf16 weights (for lora/qlora: bf16 adapters) without autocast: no per-op casts, no fp32 copies of
     activations for the adapters (for qlora no fp32 copy of the frozen vision tower, embeddings and norms either),
-    and the optimizer's stochastic rounding keeps small updates."""
+    and the optimizer's stochastic rounding keeps small updates. Under FSDP2 (sharded DTensor parameters) and
+    DeepSpeed the engine's own mixed precision keeps fp32 master weights."""
     if cfg.master_weights != "auto":
         return cfg.master_weights
     on_gpu = not cfg.cpu and torch.cuda.is_available()
-    return "bf16-sr" if on_gpu and precision(cfg)[0] and not cfg.deepspeed else "fp32"
+    return "bf16-sr" if on_gpu and precision(cfg)[0] and not cfg.deepspeed and not fsdp_on(cfg) else "fp32"
+
+
+def fsdp_on(cfg: TrainConfig) -> bool:
+    """--fsdp, or `accelerate launch` with an FSDP config (which says so in the environment)."""
+    return bool(cfg.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
 def load_model(cfg: TrainConfig, folder: str) -> Phi3VForCausalLM:
@@ -292,10 +298,17 @@ def training_arguments(cfg: TrainConfig, world_size: int):
     )
 
 
+def select_sdpa_backend(cfg: TrainConfig) -> None:
+    """--sdpa-backend: flash turns PyTorch's cuDNN attention off for this process (CUDA only; the CPU has neither)."""
+    if torch.cuda.is_available() and not cfg.cpu:
+        torch.backends.cuda.enable_cudnn_sdp(cfg.sdpa_backend == "cudnn")
+
+
 def build_trainer(cfg: TrainConfig, data: LoadedData, processor: Phi3VProcessor, model: torch.nn.Module, world: int):
     """Datasets, collators and our Trainer with its progress bar: what `run_training` and the benchmark share."""
     from transformers.trainer_callback import ProgressCallback
 
+    select_sdpa_backend(cfg)
     from .trainer import Phi3VTrainer, ProgressBar
 
     train_ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
