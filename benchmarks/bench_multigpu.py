@@ -115,6 +115,7 @@ def read_result(out: Path, warmup: int) -> dict[str, Any]:
     peaks = metrics.get("peak_gpu_memory_gib_per_rank") or []
     return {
         "img_per_s": round(statistics.median(rates), 3) if rates else None,
+        "rates": rates,  # every timed step's rate: how noisy the median is
         "peak_gib": round(max(peaks), 2) if peaks else None,
         "losses": [h["loss"] for h in logs],
         "steps": len(logs),
@@ -317,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     data = prepare(model, work, samples=max(gpus) * args.steps + 8)
+
     def job(runs: list[Run]) -> dict[str, Any]:
         row = execute(runs, args.timeout, args.warmup, keep=args.keep)
         print("ROW", json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)

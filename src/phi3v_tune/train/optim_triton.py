@@ -13,7 +13,12 @@ fails; `available()` says whether Triton is there.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .optim import AdamWScalars
 
 try:
     import triton
@@ -80,7 +85,7 @@ def adamw_sr_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    hyper: "AdamWScalars",  # noqa: F821  (optim.AdamWScalars; imported lazily to keep this module standalone)
+    hyper: AdamWScalars,
     keys: tuple[int, int, int],
 ) -> None:
     """In place, on contiguous tensors of one device: p bf16; grad any float; moments both bf16 or both fp32."""
