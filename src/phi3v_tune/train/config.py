@@ -87,6 +87,13 @@ class TrainConfig:
     bf16: bool = _f(False, "bf16 mixed precision (default on GPUs that support it unless --fp16).")
     fp16: bool = _f(False, "fp16 mixed precision with loss scaling (fp32 master weights).")
     gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing (less memory, ~30% slower).")
+    checkpointing_scope: str = _f(
+        "all",
+        "With --gradient-checkpointing, the layers that recompute their forward in backward: all, vision (CLIP "
+        "layers only: when the tower trains, its 17 crops x 577 tokens per document hold more activations than the "
+        "decoder's ~2.5k tokens, for a small share of the compute) or language (decoder layers only).",
+        choices=("all", "vision", "language"),
+    )
     compile: bool = _f(
         False,
         "Regional torch.compile of every decoder and CLIP layer (GPU): faster steps after a one-off compile of "

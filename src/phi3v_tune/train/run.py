@@ -146,6 +146,10 @@ def prepare_model(cfg: TrainConfig, base: str):
     model = apply_strategy(load_model(cfg, base), cfg)
     weights = f", {master_weights(cfg)} master weights" if cfg.method in ("full", "freeze-vision") else ""
     say(f"method {cfg.method}{weights}: {count_parameters(model)}")
+    if cfg.gradient_checkpointing and cfg.checkpointing_scope != "all":
+        from .strategies import checkpoint_only
+
+        say(f"activation checkpointing: {checkpoint_only(model, cfg.checkpointing_scope)} {cfg.checkpointing_scope} layers")
     if cfg.compile:
         from .compile import compile_layers
 
@@ -272,7 +276,7 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         data_seed=cfg.seed,
         bf16=bf16 and master_weights(cfg) != "bf16-sr",  # all-bf16 weights need no autocast
         fp16=fp16,
-        **checkpointing_arguments(cfg.gradient_checkpointing),
+        **checkpointing_arguments(cfg.gradient_checkpointing and cfg.checkpointing_scope == "all"),
         save_strategy="steps" if cfg.save_checkpoints else "no",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,

@@ -103,7 +103,8 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
         # fp32 norms, embeddings and vision tower under autocast (PEFT's recipe); bf16-sr keeps them bf16
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        everywhere = cfg.gradient_checkpointing and cfg.checkpointing_scope == "all"
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=everywhere)
     model.requires_grad_(False)
     lora = LoraConfig(
         r=cfg.lora_rank,
@@ -122,3 +123,24 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
                 param.data = param.data.to(torch.bfloat16)
     model.freeze_unused()
     return peft_model
+
+
+def checkpoint_only(model: nn.Module, scope: str) -> int:
+    """Selective activation checkpointing: non-reentrant checkpointing on the CLIP encoder layers ('vision') or the
+    decoder layers ('language') only; returns how many layers recompute. (`--checkpointing-scope all` goes through
+    the Trainer's own switch instead.)"""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chosen = 0
+    for module in base.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            keep = isinstance(module, CLIPEncoderLayer) == (scope == "vision")
+            module.gradient_checkpointing = keep
+            chosen += int(keep)
+    return chosen

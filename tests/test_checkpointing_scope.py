@@ -1,0 +1,92 @@
+"""--checkpointing-scope: selective activation checkpointing recomputes only the chosen layers in backward (CLIP
+encoder layers for 'vision', decoder layers for 'language') and leaves loss and gradients unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from phi3v_tune.model.tiny import tiny_model
+from phi3v_tune.train.config import TrainConfig
+from phi3v_tune.train.strategies import apply_strategy, checkpoint_only
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_processor):
+    chat = tiny_processor.apply_chat_template
+    text = chat([{"role": "user", "content": "<|image_1|>\nWhat colour?"}]) + "red circle<|end|>\n<|endoftext|>"
+    image = Image.fromarray(np.random.RandomState(1).randint(0, 256, (300, 400, 3), dtype=np.uint8))
+    inputs = dict(tiny_processor(text=[text], images=[[image]]))
+    labels = inputs["input_ids"].clone()
+    labels[labels < 0] = -100
+    labels[:, :-6] = -100
+    return inputs, labels
+
+
+def step(model, inputs, labels) -> tuple[float, dict[str, torch.Tensor], dict[str, int]]:
+    """One forward + backward; how often the MLP of the first CLIP layer and of the first decoder layer ran forward
+    (counted in `forward` itself: torch's checkpoint recompute does not fire module hooks)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = {"vision": base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers[0].mlp,
+              "language": base.model.layers[0].mlp}  # fmt: skip
+    calls = dict.fromkeys(layers, 0)
+
+    def counting(key, forward):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return forward(*args, **kwargs)
+
+        return wrapper
+
+    for key, module in layers.items():
+        module.forward = counting(key, module.forward)
+    try:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+    finally:
+        for module in layers.values():
+            del module.forward  # back to the class's forward
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads, calls
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("scope", ["vision", "language"])
+def test_only_the_chosen_layers_recompute_and_gradients_are_unchanged(tiny_tokenizer, batch, method, scope):
+    cfg = TrainConfig(method=method, lora_rank=4, lora_vision=True, gradient_checkpointing=True,
+                      checkpointing_scope=scope)  # fmt: skip
+    plain = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
+    loss0, grads0, calls0 = step(plain, *batch)
+    assert calls0 == {"vision": 1, "language": 1}
+    selective = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
+    recomputing = checkpoint_only(selective, scope)
+    base = selective.get_base_model() if hasattr(selective, "get_base_model") else selective
+    expected = len(base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers) if scope == "vision" \
+        else len(base.model.layers)  # fmt: skip
+    assert recomputing == expected
+    loss1, grads1, calls1 = step(selective, *batch)
+    other = "language" if scope == "vision" else "vision"
+    assert calls1 == {scope: 2, other: 1}  # forward again in backward for the chosen layers only
+    assert loss1 == pytest.approx(loss0, abs=1e-6)
+    assert grads1.keys() == grads0.keys() and grads0
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_scope_all_goes_through_the_trainer_switch_and_others_do_not():
+    from phi3v_tune.train.run import training_arguments
+
+    def args(**kw):
+        cfg = TrainConfig(data="x.jsonl", model="tiny", cpu=True, report_to="none", output_dir="/tmp/x", **kw)
+        return training_arguments(cfg.validate(), 1)
+
+    def on(a) -> bool:
+        return bool(getattr(a, "activation_checkpointing", None) or getattr(a, "gradient_checkpointing", None))
+
+    assert on(args(gradient_checkpointing=True))
+    assert not on(args(gradient_checkpointing=True, checkpointing_scope="vision"))
+    assert not on(args())
