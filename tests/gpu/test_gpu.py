@@ -123,3 +123,37 @@ def test_qlora_trains_bf16_adapters_by_default_and_fp32_on_request(tmp_path, wei
     assert np.isfinite(metrics["train"]["train_loss"])
     adapter = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
     assert any(bool(v.abs().sum() > 0) for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it moved
+
+
+def test_sdpa_backend_flash_avoids_cudnn_attention_with_the_same_loss(tiny_tokenizer, tiny_processor):
+    """--sdpa-backend flash: no cuDNN attention op runs (forward or backward), and the loss and gradients agree
+    with the cuDNN run within bf16 noise."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from phi3v_tune.model.tiny import tiny_model
+    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.train.run import select_sdpa_backend
+
+    text = tiny_processor.apply_chat_template([{"role": "user", "content": "<|image_1|>\nWhat is shown?"}]) + "a dog"
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (400, 700, 3), dtype=np.uint8))
+    inputs = {k: v.to("cuda") for k, v in tiny_processor(text=text, images=[image]).items()}
+    labels = inputs["input_ids"].clamp(min=0)
+    labels[:, :-3] = -100
+    results = {}
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for backend in ("cudnn", "flash"):
+            select_sdpa_backend(TrainConfig(sdpa_backend=backend))
+            model = tiny_model(tiny_tokenizer, seed=3).to("cuda", torch.bfloat16).train()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                loss = model(**inputs, labels=labels).loss
+                loss.backward()
+            ops = {e.key for e in prof.key_averages()}
+            grad = model.model.layers[0].self_attn.qkv_proj.weight.grad.float()
+            results[backend] = (float(loss), grad, any("cudnn_attention" in op for op in ops))
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    assert results["flash"][2] is False
+    assert abs(results["flash"][0] - results["cudnn"][0]) < 2e-2 * abs(results["cudnn"][0])
+    g_flash, g_cudnn = results["flash"][1], results["cudnn"][1]
+    assert float((g_flash - g_cudnn).norm() / g_cudnn.norm()) < 5e-2
