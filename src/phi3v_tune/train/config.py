@@ -78,9 +78,9 @@ class TrainConfig:
     sdpa_backend: str = _f(
         "flash",
         "Which PyTorch SDPA kernels sdpa may use on a GPU: flash (FlashAttention, or memory-efficient where a mask "
-        "needs it; cuDNN's off) or cudnn (PyTorch's default order, cuDNN first on H100). cuDNN builds a plan for "
-        "every new sequence length, ~1-1.7 ms of CPU time per layer call when lengths vary from step to step "
-        "(measured on an H100, benchmarks/RESULTS.md).",
+        "needs it; cuDNN's off) or cudnn (PyTorch's default order, cuDNN first on H100). With lengths that vary "
+        "from step to step cuDNN attention took ~1.1-1.6 ms of CPU time per layer call on an H100 "
+        "(benchmarks/RESULTS.md).",
         choices=("flash", "cudnn"),
     )
     cpu: bool = _f(False, "Train on the CPU even when a GPU is present (smoke tests, exact fp32 reproducibility).")
