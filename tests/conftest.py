@@ -42,3 +42,19 @@ def tiny_processor(tiny_tokenizer):
     from phi3v_tune import Phi3VProcessor
 
     return Phi3VProcessor.from_tokenizer(tiny_tokenizer, num_crops=4)
+
+
+@pytest.fixture
+def built_optimizers(monkeypatch) -> list:
+    """(optimizer, model) for every optimizer our Trainer builds while the test runs (a spy on create_optimizer)."""
+    from phi3v_tune.train.trainer import Phi3VTrainer
+
+    seen: list = []
+    original = Phi3VTrainer.create_optimizer
+
+    def spy(self, model=None):
+        seen.append((original(self, model), self.model))
+        return seen[-1][0]
+
+    monkeypatch.setattr(Phi3VTrainer, "create_optimizer", spy)
+    return seen

@@ -190,22 +190,14 @@ def test_master_weights_config():
             TrainConfig(master_weights="bf16-sr", **bad).validate()
 
 
-def test_trainer_runs_bf16_sr_on_cpu_and_resumes_exactly(tmp_path):
+def test_trainer_runs_bf16_sr_on_cpu_and_resumes_exactly(tmp_path, built_optimizers):
     from safetensors.torch import load_file
 
     from phi3v_tune.data.synthetic import demo_split, write_jsonl
-    from phi3v_tune.train import trainer as trainer_module
     from phi3v_tune.train.run import run_training
 
     train, _ = demo_split(2, 0, seed=5, tasks=("colour", "shape"), as_png=True)
     data = write_jsonl(train, tmp_path / "data")
-    seen: list[torch.optim.Optimizer] = []
-    original = trainer_module.Phi3VTrainer.create_optimizer
-
-    def spy(self, model=None):
-        opt = original(self, model)
-        seen.append(opt)
-        return opt
 
     def cfg(out: Path, **kw) -> TrainConfig:
         return TrainConfig(data=str(data), model="tiny", num_crops=1, output_dir=str(out), batch_size=2,
@@ -213,17 +205,14 @@ def test_trainer_runs_bf16_sr_on_cpu_and_resumes_exactly(tmp_path):
                            logging_steps=1, report_to="none", num_workers=0, progress=False, cpu=True,
                            master_weights="bf16-sr", max_steps=4, **kw)  # fmt: skip
 
-    trainer_module.Phi3VTrainer.create_optimizer = spy
-    try:
-        metrics = run_training(cfg(tmp_path / "straight"))
-        run_training(cfg(tmp_path / "resumed", stop_at_step=2))
-        run_training(cfg(tmp_path / "resumed", resume="latest"))
-    finally:
-        trainer_module.Phi3VTrainer.create_optimizer = original
-    assert isinstance(seen[0], AdamWSR)
-    decay = {g["weight_decay"] for g in seen[0].param_groups}
+    metrics = run_training(cfg(tmp_path / "straight"))
+    run_training(cfg(tmp_path / "resumed", stop_at_step=2))
+    run_training(cfg(tmp_path / "resumed", resume="latest"))
+    first = built_optimizers[0][0]
+    assert isinstance(first, AdamWSR)
+    decay = {g["weight_decay"] for g in first.param_groups}
     assert decay == {0.01, 0.0}  # HF's grouping: no decay on norms/biases
-    params = [p for g in seen[0].param_groups for p in g["params"]]
+    params = [p for g in first.param_groups for p in g["params"]]
     assert params and all(p.dtype == torch.bfloat16 for p in params)
     assert torch.isfinite(torch.tensor(metrics["train"]["train_loss"]))
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
@@ -252,10 +241,9 @@ def test_triton_kernel_in_the_interpreter():
     assert "6 passed" in result.stdout  # the others need CUDA
 
 
-def test_lora_bf16_sr_trains_bf16_adapters_without_autocast(tmp_path):
+def test_lora_bf16_sr_trains_bf16_adapters_without_autocast(tmp_path, built_optimizers):
     """--method lora --master-weights bf16-sr: adapters in bf16, AdamWSR, no autocast (TrainingArguments bf16 off)."""
     from phi3v_tune.data.synthetic import demo_split, write_jsonl
-    from phi3v_tune.train import trainer as trainer_module
     from phi3v_tune.train.run import run_training, training_arguments
 
     train, _ = demo_split(2, 0, seed=5, tasks=("colour",), as_png=True)
@@ -265,20 +253,10 @@ def test_lora_bf16_sr_trains_bf16_adapters_without_autocast(tmp_path):
                       report_to="none", num_workers=0, progress=False, cpu=True, method="lora", lora_rank=4,
                       master_weights="bf16-sr", max_steps=3)  # fmt: skip
     assert training_arguments(cfg, 1).bf16 is False
-    seen = []
-    original = trainer_module.Phi3VTrainer.create_optimizer
-
-    def spy(self, model=None):
-        seen.append(original(self, model))
-        return seen[-1]
-
-    trainer_module.Phi3VTrainer.create_optimizer = spy
-    try:
-        run_training(cfg)
-    finally:
-        trainer_module.Phi3VTrainer.create_optimizer = original
-    assert isinstance(seen[0], AdamWSR)
-    params = [p for g in seen[0].param_groups for p in g["params"]]
+    run_training(cfg)
+    first = built_optimizers[0][0]
+    assert isinstance(first, AdamWSR)
+    params = [p for g in first.param_groups for p in g["params"]]
     assert params and all(p.dtype == torch.bfloat16 for p in params)
     from safetensors.torch import load_file
 

@@ -82,36 +82,24 @@ def test_fp16_loss_scaling_skips_overflowing_steps(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("weights", ["auto", "fp32"])
-def test_qlora_trains_bf16_adapters_by_default_and_fp32_on_request(tmp_path, weights):
+def test_qlora_trains_bf16_adapters_by_default_and_fp32_on_request(tmp_path, weights, built_optimizers):
     """qlora on a GPU: auto = bf16-sr (bf16 adapters, frozen weights left in bf16, AdamWSR, no autocast); fp32 =
     PEFT's k-bit preparation (fp32 adapters and upcast frozen weights under autocast). Both train."""
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
 
     from phi3v_tune.data.synthetic import demo_split, write_jsonl
-    from phi3v_tune.train import trainer as trainer_module
     from phi3v_tune.train.config import TrainConfig
     from phi3v_tune.train.optim import AdamWSR
     from phi3v_tune.train.run import run_training
 
     train, _ = demo_split(4, 0, seed=1, tasks=("colour",), as_png=True)
     data = write_jsonl(train, tmp_path / "data")
-    seen = []
-    original = trainer_module.Phi3VTrainer.create_optimizer
-
-    def spy(self, model=None):
-        seen.append((original(self, model), self.model))
-        return seen[-1][0]
-
-    trainer_module.Phi3VTrainer.create_optimizer = spy
-    try:
-        cfg = TrainConfig(data=str(data), model="tiny", num_crops=1, output_dir=str(tmp_path / "run"), max_steps=3,
-                          batch_size=2, bf16=True, method="qlora", lora_rank=4, learning_rate=1e-2, warmup_steps=0,
-                          report_to="none", num_workers=0, progress=False, master_weights=weights)  # fmt: skip
-        metrics = run_training(cfg)
-    finally:
-        trainer_module.Phi3VTrainer.create_optimizer = original
-    opt, model = seen[0]
+    cfg = TrainConfig(data=str(data), model="tiny", num_crops=1, output_dir=str(tmp_path / "run"), max_steps=3,
+                      batch_size=2, bf16=True, method="qlora", lora_rank=4, learning_rate=1e-2, warmup_steps=0,
+                      report_to="none", num_workers=0, progress=False, master_weights=weights)  # fmt: skip
+    metrics = run_training(cfg)
+    opt, model = built_optimizers[0]
     trained = [p for g in opt.param_groups for p in g["params"]]
     vision = [p for n, p in model.named_parameters() if "img_processor" in n]
     if weights == "auto":
