@@ -39,10 +39,15 @@ class Collator:
             if "labels" in e:
                 labels[i, sl] = e["labels"]
             mask[i, sl] = 1
-        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-        with_images = [e for e in examples if e.get("pixel_values") is not None]
-        if with_images:
-            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images], dim=0)
-            batch["image_sizes"] = torch.cat([e["image_sizes"] for e in with_images], dim=0)
-        batch["ids"] = [e.get("id") for e in examples]
-        return batch
+        return add_images_and_ids({"input_ids": input_ids, "attention_mask": mask, "labels": labels}, examples)
+
+
+def add_images_and_ids(batch: dict[str, Any], examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The images of all examples, concatenated in example order (the order in which the model fills image
+    positions), and the sample ids; shared by the padded and the packing collator."""
+    with_images = [e for e in examples if e.get("pixel_values") is not None]
+    if with_images:
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images], dim=0)
+        batch["image_sizes"] = torch.cat([e["image_sizes"] for e in with_images], dim=0)
+    batch["ids"] = [e.get("id") for e in examples]
+    return batch

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .collate import add_images_and_ids
 from .examples import IGNORE_INDEX
 
 
@@ -99,10 +100,5 @@ class PackingCollator:
         }
         if self.original_max is not None:
             batch["rope_use_long"] = use_long
-        with_images = [e for e in examples if e.get("pixel_values") is not None]
-        if with_images:
-            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images], dim=0)
-            batch["image_sizes"] = torch.cat([e["image_sizes"] for e in with_images], dim=0)
-        batch["ids"] = [e.get("id") for e in examples]
         batch["num_tokens"] = sum(lengths)
-        return batch
+        return add_images_and_ids(batch, examples)
