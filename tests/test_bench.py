@@ -98,3 +98,19 @@ def test_bench_refuses_an_unknown_training_setting(tmp_path):
 
     with pytest.raises(SystemExit, match="unknown training setting.*compyle"):
         main(["--tiny", "--work", str(tmp_path), "--model-dir", str(tmp_path / "ck"), "--set", "compyle=true"])
+
+
+def test_profile_tables_cover_the_same_two_steps_for_both_builds(tmp_path, monkeypatch):
+    """PHI3V_PROFILE: one kernel table per row, ours and plain, each over the same two timed steps."""
+    from phi3v_tune.cli import main
+
+    monkeypatch.setenv("PHI3V_PROFILE", str(tmp_path / "prof"))
+    code = main(
+        ["bench", "--tiny", "--work", str(tmp_path / "w"), "--model-dir", str(tmp_path / "ck"), "--steps", "2",
+         "--warmup", "1", "--samples", "4", "--methods", "lora", "--checkpointing", "no", "--workloads", "docvqa"]
+    )  # fmt: skip
+    assert code == 0
+    for name in ("ours-docvqa-lora.txt", "plain-docvqa-lora.txt"):
+        rows = [line.split() for line in (tmp_path / "prof" / name).read_text().splitlines()]
+        steps = [r for r in rows if r and r[0] == "ProfilerStep*"]
+        assert steps and steps[0][-1] == "2", name  # '# of Calls': two profiled steps

@@ -12,7 +12,6 @@ and the host gap (share of wall time between the end of one step and the start o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -140,11 +139,14 @@ def write_kernel_table(prof, name: str) -> None:
 
 
 class profiled:
-    """With PHI3V_PROFILE=FOLDER: profile two steps after warm-up and write the top kernels there (to find time)."""
+    """With PHI3V_PROFILE=FOLDER: profile the two steps right after `warmup` (the first timed ones; step warmup-1 is
+    the profiler's own warm-up) and write the top kernels to FOLDER/name.txt, for our rows and the plain ones alike.
+    Call `step()` after every training step; with a `trainer`, a callback does it."""
 
-    def __init__(self, trainer, warmup: int, name: str):
+    def __init__(self, warmup: int, name: str, trainer=None):
         self.folder = os.environ.get("PHI3V_PROFILE")
-        self.trainer, self.warmup, self.name = trainer, warmup, name
+        self.warmup, self.name, self.trainer = warmup, name, trainer
+        self.prof = None
 
     def __enter__(self):
         if not self.folder:
@@ -152,19 +154,25 @@ class profiled:
         from torch.profiler import ProfilerActivity, profile, schedule
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
-        self.prof = profile(activities=acts, schedule=schedule(wait=self.warmup, warmup=1, active=2))
-        prof = self.prof
+        when = schedule(wait=max(self.warmup - 1, 0), warmup=min(self.warmup, 1), active=2, repeat=1)
+        self.prof = profile(activities=acts, schedule=when)
+        if self.trainer is not None:
+            step = self.step
 
-        class _Step(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                prof.step()
+            class _Step(TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    step()
 
-        self.trainer.add_callback(_Step())
+            self.trainer.add_callback(_Step())
         self.prof.__enter__()
         return self
 
+    def step(self) -> None:
+        if self.prof is not None:
+            self.prof.step()
+
     def __exit__(self, *exc):
-        if not self.folder:
+        if self.prof is None:
             return False
         self.prof.__exit__(*exc)
         write_kernel_table(self.prof, self.name)
@@ -234,7 +242,7 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
     trainer = run_mod.build_trainer(cfg, data, processor, model, world=1)
     timer = StepTimer(trainer)
     trainer.add_callback(timer)
-    with profiled(trainer, warmup, f"ours-{row.workload}-{row.method}"):
+    with profiled(warmup, f"ours-{row.workload}-{row.method}", trainer):
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     row.loss_first, row.loss_last = (losses[0], losses[-1]) if losses else (None, None)
@@ -266,25 +274,18 @@ def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: i
     slots = row.extra.get("crop_slots", 17)
     cycles, flops, toks, losses = [], [], [], []
     last = time.perf_counter()
-    prof = contextlib.nullcontext()
-    for i in range(warmup + steps):
-        if i == warmup and os.environ.get("PHI3V_PROFILE"):
-            from torch.profiler import ProfilerActivity, profile
-
-            prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else []))
-            prof.__enter__()
-        s = shapes[i % len(shapes)]
-        losses.append(plain_step(setup, slots, s.tokens, s.image_tokens, s.label_tokens, device=device))
-        sync()
-        if i == warmup + 1 and os.environ.get("PHI3V_PROFILE"):
-            prof.__exit__(None, None, None)
-            write_kernel_table(prof, f"plain-{row.workload}-{row.method}")
-        now = time.perf_counter()
-        if i >= warmup:
-            cycles.append(now - last)
-            flops.append(training_flops(config, [s], row.method))
-            toks.append(s.tokens)
-        last = now
+    with profiled(warmup, f"plain-{row.workload}-{row.method}") as prof:
+        for i in range(warmup + steps):
+            s = shapes[i % len(shapes)]
+            losses.append(plain_step(setup, slots, s.tokens, s.image_tokens, s.label_tokens, device=device))
+            sync()
+            prof.step()
+            now = time.perf_counter()
+            if i >= warmup:
+                cycles.append(now - last)
+                flops.append(training_flops(config, [s], row.method))
+                toks.append(s.tokens)
+            last = now
     row.loss_first, row.loss_last = losses[0], losses[-1]
     summarise(row, cycles, [0.0] * len(cycles), flops, toks, [1] * len(cycles), peak)
     del setup
