@@ -105,8 +105,8 @@ class TrainConfig:
         "full 16 bytes/parameter with AdamW; for qlora PEFT's k-bit preparation, which also upcasts the frozen "
         "non-4-bit weights to fp32) or "
         "bf16-sr (bf16 weights and moments, AdamW computed in fp32 and written back with stochastic rounding: "
-        "8 bytes/parameter, small updates are not lost, no autocast; bf16 only, not with --deepspeed). auto: bf16-sr "
-        "on a CUDA GPU with bf16, else fp32.",
+        "8 bytes/parameter, small updates are not lost, no autocast; bf16 only, not with --deepspeed or --fsdp). "
+        "auto: bf16-sr on a CUDA GPU with bf16 without DeepSpeed or FSDP2, else fp32.",
         choices=MASTER_WEIGHTS,
     )
     # -- optimisation ------------------------------------------------------------------------------------------------

@@ -111,6 +111,11 @@ class AdamWScalars:
 _KERNEL_CHECKED: dict[str, bool] = {}
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of a bf16 or fp32 tensor (NaN equals NaN, -0.0 differs from 0.0)."""
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+
 def kernel_matches_reference(device: torch.device) -> bool:
     """Run the Triton kernel once on this device and compare every element with the torch reference (both moment
     dtypes, some non-finite values). False (with a warning) means the optimizer keeps to the torch code."""
@@ -133,9 +138,7 @@ def kernel_matches_reference(device: torch.device) -> bool:
                 got = [t.clone() for t in want]
                 adamw_sr_torch_(*want, hyper, (11, 22, 33))
                 optim_triton.adamw_sr_(*got, hyper, (11, 22, 33))
-                ok = ok and all(torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a.view(torch.int32),
-                                            b.view(torch.int16) if b.dtype == torch.bfloat16 else b.view(torch.int32))
-                                for a, b in zip(want, got))  # fmt: skip
+                ok = ok and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(want, got))
             if not ok:
                 warnings.warn(
                     f"the fused AdamWSR kernel does not reproduce the torch reference on {name}; using the (slower) "

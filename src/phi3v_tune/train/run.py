@@ -21,7 +21,13 @@ from ..model.packed_attention import ATTN_NAME as PACKED_ATTENTION
 from ..processing.processor import Phi3VProcessor
 from .checkpoints import quarantine_incomplete, resolve_resume, write_marker
 from .config import TrainConfig
-from .distributed import check_complete, check_resume_world_size, gathered_state_dict, peak_memory_per_rank
+from .distributed import (
+    check_complete,
+    check_resume_world_size,
+    gathered_state_dict,
+    is_distributed,
+    peak_memory_per_rank,
+)
 from .plots import plot_losses
 from .strategies import apply_strategy, count_parameters, qlora_quantization_config
 
@@ -149,7 +155,8 @@ def prepare_model(cfg: TrainConfig, base: str):
     if cfg.gradient_checkpointing and cfg.checkpointing_scope != "all":
         from .strategies import checkpoint_only
 
-        say(f"activation checkpointing: {checkpoint_only(model, cfg.checkpointing_scope)} {cfg.checkpointing_scope} layers")
+        layers = checkpoint_only(model, cfg.checkpointing_scope)
+        say(f"activation checkpointing: {layers} {cfg.checkpointing_scope} layers")
     if cfg.compile:
         from .compile import compile_layers
 
@@ -312,9 +319,9 @@ def build_trainer(cfg: TrainConfig, data: LoadedData, processor: Phi3VProcessor,
     """Datasets, collators and our Trainer with its progress bar: what `run_training` and the benchmark share."""
     from transformers.trainer_callback import ProgressCallback
 
-    select_sdpa_backend(cfg)
     from .trainer import Phi3VTrainer, ProgressBar
 
+    select_sdpa_backend(cfg)
     train_ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
     eval_ds = ConversationDataset(data.eval, processor, cfg.max_length, cfg.video_frames) if data.eval else None
     train_collator, eval_collator = data_collators(cfg, processor, model)
@@ -429,7 +436,7 @@ def leave_process_group(trainer) -> None:
     """
     import gc
 
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_distributed():
         return
     trainer.accelerator.wait_for_everyone()
     trainer.model_wrapped = trainer.model  # the DDP wrapper or DeepSpeed engine
