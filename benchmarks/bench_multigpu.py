@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -181,15 +182,11 @@ def execute(runs: list[Run], timeout: float, warmup: int, keep: bool) -> dict[st
     row["wall_s"] = round(time.time() - t, 1)
     logs_dir = os.environ.get("PHI3V_BENCH_LOGS")
     if logs_dir:  # keep every run's log (the run folders go)
-        import shutil
-
         Path(logs_dir).mkdir(parents=True, exist_ok=True)
         log = runs[0].output_dir.with_suffix(".log")
         if log.is_file():
             shutil.copy(log, Path(logs_dir) / log.name)
     if not keep:
-        import shutil
-
         shutil.rmtree(runs[0].output_dir, ignore_errors=True)  # a full run's checkpoint is tens of GB
     print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
     return row
