@@ -178,3 +178,40 @@ def test_attention_implementations_agree(tiny_tokenizer, tiny_processor, impl):
     assert model.model.vision_embed_tokens.img_processor.vision_model.config._attn_implementation == impl
     inputs = tiny_processor(text=chat(tiny_processor, "<|image_1|>\nHi"), images=[rand_image(400, 300, 11)])
     check_against_oracle(model, inputs)
+
+
+@pytest.mark.parametrize("switch", [24, 4096])
+def test_rows_without_mask_match_the_oracle_on_both_sides_of_the_switch(tiny_tokenizer, tiny_processor, switch):
+    """Unpadded training batches carry no attention_mask: the factor set is then chosen on the host, same numbers."""
+    small = tiny_model(tiny_tokenizer, seed=2, original_max_position_embeddings=switch)
+    inputs = tiny_processor(text=chat(tiny_processor, "The quick brown fox jumps over the lazy dog. " * 3))
+    assert (inputs["input_ids"].shape[1] > switch) == (switch == 24)  # long factors at 24, short at 4096
+    with torch.no_grad():
+        logits = small(input_ids=inputs["input_ids"]).logits
+    ref = reference_logits(
+        small.state_dict(), small.config.to_dict(), inputs["input_ids"], inputs["attention_mask"], None, None
+    )
+    assert rel_err(logits, ref, inputs["attention_mask"]) < TOL
+
+
+def test_host_side_image_token_count_gives_the_same_loss_and_is_checked(model, tiny_processor):
+    inputs = tiny_processor(
+        text=chat(tiny_processor, "<|image_1|>\nWhat is it?"), images=[rand_image(500, 300, 8)], return_tensors="pt"
+    )
+    labels = inputs["input_ids"].clamp(min=0)
+    count = int((inputs["input_ids"] < 0).sum())
+    with torch.no_grad():
+        plain = model(**inputs, labels=labels)
+        hinted = model(**inputs, labels=labels, image_token_count=count)
+        assert plain.loss.item() == hinted.loss.item()
+        with pytest.raises(ValueError, match=f"input_ids hold {count + 1} image positions"):
+            model(**inputs, labels=labels, image_token_count=count + 1)
+
+
+def test_loss_path_builds_no_kv_cache(model, tiny_processor):
+    """Training and evaluation losses never need a cache; building one per step only costs time."""
+    inputs = tiny_processor(text=chat(tiny_processor, "up"), return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs, labels=inputs["input_ids"])
+        assert out.past_key_values is None
+        assert model(**inputs).past_key_values is not None  # generation-style calls still get one

@@ -349,3 +349,23 @@ def test_training_run_packed_equals_padded(tmp_path, monkeypatch):
     assert set(w_a) == set(w_b)
     for k in w_a:
         torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_training_collator_drops_only_an_all_ones_mask_and_counts_on_the_host(tiny_tokenizer, examples):
+    """Unpadded training batches carry no attention_mask (one GPU read less per step); same loss and gradients."""
+    pad = tiny_tokenizer.pad_token_id
+    model = tiny_model(tiny_tokenizer, seed=4, original_max_position_embeddings=SWITCH).train()
+    for chosen in ([examples[0]], [examples[2]], [examples[1]]):
+        lean, full = Collator(pad, omit_full_mask=True)(chosen), Collator(pad)(chosen)
+        assert "attention_mask" not in lean and full["attention_mask"].all()
+        assert lean["num_tokens"] == full["num_tokens"] == int(chosen[0]["input_ids"].shape[0])
+        if "pixel_values" in chosen[0]:
+            assert lean["image_token_count"] == int((chosen[0]["input_ids"] < 0).sum())
+        (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(model, full), loss_and_grads(model, lean)
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
+        assert set(grads_a) == set(grads_b) and len(grads_a) > 10
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+    mixed = Collator(pad, omit_full_mask=True)(examples[:2])  # two lengths: padding, so the mask stays
+    assert not mixed["attention_mask"].all()
+    assert mixed["num_tokens"] == sum(int(e["input_ids"].shape[0]) for e in examples[:2])

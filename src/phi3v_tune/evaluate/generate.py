@@ -42,7 +42,8 @@ def generate_answers(
             )
             batch.pop("ids")
             batch.pop("labels")
-            inputs = {k: v.to(device) for k, v in batch.items()}
+            batch.pop("num_tokens")
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             out = model.generate(

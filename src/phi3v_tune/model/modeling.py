@@ -37,8 +37,8 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
 
     transformers' `longrope` picks one set for the whole batch from `max(position_ids) + 1`; the published model picks
     it from the key length. Both agree for a single unpadded sequence; this module makes a padded batch behave like
-    its samples run one by one. The model sets `use_long` (bool per row, or per token for packed rows) right before
-    the language model runs.
+    its samples run one by one. The model sets `use_long` (bool per row, or per token for packed rows, or one Python
+    bool when no row is padded) right before the language model runs.
     """
 
     def __init__(self, config: Phi3VConfig):
@@ -47,7 +47,7 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
         short, long, self.original_max, self.attention_scaling = self.compute(config)
         self.register_buffer("short_inv_freq", short, persistent=False)
         self.register_buffer("long_inv_freq", long, persistent=False)
-        self.use_long: torch.Tensor | None = None
+        self.use_long: torch.Tensor | bool | None = None
 
     @staticmethod
     def compute(config: Phi3VConfig) -> tuple[torch.Tensor, torch.Tensor, int | None, float]:
@@ -82,8 +82,12 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos = position_ids.float()[..., None]  # (B, L, 1)
-        freqs = pos * self.short_inv_freq.float()
-        if self.original_max is not None and self.use_long is not None:
+        if isinstance(self.use_long, bool):  # one set for the whole batch, known on the host: no select on the GPU
+            inv_freq = self.long_inv_freq if self.use_long and self.original_max is not None else self.short_inv_freq
+            freqs = pos * inv_freq.float()
+        else:
+            freqs = pos * self.short_inv_freq.float()
+        if self.original_max is not None and isinstance(self.use_long, torch.Tensor):
             use_long = self.use_long.to(device=pos.device)
             while use_long.dim() < pos.dim():
                 use_long = use_long[..., None]
@@ -145,12 +149,21 @@ class Phi3VModel(Phi3Model):
         return hasattr(first, "ds_id") or isinstance(first, DTensor)
 
     def embed(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+        image_token_count: int | None = None,
     ) -> torch.Tensor:
-        """Text embeddings with image features scattered into the `-k` positions, in order of appearance."""
+        """Text embeddings with image features scattered into the `-k` positions, in order of appearance.
+
+        `image_token_count` (the number of ids < 0, counted by the collator on the host) spares two reads of a GPU
+        value per step, each of which would stall the host until the GPU catches up.
+        """
         image_mask = input_ids < 0
         embeds = self.embed_tokens(input_ids.clamp(min=0))
-        if not bool(image_mask.any()):
+        known = image_token_count is not None and pixel_values is not None
+        if not (image_token_count > 0 if known else bool(image_mask.any())):
             if self.vision_every_step():
                 # zero-valued, but in the graph: every vision weight takes part in forward and backward
                 dummy = self.vision_embed_tokens.dummy_forward(input_ids.device).float().sum()  # fp32: no fp16 inf
@@ -159,7 +172,7 @@ class Phi3VModel(Phi3Model):
         if pixel_values is None or image_sizes is None:
             raise ValueError("input_ids hold image positions (ids < 0) but no pixel_values/image_sizes were given")
         features = self.vision_embed_tokens(pixel_values, image_sizes).to(embeds.dtype)
-        n_positions = int(image_mask.sum())
+        n_positions = int(image_token_count) if known else int(image_mask.sum())
         if features.shape[0] != n_positions:
             raise ValueError(
                 f"input_ids hold {n_positions} image positions but the {image_sizes.shape[0]} images give "
@@ -213,15 +226,20 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         past_key_values=None,
         cache=None,
         rope_use_long: torch.Tensor | None = None,
+        image_token_count: int | None = None,
         **kwargs,
     ):
-        """Padded rows (`attention_mask`) or packed rows (`cu_seq_lens_q`/`_k`, `max_length_q`/`_k`, `position_ids`
-        restarting per sample, optional `rope_use_long` per-token su-RoPE flags; see `data.packing`)."""
+        """Padded rows (`attention_mask`; rows of equal length need none) or packed rows (`cu_seq_lens_q`/`_k`,
+        `max_length_q`/`_k`, `position_ids` restarting per sample, optional `rope_use_long` per-token su-RoPE flags;
+        see `data.packing`). `image_token_count`: optional host-side count of the ids < 0 (see `Phi3VModel.embed`).
+        With `labels` the loss path runs, which builds no KV cache unless `use_cache=True` is asked for."""
         past = cache if cache is not None else past_key_values
+        if labels is not None and use_cache is None:
+            use_cache = False  # training / evaluation loss: a cache would only cost time (and recompile --compile)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes)
+            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes, image_token_count)
         batch, length = inputs_embeds.shape[:2]
         past_len = past.get_seq_length() if past is not None else 0
         mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -229,8 +247,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             key_lengths = mask2d.sum(-1)
             if position_ids is None:
                 position_ids = (mask2d.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-        else:
-            key_lengths = torch.full((batch,), past_len + length, device=inputs_embeds.device)
+        else:  # every row is past_len + length long: the factor set is one host-side choice
+            key_lengths = past_len + length
         rotary = self.model.rotary_emb
         cu_seq_lens = kwargs.get("cu_seq_lens_q")
         packed = cu_seq_lens is not None

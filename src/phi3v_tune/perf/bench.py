@@ -107,16 +107,22 @@ def sample_shapes(records, lengths: list[int], num_crops: int, tokenizer) -> dic
 
 
 class StepTimer(TrainerCallback):
-    """Trainer callback: wall time of every optimizer step and the host gap before it, with the step's sample ids."""
+    """Trainer callback: host time of every optimizer step and the host gap before it, with the step's sample ids.
 
-    def __init__(self, trainer):
+    The device is synchronised only at the end of the last warm-up step and of the last step (`sync_after`), as in a
+    real run, where the host queues the next step while the GPU still works on the previous one; a sync at every step
+    would make each step start from an empty GPU queue. So single steps are host times, but their sum over the timed
+    window is its wall time. The gap before a step is the host's time between steps (waiting for data included).
+    """
+
+    def __init__(self, trainer, sync_after: tuple[int, ...] = ()):
         self.trainer = trainer
+        self.sync_after = set(sync_after)  # 0-based indices of the steps whose end waits for the device
         self.begin: list[float] = []
         self.end: list[float] = []
         self.ids: list[list[str]] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        sync()
         self.begin.append(time.perf_counter())
         self.ids.append([])
 
@@ -124,9 +130,18 @@ class StepTimer(TrainerCallback):
         self.ids[-1].extend(self.trainer.last_batch_ids)
 
     def on_step_end(self, args, state, control, **kwargs):
-        sync()
+        if len(self.end) in self.sync_after:
+            sync()
+            sync_debug(len(self.end) == min(self.sync_after))
         self.end.append(time.perf_counter())
         self.ids[-1].extend(self.trainer.last_batch_ids)
+
+
+def sync_debug(on: bool) -> None:
+    """With PHI3V_SYNC_DEBUG=1, PyTorch warns (once per code line) at every operation of the timed steps that makes
+    the host wait for the GPU: the list of stalls left in a training step."""
+    if ON_GPU and os.environ.get("PHI3V_SYNC_DEBUG") == "1":
+        torch.cuda.set_sync_debug_mode("warn" if on else "default")
 
 
 def write_kernel_table(prof, name: str) -> None:
@@ -218,7 +233,7 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
         max_steps=warmup + steps,
         warmup_steps=0,
         learning_rate=5e-6,
-        logging_steps=1,
+        logging_steps=warmup + steps,  # the first step and the last: logging reads the loss (a device sync)
         save_checkpoints=False,
         report_to="none",
         num_workers=8 if ON_GPU else 0,
@@ -240,7 +255,7 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
     config = Phi3VConfig.from_pretrained(str(model_dir))
     model = run_mod.prepare_model(cfg, str(model_dir))
     trainer = run_mod.build_trainer(cfg, data, processor, model, world=1)
-    timer = StepTimer(trainer)
+    timer = StepTimer(trainer, sync_after=(warmup - 1, warmup + steps - 1))
     trainer.add_callback(timer)
     with profiled(warmup, f"ours-{row.workload}-{row.method}", trainer):
         trainer.train()
@@ -278,7 +293,8 @@ def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: i
         for i in range(warmup + steps):
             s = shapes[i % len(shapes)]
             losses.append(plain_step(setup, slots, s.tokens, s.image_tokens, s.label_tokens, device=device))
-            sync()
+            if i in (warmup - 1, warmup + steps - 1):  # as ours: the device is waited for at the window's ends only
+                sync()
             prof.step()
             now = time.perf_counter()
             if i >= warmup:
@@ -286,7 +302,7 @@ def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: i
                 flops.append(training_flops(config, [s], row.method))
                 toks.append(s.tokens)
             last = now
-    row.loss_first, row.loss_last = losses[0], losses[-1]
+    row.loss_first, row.loss_last = float(losses[0]), float(losses[-1])
     summarise(row, cycles, [0.0] * len(cycles), flops, toks, [1] * len(cycles), peak)
     del setup
     free_gpu()
@@ -359,7 +375,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--builds", default="plain,ours", help="plain (the Hugging Face baseline), ours, or both.")
     ap.add_argument("--checkpointing", default="no,yes", help="Activation checkpointing settings to measure.")
     ap.add_argument("--steps", type=int, default=8, help="Timed optimizer steps per row.")
-    ap.add_argument("--warmup", type=int, default=3, help="Untimed steps first (allocator, kernels, workers).")
+    ap.add_argument(
+        "--warmup", type=int, default=3, help="Untimed steps first (allocator, kernels, workers); at least 1."
+    )
     ap.add_argument("--samples", type=int, default=64, help="Samples written per workload.")
     ap.add_argument("--short-batch", type=int, default=8, help="Samples per step on the short workload.")
     ap.add_argument(
@@ -384,7 +402,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="Extra TrainConfig settings for our rows (repeatable), e.g. --set compile=true.",
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        ap.error("--warmup and --steps must be at least 1 (the timed window starts after a synchronised warm-up step)")
+    return args
 
 
 def _value(text: str) -> Any:

@@ -104,7 +104,7 @@ def data_collators(cfg: TrainConfig, processor: Phi3VProcessor, model: torch.nn.
     """(training collator, evaluation collator): packed rows for training when packing is on, padded evaluation."""
     padded = Collator(processor.tokenizer.pad_token_id)
     if not uses_packing(cfg):
-        return padded, padded
+        return Collator(processor.tokenizer.pad_token_id, omit_full_mask=True), padded
     config = getattr(model, "config", None)
     rope = getattr(config, "rope_parameters", None) or {}
     switch = getattr(config, "original_max_position_embeddings", None) if rope.get("rope_type") == "longrope" else None
@@ -290,6 +290,9 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         logging_strategy="steps",
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
+        # our compute_loss stops on (or, within --skip-nonfinite, skips) a non-finite loss before its backward; the
+        # Trainer's own filter would only add a GPU-to-host read after every backward
+        logging_nan_inf_filter=False,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=cfg.eval_steps if evaluate else None,
         report_to=report,
