@@ -42,3 +42,17 @@ def test_compiled_layers_give_the_same_loss_and_gradients():
 def test_compile_refuses_qlora():
     with pytest.raises(ValueError, match="--compile does not work with --method qlora"):
         TrainConfig(method="qlora", compile=True).validate()
+
+
+def test_compile_is_on_by_default_only_on_a_gpu_without_engines_and_qlora(monkeypatch):
+    from phi3v_tune.train import run
+
+    assert run.compile_on(TrainConfig(method="full")) is False  # this CPU machine: eager, quick to start
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run.compile_on(TrainConfig(method="full")) is True
+    assert run.compile_on(TrainConfig(method="lora")) is True
+    assert run.compile_on(TrainConfig(method="qlora")) is False
+    assert run.compile_on(TrainConfig(method="full", deepspeed="configs/deepspeed/zero2.json")) is False
+    assert run.compile_on(TrainConfig(method="full", fsdp=True)) is False
+    assert run.compile_on(TrainConfig(method="full", cpu=True)) is False
+    assert run.compile_on(TrainConfig(method="lora", compile=False)) is False

@@ -254,6 +254,7 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
 
     config = Phi3VConfig.from_pretrained(str(model_dir))
     model = run_mod.prepare_model(cfg, str(model_dir))
+    row.extra.setdefault("compile", run_mod.compile_on(cfg))
     trainer = run_mod.build_trainer(cfg, data, processor, model, world=1)
     timer = StepTimer(trainer, sync_after=(warmup - 1, warmup + steps - 1))
     trainer.add_callback(timer)

@@ -94,10 +94,12 @@ class TrainConfig:
         "decoder's ~2.5k tokens, for a small share of the compute) or language (decoder layers only).",
         choices=("all", "vision", "language"),
     )
-    compile: bool = _f(
-        False,
-        "Regional torch.compile of every decoder and CLIP layer (GPU): faster steps after a one-off compile of "
-        "about a minute. Not with qlora (bitsandbytes kernels do not compile).",
+    compile: bool | None = _f(
+        None,
+        "Regional torch.compile of every decoder and CLIP layer: fused elementwise work and far fewer kernel "
+        "launches per step, after a one-off compile of about a minute. Default: on for full, freeze-vision and lora "
+        "on a CUDA GPU without DeepSpeed/FSDP, off elsewhere (CPU runs stay quick to start). Not with qlora "
+        "(bitsandbytes 4-bit kernels do not compile).",
     )
     master_weights: str = _f(
         "auto",

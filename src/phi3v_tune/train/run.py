@@ -126,6 +126,15 @@ def master_weights(cfg: TrainConfig) -> str:
     return "bf16-sr" if on_gpu and precision(cfg)[0] and not cfg.deepspeed and not fsdp_on(cfg) else "fp32"
 
 
+def compile_on(cfg: TrainConfig) -> bool:
+    """--compile, or by default: on a CUDA GPU for every method but qlora, without DeepSpeed or FSDP (the engines
+    wrap parameters in ways we have not measured together with compiled layers)."""
+    if cfg.compile is not None:
+        return cfg.compile
+    on_gpu = not cfg.cpu and torch.cuda.is_available()
+    return on_gpu and cfg.method != "qlora" and not cfg.deepspeed and not fsdp_on(cfg)
+
+
 def fsdp_on(cfg: TrainConfig) -> bool:
     """--fsdp, or `accelerate launch` with an FSDP config (which says so in the environment)."""
     return bool(cfg.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
@@ -157,7 +166,7 @@ def prepare_model(cfg: TrainConfig, base: str):
 
         layers = checkpoint_only(model, cfg.checkpointing_scope)
         say(f"activation checkpointing: {layers} {cfg.checkpointing_scope} layers")
-    if cfg.compile:
+    if compile_on(cfg):
         from .compile import compile_layers
 
         say(f"torch.compile: {compile_layers(model)} layers (compiled on first use)")
