@@ -39,9 +39,8 @@ def test_compiled_layers_give_the_same_loss_and_gradients():
         torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_compile_refuses_qlora():
-    with pytest.raises(ValueError, match="--compile does not work with --method qlora"):
-        TrainConfig(method="qlora", compile=True).validate()
+def test_compile_may_be_asked_for_qlora():
+    assert TrainConfig(method="qlora", compile=True).validate().compile is True
 
 
 def test_compile_is_on_by_default_only_on_a_gpu_without_engines_and_qlora(monkeypatch):
