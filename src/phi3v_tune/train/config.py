@@ -98,8 +98,8 @@ class TrainConfig:
         None,
         "Regional torch.compile of every decoder and CLIP layer: fused elementwise work and far fewer kernel "
         "launches per step, after a one-off compile of about a minute. Default: on for full, freeze-vision and lora "
-        "on a CUDA GPU without DeepSpeed/FSDP, off elsewhere (CPU runs stay quick to start) and for qlora "
-        "(--compile there traces bitsandbytes' 4-bit ops; not yet measured to pay).",
+        "on a CUDA GPU without DeepSpeed/FSDP (and for qlora only with --gradient-checkpointing, where it "
+        "pays), off elsewhere (CPU runs stay quick to start).",
     )
     master_weights: str = _f(
         "auto",
