@@ -107,11 +107,12 @@ class Phi3VTrainer(Trainer):
 
     def _prepare_inputs(self, inputs):
         """Move the batch to the device, except `image_sizes`: the model only reads it on the host (crop counts),
-        and a GPU copy would be read back every step."""
-        sizes = inputs.pop("image_sizes", None) if isinstance(inputs, dict) else None
+        and a GPU copy would be read back every step. accelerate's data loader has already moved the tensor by
+        now, so it is rebuilt from the collator's plain-list copy (`host_image_sizes`)."""
+        host = inputs.pop("host_image_sizes", None) if isinstance(inputs, dict) else None
         inputs = super()._prepare_inputs(inputs)
-        if sizes is not None:
-            inputs["image_sizes"] = sizes
+        if host is not None:
+            inputs["image_sizes"] = torch.tensor(host, dtype=torch.long)
         return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
