@@ -12,7 +12,7 @@ from phi3v_tune.train.compile import compile_layers
 from phi3v_tune.train.config import TrainConfig
 
 
-def _loss_and_grads(compiled: bool):
+def _loss_and_grads(compiled: bool, backend="aot_eager", fall_back: bool = False):
     tok = build_tiny_tokenizer()
     proc = Phi3VProcessor.from_tokenizer(tok, num_crops=4)
     enc = proc(
@@ -23,7 +23,7 @@ def _loss_and_grads(compiled: bool):
     labels = enc["input_ids"].clone()
     labels[labels < 0] = -100
     model = tiny_model(tok).train()
-    count = compile_layers(model, backend="aot_eager") if compiled else 0
+    count = compile_layers(model, backend=backend, fall_back=fall_back) if compiled else 0
     out = model(**{k: enc[k] for k in ("input_ids", "pixel_values", "image_sizes")}, labels=labels)
     out.loss.backward()
     return count, out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -56,3 +56,26 @@ def test_compile_is_on_by_default_only_on_a_gpu_without_engines_and_qlora(monkey
     assert run.compile_on(TrainConfig(method="full", fsdp=True)) is False
     assert run.compile_on(TrainConfig(method="full", cpu=True)) is False
     assert run.compile_on(TrainConfig(method="lora", compile=False)) is False
+
+
+def test_default_compile_falls_back_to_eager_when_a_layer_cannot_compile(monkeypatch):
+    """Compile chosen by default must never stop a run: a failing backend leaves the layers eager, same numbers."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler for this GPU")
+
+    _, loss, grads = _loss_and_grads(False)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no compiler for this GPU"):  # asked for explicitly: the error surfaces
+        _loss_and_grads(True, backend=broken_backend, fall_back=False)
+    torch._dynamo.reset()
+    count, loss_c, grads_c = _loss_and_grads(True, backend=broken_backend, fall_back=True)
+    torch._dynamo.reset()
+    assert count == 5
+    assert loss_c == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == grads_c.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -9,13 +9,23 @@ with dynamic shapes from the start (one compilation instead of one per new lengt
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 LAYER_CLASSES = ("Phi3DecoderLayer", "CLIPEncoderLayer")
 
 
-def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
-    """Compile every decoder / CLIP encoder layer of `model` in place; returns how many were compiled."""
+def compile_layers(model: nn.Module, backend: Any = "inductor", fall_back: bool = False) -> int:
+    """Compile every decoder / CLIP encoder layer of `model` in place; returns how many were compiled.
+
+    `fall_back` (compile chosen by default, not asked for): a layer that fails to compile (a GPU without Triton
+    support, an unsupported op) runs eagerly with dynamo's warning instead of stopping the run.
+    """
+    if fall_back:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
     count = 0
     for module in model.modules():
         if type(module).__name__ in LAYER_CLASSES:

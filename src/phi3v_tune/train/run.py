@@ -173,7 +173,8 @@ def prepare_model(cfg: TrainConfig, base: str):
     if compile_on(cfg):
         from .compile import compile_layers
 
-        say(f"torch.compile: {compile_layers(model)} layers (compiled on first use)")
+        count = compile_layers(model, fall_back=cfg.compile is None)
+        say(f"torch.compile: {count} layers (compiled on first use; --no-compile runs them eagerly)")
     return model
 
 
