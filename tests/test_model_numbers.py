@@ -204,6 +204,8 @@ def test_host_side_image_token_count_gives_the_same_loss_and_is_checked(model, t
         plain = model(**inputs, labels=labels)
         hinted = model(**inputs, labels=labels, image_token_count=count)
         assert plain.loss.item() == hinted.loss.item()
+        listed = model(**{**inputs, "image_sizes": inputs["image_sizes"].tolist()}, labels=labels)  # as in training
+        assert plain.loss.item() == listed.loss.item()
         with pytest.raises(ValueError, match=f"input_ids hold {count + 1} image positions"):
             model(**inputs, labels=labels, image_token_count=count + 1)
 

@@ -26,7 +26,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
 from .configuration import Phi3VConfig
 from .loss import DEFAULT_CHUNK, chunked_lm_loss
 from .packed_attention import ATTN_NAME, check_packed, packed_position_ids, packed_rows, token_segment_lengths
-from .vision import Phi3VImageEmbedding
+from .vision import ImageSizes, Phi3VImageEmbedding, size_list
 
 # transformers renamed the cache argument (`past_key_values` -> `cache`) during 5.x; speak whichever this one uses.
 CACHE_ARG = "cache" if "cache" in inspect.signature(Phi3ForCausalLM.forward).parameters else "past_key_values"
@@ -152,7 +152,7 @@ class Phi3VModel(Phi3Model):
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
-        image_sizes: torch.Tensor | None,
+        image_sizes: ImageSizes | None,
         image_token_count: int | None = None,
     ) -> torch.Tensor:
         """Text embeddings with image features scattered into the `-k` positions, in order of appearance.
@@ -175,7 +175,7 @@ class Phi3VModel(Phi3Model):
         n_positions = int(image_token_count) if known else int(image_mask.sum())
         if features.shape[0] != n_positions:
             raise ValueError(
-                f"input_ids hold {n_positions} image positions but the {image_sizes.shape[0]} images give "
+                f"input_ids hold {n_positions} image positions but the {len(size_list(image_sizes))} images give "
                 f"{features.shape[0]} tokens: the prompt and images do not belong together (same num_crops?)"
             )
         return embeds.masked_scatter(image_mask[..., None], features)
@@ -216,7 +216,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        image_sizes: torch.Tensor | None = None,
+        image_sizes: ImageSizes | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,

@@ -11,6 +11,8 @@ Two things make this fast by construction:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from transformers import CLIPVisionModel
@@ -18,6 +20,15 @@ from transformers import CLIPVisionModel
 from .configuration import Phi3VConfig
 
 CROP_SIZE = 336
+
+ImageSizes = torch.Tensor | Sequence[Sequence[int]]  # (num_images, 2) of (height, width) after the HD transform
+
+
+def size_list(image_sizes: ImageSizes) -> list[list[int]]:
+    """(h, w) per image as Python ints (a GPU tensor is read back once; a list or CPU tensor costs nothing)."""
+    if torch.is_tensor(image_sizes):
+        return image_sizes.reshape(-1, 2).tolist()
+    return [[int(h), int(w)] for h, w in image_sizes]
 
 
 class CLIPVisionTower(nn.Module):
@@ -81,16 +92,15 @@ class Phi3VImageEmbedding(nn.Module):
         return hidden[:, 1:]
 
     @staticmethod
-    def crops_per_image(image_sizes: torch.Tensor) -> list[int]:
+    def crops_per_image(image_sizes: ImageSizes) -> list[int]:
         """1 global view + (H/336)*(W/336) sub-crops per image; the rest of the N+1 slots are padding."""
-        sizes = image_sizes.tolist()
-        return [1 + (int(h) // CROP_SIZE) * (int(w) // CROP_SIZE) for h, w in sizes]
+        return [1 + (int(h) // CROP_SIZE) * (int(w) // CROP_SIZE) for h, w in size_list(image_sizes)]
 
     @staticmethod
-    def tokens_per_image(image_sizes: torch.Tensor, tokens_per_crop_side: int = 12) -> list[int]:
+    def tokens_per_image(image_sizes: ImageSizes, tokens_per_crop_side: int = 12) -> list[int]:
         s = tokens_per_crop_side
         out = []
-        for h, w in image_sizes.tolist():
+        for h, w in size_list(image_sizes):
             gh, gw = int(h) // CROP_SIZE, int(w) // CROP_SIZE
             out.append((gh * gw + 1) * s * s + 1 + (gh + 1) * s)
         return out
@@ -102,14 +112,17 @@ class Phi3VImageEmbedding(nn.Module):
         sizes = torch.tensor([[CROP_SIZE, CROP_SIZE]])  # read on the host (crop counts): no GPU round trip
         return self(pixels, sizes)
 
-    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """(num_images, N+1, 3, 336, 336), (num_images, 2) -> (sum of image tokens, hidden), images in order."""
+    def forward(self, pixel_values: torch.Tensor, image_sizes: ImageSizes) -> torch.Tensor:
+        """(num_images, N+1, 3, 336, 336), (num_images, 2) -> (sum of image tokens, hidden), images in order.
+
+        `image_sizes` is only read on the host: a CPU tensor or a list of (h, w) spares a GPU read per call."""
+        image_sizes = size_list(image_sizes)
         counts = self.crops_per_image(image_sizes)
         if pixel_values.dim() == 4:  # a single image without the image axis
             pixel_values = pixel_values[None]
         if any(c > pixel_values.shape[1] for c in counts):
             raise ValueError(
-                f"image_sizes {image_sizes.tolist()} need up to {max(counts)} crops but pixel_values has "
+                f"image_sizes {image_sizes} need up to {max(counts)} crops but pixel_values has "
                 f"{pixel_values.shape[1]} per image: process images and sizes with the same num_crops"
             )
         # Only real crops go through CLIP, all images in one batch.
@@ -121,7 +134,7 @@ class Phi3VImageEmbedding(nn.Module):
         glb_gn = self.glb_GN.to(feats.dtype).reshape(1, dim)
         pieces = []
         start = 0
-        for (h, w), c in zip(image_sizes.tolist(), counts):
+        for (h, w), c in zip(image_sizes, counts):
             gh, gw = int(h) // CROP_SIZE, int(w) // CROP_SIZE
             glb, sub = feats[start], feats[start + 1 : start + c]
             start += c
