@@ -270,15 +270,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="explicit SETTING:GPUS list instead of --settings x --gpus, e.g. lora-ddp:1,full-zero2:4",
     )
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run, warm-up included")
     ap.add_argument("--warmup", type=int, default=3, help="logged steps left out of img/s")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
-    ap.add_argument("--work", default="/tmp/phi3v-multigpu")
-    ap.add_argument("--model-dir", default="/dev/shm/phi3v-random")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "multigpu_results.md"))
-    ap.add_argument("--port", type=int, default=29710)
+    ap.add_argument(
+        "--timeout", type=float, default=900, help="seconds per run (compile adds ~1 min to the first step)"
+    )
+    ap.add_argument("--work", default="/tmp/phi3v-multigpu", help="folder for the data and the run folders")
+    ap.add_argument("--model-dir", default="/dev/shm/phi3v-random", help="random checkpoint (written if missing)")
+    ap.add_argument(
+        "--out", default=str(REPO / "benchmarks" / "multigpu_results.md"), help="markdown file the table is appended to"
+    )
+    ap.add_argument("--port", type=int, default=29710, help="first rendezvous port (one per run)")
     ap.add_argument("--two-node", action="store_true", help="also emulate 2 nodes x 2 GPUs (needs 4 GPUs)")
-    ap.add_argument("--two-node-setting", default="lora-ddp")
+    ap.add_argument("--two-node-setting", default="lora-ddp", help="the setting --two-node emulates")
     ap.add_argument("--keep", action="store_true", help="keep the run folders")
     ap.add_argument(
         "--parallel",
