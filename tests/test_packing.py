@@ -55,7 +55,7 @@ def examples(tiny_processor) -> list[dict]:
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in ("ids", "num_tokens", "host_image_sizes")}
+    return {k: v for k, v in batch.items() if k not in ("ids", "num_tokens")}
 
 
 def logit_inputs(batch: dict) -> dict:
@@ -361,7 +361,7 @@ def test_training_collator_drops_only_an_all_ones_mask_and_counts_on_the_host(ti
         assert lean["num_tokens"] == full["num_tokens"] == int(chosen[0]["input_ids"].shape[0])
         if "pixel_values" in chosen[0]:
             assert lean["image_token_count"] == int((chosen[0]["input_ids"] < 0).sum())
-            assert lean["host_image_sizes"] == chosen[0]["image_sizes"].tolist()  # a list: data loaders leave it
+            assert lean["image_sizes"] == chosen[0]["image_sizes"].tolist()  # a list: data loaders leave it
         (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(model, full), loss_and_grads(model, lean)
         torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
         assert set(grads_a) == set(grads_b) and len(grads_a) > 10

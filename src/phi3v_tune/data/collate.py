@@ -60,15 +60,15 @@ class Collator:
 
 def add_images_and_ids(batch: dict[str, Any], examples: list[dict[str, Any]]) -> dict[str, Any]:
     """The images of all examples, concatenated in example order (the order in which the model fills image
-    positions), their token count (`image_token_count`, counted here on the host so the model need not read it
-    back from the GPU), the image sizes once more as a list (`host_image_sizes`) and the sample ids; shared by the
-    padded and the packing collator."""
+    positions), their (h, w) sizes and token count (`image_token_count`), and the sample ids; shared by the padded
+    and the packing collator.
+
+    Sizes and count are plain Python values: the model reads them only on the host, and data loaders and DDP move
+    tensors to the GPU, from where every step would have to read them back (a stall of the host)."""
     with_images = [e for e in examples if e.get("pixel_values") is not None]
     if with_images:
         batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images], dim=0)
-        batch["image_sizes"] = torch.cat([e["image_sizes"] for e in with_images], dim=0)
+        batch["image_sizes"] = [size for e in with_images for size in e["image_sizes"].tolist()]
         batch["image_token_count"] = sum(int((e["input_ids"] < 0).sum()) for e in examples)
-        # a plain list stays on the host when the data loader moves the batch to the GPU (see Phi3VTrainer)
-        batch["host_image_sizes"] = batch["image_sizes"].tolist()
     batch["ids"] = [e.get("id") for e in examples]
     return batch

@@ -43,7 +43,6 @@ def generate_answers(
             batch.pop("ids")
             batch.pop("labels")
             batch.pop("num_tokens")
-            batch.pop("host_image_sizes", None)
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

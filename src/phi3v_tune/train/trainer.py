@@ -105,17 +105,6 @@ class Phi3VTrainer(Trainer):
         finally:
             self.data_collator = train_collator
 
-    def _prepare_inputs(self, inputs):
-        """Move the batch to the device, except `image_sizes`: the model only reads it on the host (crop counts),
-        and a GPU copy would be read back every step. accelerate's data loader has already moved the tensor by
-        now, so the model gets the collator's plain-list copy (`host_image_sizes`), which DDP's input placement
-        leaves on the host too."""
-        host = inputs.pop("host_image_sizes", None) if isinstance(inputs, dict) else None
-        inputs = super()._prepare_inputs(inputs)
-        if host is not None:
-            inputs["image_sizes"] = host
-        return inputs
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs.pop("ids", None)
         num_tokens = inputs.pop("num_tokens", None)  # packed batches: real tokens (they have no attention_mask)
