@@ -3,7 +3,8 @@
 Writes a bf16 random-weight checkpoint once (published layout) and synthetic DocVQA-shape data (one document image
 per sample -> num_crops 16 -> 4x4 crops, ~2.5k tokens), then for each setting and GPU count launches
 `torchrun --nproc_per_node G -m phi3v_tune train ...` (FSDP2 through `accelerate launch`), batch 1 per GPU, activation
-checkpointing, a few steps. Per run: images/s (median over the logged steps after the warm-up; one image per sample),
+checkpointing, a few steps. Per run: images/s (images / time over the logged windows after the warm-up, the loss
+logged every --log-every steps so the GPU is waited for only then, as in real training; one image per sample),
 peak GiB per GPU (`peak_gpu_memory_gib_per_rank` in metrics.json), first/last loss. Every run has its own time
 limit and its failure is a table row, not the end of the benchmark. The table is printed and appended to --out.
 
@@ -53,21 +54,26 @@ class Run:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def train_flags(method: str, model: Path, data: Path, out: Path, gpus: int, steps: int) -> list[str]:
-    """The `phi3v-tune train` flags shared by every run: global batch = GPUs (1 per GPU), no accumulation."""
+def train_flags(
+    method: str, model: Path, data: Path, out: Path, gpus: int, steps: int, log_every: int = 1
+) -> list[str]:
+    """The `phi3v-tune train` flags shared by every run: global batch = GPUs (1 per GPU), no accumulation. The loss is
+    logged (read from the GPU, a host wait) every `log_every` steps."""
     return [
         "--model", str(model), "--data", str(data), "--method", method, "--bf16", "--num-crops", "16",
         "--gradient-checkpointing", "--batch-size", str(gpus), "--batch-size-per-device", "1",
-        "--max-steps", str(steps), "--warmup-steps", "0", "--learning-rate", "1e-5", "--logging-steps", "1",
+        "--max-steps", str(steps), "--warmup-steps", "0", "--learning-rate", "1e-5", "--logging-steps", str(log_every),
         "--no-save-checkpoints", "--report-to", "none", "--no-progress", "--num-workers", "2", "--seed", "0",
         "--output-dir", str(out),
     ]  # fmt: skip
 
 
-def build_run(setting: str, gpus: int, model: Path, data: Path, work: Path, steps: int, port: int) -> Run:
+def build_run(
+    setting: str, gpus: int, model: Path, data: Path, work: Path, steps: int, port: int, log_every: int = 1
+) -> Run:
     method, extra, launcher = SETTINGS[setting]
     out = work / f"run-{setting}-{gpus}gpu"
-    flags = train_flags(method, model, data, out, gpus, steps) + extra
+    flags = train_flags(method, model, data, out, gpus, steps, log_every) + extra
     if launcher == "accelerate":
         head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "configs/accelerate/fsdp2.yaml"), "--num_processes", str(gpus),
@@ -86,11 +92,13 @@ def build_run(setting: str, gpus: int, model: Path, data: Path, work: Path, step
     return Run(setting, gpus, [*head, "-m", "phi3v_tune", "train", *flags], out, env)
 
 
-def two_node_runs(setting: str, model: Path, data: Path, work: Path, steps: int, port: int) -> list[Run]:
+def two_node_runs(
+    setting: str, model: Path, data: Path, work: Path, steps: int, port: int, log_every: int = 1
+) -> list[Run]:
     """Two torchrun agents on one host, 2 GPUs each, as node 0 and node 1 of a 2-node job (shared output folder)."""
     method, extra, _ = SETTINGS[setting]
     out = work / f"run-{setting}-2x2node"
-    flags = train_flags(method, model, data, out, 4, steps) + extra
+    flags = train_flags(method, model, data, out, 4, steps, log_every) + extra
     runs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
@@ -103,7 +111,10 @@ def two_node_runs(setting: str, model: Path, data: Path, work: Path, steps: int,
 # --------------------------------------------------------------------------------------------------------------------
 def read_result(out: Path, warmup: int) -> dict[str, Any]:
     """images/s, peak GiB per GPU and the loss curve of a finished run folder (metrics.json's log history; the
-    newest checkpoint's trainer_state.json for runs that predate it)."""
+    newest checkpoint's trainer_state.json for runs that predate it).
+
+    `warmup` counts optimizer steps; logs at or before it are left out. Every logged window holds the same number
+    of steps (and images), so the run's rate, total images / total time, is the harmonic mean of the window rates."""
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
     history = metrics.get("log_history")
     if history is None:
@@ -112,11 +123,12 @@ def read_result(out: Path, warmup: int) -> dict[str, Any]:
             raise FileNotFoundError(f"{out}: no metrics.json log history and no checkpoint-*/trainer_state.json")
         history = json.loads(states[-1].read_text())["log_history"]
     logs = [h for h in history if "loss" in h]
-    rates = [h["train_samples_per_second"] for h in logs[warmup:] if "train_samples_per_second" in h]
+    timed = [h for i, h in enumerate(logs) if h.get("step", i + 1) > warmup]
+    rates = [h["train_samples_per_second"] for h in timed if h.get("train_samples_per_second")]
     peaks = metrics.get("peak_gpu_memory_gib_per_rank") or []
     return {
-        "img_per_s": round(statistics.median(rates), 3) if rates else None,
-        "rates": rates,  # every timed step's rate: how noisy the median is
+        "img_per_s": round(statistics.harmonic_mean(rates), 3) if rates else None,
+        "rates": rates,  # every timed window's rate: how noisy the figure is
         "peak_gib": round(max(peaks), 2) if peaks else None,
         "losses": [h["loss"] for h in logs],
         "steps": len(logs),
@@ -270,8 +282,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="explicit SETTING:GPUS list instead of --settings x --gpus, e.g. lora-ddp:1,full-zero2:4",
     )
-    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run, warm-up included")
-    ap.add_argument("--warmup", type=int, default=3, help="logged steps left out of img/s")
+    ap.add_argument("--steps", type=int, default=16, help="optimizer steps per run, warm-up included")
+    ap.add_argument("--warmup", type=int, default=4, help="optimizer steps left out of img/s (compile, allocator)")
+    ap.add_argument(
+        "--log-every",
+        type=int,
+        default=4,
+        help="log (and so wait for the GPU) every N steps; img/s is measured over these windows. 1 makes every "
+        "step start from an empty GPU queue, which slows host-bound runs (qlora) unlike real training",
+    )
     ap.add_argument(
         "--timeout", type=float, default=900, help="seconds per run (compile adds ~1 min to the first step)"
     )
@@ -296,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         ap.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+    if args.log_every < 1 or args.warmup % args.log_every or args.steps % args.log_every:
+        ap.error("--warmup and --steps must be multiples of --log-every (whole timed windows)")
+    if args.steps <= args.warmup:
+        ap.error("--steps must be more than --warmup")
     gpus = [int(g) for g in args.gpus.split(",")]
     data = work / "data" / "train.jsonl"
     pairs = [(s, g) for s in settings for g in gpus]
@@ -305,10 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
     gpus = sorted({g for _, g in pairs} | ({4} if args.two_node else set()))
-    plan = [[build_run(s, g, model, data, work, args.steps, args.port + i)] for i, (s, g) in enumerate(pairs)]
+    every = args.log_every
+    plan = [[build_run(s, g, model, data, work, args.steps, args.port + i, every)] for i, (s, g) in enumerate(pairs)]
     if args.two_node:
-        plan.append([build_run(args.two_node_setting, 4, model, data, work, args.steps, args.port + 90)])
-        plan.append(two_node_runs(args.two_node_setting, model, data, work, args.steps, args.port + 91))
+        plan.append([build_run(args.two_node_setting, 4, model, data, work, args.steps, args.port + 90, every)])
+        plan.append(two_node_runs(args.two_node_setting, model, data, work, args.steps, args.port + 91, every))
     if args.dry_run:
         for runs in plan:
             for run in runs:
@@ -343,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"\n## bench_multigpu {time.strftime('%Y-%m-%d %H:%M')}, {torch.cuda.device_count()} x {card}, "
               f"torch {torch.__version__}\n`python benchmarks/bench_multigpu.py {' '.join(argv or sys.argv[1:])}`; "
               f"batch 1 per GPU, num_crops 16 (4x4 crops, ~2.5k tokens), activation checkpointing, bf16, "
-              f"{args.steps} steps, img/s = median after {args.warmup} warm-up steps"
+              f"{args.steps} steps, img/s = images / time over the {args.log_every}-step windows after {args.warmup} "
+              f"warm-up steps"
               f"{'; runs side by side on disjoint GPUs (--parallel)' if args.parallel else ''}\n\n")  # fmt: skip
     print(header + text, flush=True)
     with open(args.out, "a", encoding="utf-8") as f:

@@ -114,3 +114,16 @@ def test_profile_tables_cover_the_same_two_steps_for_both_builds(tmp_path, monke
         rows = [line.split() for line in (tmp_path / "prof" / name).read_text().splitlines()]
         steps = [r for r in rows if r and r[0] == "ProfilerStep*"]
         assert steps and steps[0][-1] == "2", name  # '# of Calls': two profiled steps
+
+
+def test_profile_summary_sorts_kernels_by_kind():
+    """The profile's summary groups GPU kernels by the kind of work (what the speed levers act on)."""
+    from phi3v_tune.perf.bench import kernel_kind
+
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "matmul"
+    assert kernel_kind("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT") == "matmul"
+    assert kernel_kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel") == "attention"
+    assert kernel_kind("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "compiled (triton)"
+    assert kernel_kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel") == "optimizer"
+    assert kernel_kind("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "communication"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "other"

@@ -54,11 +54,11 @@ def test_reads_rate_peak_and_losses_of_a_run(tmp_path):
     (ck / "trainer_state.json").write_text(json.dumps({"log_history": [*history, {"train_runtime": 9.0}]}))
     (tmp_path / "metrics.json").write_text(json.dumps({"peak_gpu_memory_gib_per_rank": [40.1, 41.256]}))
     got = bench.read_result(tmp_path, warmup=2)
-    assert got["img_per_s"] == 2.1 and got["peak_gib"] == 41.26 and got["steps"] == 5
+    assert got["img_per_s"] == 2.097 and got["peak_gib"] == 41.26 and got["steps"] == 5
     assert bench.compare_losses(got["losses"], [x + 0.01 for x in got["losses"]]) < 0.011
     row = {"setting": "lora-ddp", "gpus": 2, "status": "ok", "wall_s": 3.0, **got}
     text = bench.table([row, {"setting": "full-zero3", "gpus": 4, "status": "FAILED: x"}])
-    assert "| lora-ddp | 2 | 2.1 | 1.05 | 41.26 | 3.0 |" in text and "| full-zero3 | 4 |" in text
+    assert "| lora-ddp | 2 | 2.097 | 1.048 | 41.26 | 3.0 |" in text and "| full-zero3 | 4 |" in text
 
 
 def test_reads_a_run_without_checkpoints_from_metrics_json(tmp_path):
@@ -68,7 +68,7 @@ def test_reads_a_run_without_checkpoints_from_metrics_json(tmp_path):
     metrics = {"log_history": [*history, {"train_runtime": 4.0}], "peak_gpu_memory_gib_per_rank": [20.0, 21.5]}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     got = bench.read_result(tmp_path, warmup=2)
-    assert got["img_per_s"] == 3.1 and got["peak_gib"] == 21.5 and got["steps"] == 4
+    assert got["img_per_s"] == 3.097 and got["peak_gib"] == 21.5 and got["steps"] == 4
     with pytest.raises(FileNotFoundError, match="no metrics.json log history"):
         bench.read_result(tmp_path / "missing", warmup=0)
 
@@ -108,3 +108,16 @@ def test_parallel_runs_share_the_host_on_disjoint_gpus(tmp_path):
     assert abs(starts[("full-zero2", 2)] - starts[("qlora-ddp", 1)]) < 0.1  # the first three ran together
     with pytest.raises(ValueError, match="more than the 2 GPUs"):
         bench.run_parallel(plan, 2, job)
+
+
+def test_windowed_rate_skips_warmup_steps_and_weights_windows_by_time(tmp_path):
+    """--log-every 4: logs at steps 4, 8, 12; warm-up 4 leaves two windows whose images / time is the rate."""
+    bench = _bench()
+    history = [{"loss": 2.0, "step": s, "train_samples_per_second": r} for s, r in [(4, 0.2), (8, 2.0), (12, 4.0)]]
+    (tmp_path / "metrics.json").write_text(json.dumps({"log_history": history}))
+    got = bench.read_result(tmp_path, warmup=4)
+    assert got["rates"] == [2.0, 4.0] and got["img_per_s"] == 2.667  # 8 images in 2 s + 1 s
+    cmd = " ".join(bench.build_run("qlora-ddp", 2, Path("/m"), Path("/d"), tmp_path, 16, 29700, 4).command)
+    assert "--max-steps 16 " in cmd and "--logging-steps 4 " in cmd
+    with pytest.raises(SystemExit):
+        bench.main(["--dry-run", "--steps", "10", "--log-every", "4"])

@@ -90,3 +90,50 @@ def test_scope_all_goes_through_the_trainer_switch_and_others_do_not():
     assert on(args(gradient_checkpointing=True))
     assert not on(args(gradient_checkpointing=True, checkpointing_scope="vision"))
     assert not on(args())
+
+
+def test_checkpointing_layers_recomputes_only_the_first_decoder_layers(tiny_tokenizer, batch):
+    """--checkpointing-layers 1: decoder layer 0 (and the CLIP layers, scope all) recompute, layer 1 keeps its
+    activations; loss and gradients stay those of the run without checkpointing."""
+    cfg = TrainConfig(method="full", gradient_checkpointing=True, checkpointing_layers=1)
+    plain = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
+    loss0, grads0, _ = step(plain, *batch)
+    model = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
+    decoder = model.model.layers
+    assert len(decoder) >= 2
+    clip_layers = len(model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers)
+    assert checkpoint_only(model, "all", 1) == clip_layers + 1
+    assert [layer.gradient_checkpointing for layer in decoder] == [True] + [False] * (len(decoder) - 1)
+    calls = dict.fromkeys(range(len(decoder)), 0)
+
+    def counting(i, forward):
+        def wrapper(*args, **kwargs):
+            calls[i] += 1
+            return forward(*args, **kwargs)
+
+        return wrapper
+
+    for i, layer in enumerate(decoder):
+        layer.mlp.forward = counting(i, layer.mlp.forward)
+    loss1, grads1, _ = step(model, *batch)
+    assert calls == {0: 2, **{i: 1 for i in range(1, len(decoder))}}
+    assert loss1 == pytest.approx(loss0, abs=1e-6)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert checkpoint_only(model, "language", 0) == 0
+
+
+def test_checkpointing_layers_is_checked_and_routes_to_selective_checkpointing():
+    from phi3v_tune.train.run import selective_checkpointing
+
+    def cfg(**kw):
+        return TrainConfig(data="x.jsonl", model="tiny", cpu=True, report_to="none", output_dir="/tmp/x", **kw)
+
+    assert selective_checkpointing(cfg(gradient_checkpointing=True, checkpointing_layers=8).validate())
+    assert not selective_checkpointing(cfg(gradient_checkpointing=True).validate())
+    with pytest.raises(ValueError, match="needs --gradient-checkpointing"):
+        cfg(checkpointing_layers=8).validate()
+    with pytest.raises(ValueError, match="scope all or language"):
+        cfg(gradient_checkpointing=True, checkpointing_scope="vision", checkpointing_layers=8).validate()
+    with pytest.raises(ValueError, match=">= 0"):
+        cfg(gradient_checkpointing=True, checkpointing_layers=-1).validate()

@@ -144,13 +144,52 @@ def sync_debug(on: bool) -> None:
         torch.cuda.set_sync_debug_mode("warn" if on else "default")
 
 
-def write_kernel_table(prof, name: str) -> None:
-    """The profiler's top operations by device time (CPU time on the CPU) into PHI3V_PROFILE/name.txt."""
+#: kernel-name fragments -> the kind of work, for the profile's summary (first match wins)
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("communication", ("nccl",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "cublas", "splitk")),
+    ("compiled (triton)", ("triton",)),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, parts in KERNEL_KINDS:
+        if any(p in low for p in parts):
+            return kind
+    return "other"
+
+
+def profile_summary(prof, wall_s: float) -> str:
+    """GPU busy time by kind of kernel against the profiled steps' wall time: what a step spends its time on, and
+    how long the GPU sits idle (host-bound steps)."""
+    busy: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0.0) or 0.0
+        if us > 0:
+            busy[kernel_kind(e.key)] = busy.get(kernel_kind(e.key), 0.0) + us / 1e3
+    total = sum(busy.values())
+    wall_ms = wall_s * 1e3
+    lines = [
+        f"profiled steps: wall {wall_ms:.1f} ms, GPU kernels {total:.1f} ms ({100 * total / max(wall_ms, 1e-9):.0f}% busy)"
+    ]
+    for kind, ms in sorted(busy.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {kind:<20} {ms:9.1f} ms  {100 * ms / max(total, 1e-9):5.1f}% of kernel time")
+    return "\n".join(lines) + "\n\n"
+
+
+def write_kernel_table(prof, name: str, wall_s: float = 0.0) -> None:
+    """The profiler's top operations by device time (CPU time on the CPU) into PHI3V_PROFILE/name.txt, after a
+    summary of GPU busy time by kind of kernel."""
     folder = Path(os.environ["PHI3V_PROFILE"])
     folder.mkdir(parents=True, exist_ok=True)
     key = "cuda_time_total" if ON_GPU else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
-    (folder / f"{name}.txt").write_text(table)
+    table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
+    head = profile_summary(prof, wall_s) if ON_GPU else ""
+    (folder / f"{name}.txt").write_text(head + table)
 
 
 class profiled:
@@ -162,6 +201,7 @@ class profiled:
         self.folder = os.environ.get("PHI3V_PROFILE")
         self.warmup, self.name, self.trainer = warmup, name, trainer
         self.prof = None
+        self.steps_seen, self.t0, self.wall = 0, 0.0, 0.0
 
     def __enter__(self):
         if not self.folder:
@@ -185,12 +225,20 @@ class profiled:
     def step(self) -> None:
         if self.prof is not None:
             self.prof.step()
+            self.steps_seen += 1
+            # the active window: after step `warmup` (the profiler records from there) through step warmup + 2
+            if self.steps_seen == self.warmup:
+                sync()
+                self.t0 = time.perf_counter()
+            elif self.steps_seen == self.warmup + 2:
+                sync()
+                self.wall = time.perf_counter() - self.t0
 
     def __exit__(self, *exc):
         if self.prof is None:
             return False
         self.prof.__exit__(*exc)
-        write_kernel_table(self.prof, self.name)
+        write_kernel_table(self.prof, self.name, self.wall)
         return False
 
 
@@ -247,6 +295,8 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
     settings.update(overrides)
     row.extra.update(overrides)
     cfg = TrainConfig(**settings)
+    row.batch = cfg.batch_size_per_device  # --set may change how many samples a forward pass takes
+    row.packing = cfg.packing and cfg.batch_size_per_device > 1
     processor = Phi3VProcessor.from_pretrained(str(model_dir), num_crops=wl.num_crops)
     data = run_mod.read_data(cfg, processor, work / "run")
     shapes = sample_shapes(data.train, data.train_plan.lengths, wl.num_crops, processor.tokenizer)

@@ -94,6 +94,12 @@ class TrainConfig:
         "decoder's ~2.5k tokens, for a small share of the compute) or language (decoder layers only).",
         choices=("all", "vision", "language"),
     )
+    checkpointing_layers: int | None = _f(
+        None,
+        "With --gradient-checkpointing and scope all or language: recompute only the first N decoder layers (the "
+        "others keep their activations). A dial between speed and memory, e.g. to fit two packed documents per "
+        "forward pass in the memory one unpacked document takes without checkpointing. Default: all decoder layers.",
+    )
     compile: bool | None = _f(
         None,
         "Regional torch.compile of every decoder and CLIP layer: fused elementwise work and far fewer kernel "
@@ -198,6 +204,13 @@ class TrainConfig:
             raise ValueError("--fsdp and --deepspeed are exclusive (two ways of sharding the same model)")
         if self.fsdp and self.method == "qlora":
             raise ValueError("--fsdp does not shard 4-bit (qlora) weights; use --method lora or plain torchrun")
+        if self.checkpointing_layers is not None:
+            if self.checkpointing_layers < 0:
+                raise ValueError(f"--checkpointing-layers must be >= 0, got {self.checkpointing_layers}")
+            if not self.gradient_checkpointing:
+                raise ValueError("--checkpointing-layers needs --gradient-checkpointing")
+            if self.checkpointing_scope == "vision":
+                raise ValueError("--checkpointing-layers counts decoder layers: use it with scope all or language")
         if self.packing_max_tokens is not None and self.packing_max_tokens < 1:
             raise ValueError(f"--packing-max-tokens must be >= 1, got {self.packing_max_tokens}")
         if not 1 <= self.num_crops <= 16:

@@ -160,16 +160,22 @@ def load_model(cfg: TrainConfig, folder: str) -> Phi3VForCausalLM:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def selective_checkpointing(cfg: TrainConfig) -> bool:
+    """Checkpointing of chosen layers (ours) rather than of every layer (the Trainer's own switch)."""
+    return cfg.gradient_checkpointing and (cfg.checkpointing_scope != "all" or cfg.checkpointing_layers is not None)
+
+
 def prepare_model(cfg: TrainConfig, base: str):
     """Load the base model, set what trains (`--method`), compile layers if asked: the model the Trainer gets."""
     model = apply_strategy(load_model(cfg, base), cfg)
     weights = f", {master_weights(cfg)} master weights" if cfg.method in ("full", "freeze-vision") else ""
     say(f"method {cfg.method}{weights}: {count_parameters(model)}")
-    if cfg.gradient_checkpointing and cfg.checkpointing_scope != "all":
+    if selective_checkpointing(cfg):
         from .strategies import checkpoint_only
 
-        layers = checkpoint_only(model, cfg.checkpointing_scope)
-        say(f"activation checkpointing: {layers} {cfg.checkpointing_scope} layers")
+        layers = checkpoint_only(model, cfg.checkpointing_scope, cfg.checkpointing_layers)
+        which = "" if cfg.checkpointing_layers is None else f", first {cfg.checkpointing_layers} decoder layers"
+        say(f"activation checkpointing: {layers} layers (scope {cfg.checkpointing_scope}{which})")
     if compile_on(cfg):
         from .compile import compile_layers
 
@@ -297,7 +303,7 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         data_seed=cfg.seed,
         bf16=bf16 and master_weights(cfg) != "bf16-sr",  # all-bf16 weights need no autocast
         fp16=fp16,
-        **checkpointing_arguments(cfg.gradient_checkpointing and cfg.checkpointing_scope == "all"),
+        **checkpointing_arguments(cfg.gradient_checkpointing and not selective_checkpointing(cfg)),
         save_strategy="steps" if cfg.save_checkpoints else "no",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,

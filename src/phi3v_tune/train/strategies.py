@@ -125,10 +125,11 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
     return peft_model
 
 
-def checkpoint_only(model: nn.Module, scope: str) -> int:
-    """Selective activation checkpointing: non-reentrant checkpointing on the CLIP encoder layers ('vision') or the
-    decoder layers ('language') only; returns how many layers recompute. (`--checkpointing-scope all` goes through
-    the Trainer's own switch instead.)"""
+def checkpoint_only(model: nn.Module, scope: str, decoder_layers: int | None = None) -> int:
+    """Selective activation checkpointing: non-reentrant checkpointing on the CLIP encoder layers ('vision'), the
+    decoder layers ('language') or both ('all'), and of the decoder layers only the first `decoder_layers` when given;
+    returns how many layers recompute. (`--checkpointing-scope all` without a layer count goes through the Trainer's
+    own switch instead.)"""
     from transformers.modeling_layers import GradientCheckpointingLayer
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
@@ -137,10 +138,14 @@ def checkpoint_only(model: nn.Module, scope: str) -> int:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    chosen = 0
+    chosen = decoder_seen = 0
     for module in base.modules():
         if isinstance(module, GradientCheckpointingLayer):
-            keep = isinstance(module, CLIPEncoderLayer) == (scope == "vision")
+            if isinstance(module, CLIPEncoderLayer):
+                keep = scope in ("all", "vision")
+            else:
+                keep = scope in ("all", "language") and (decoder_layers is None or decoder_seen < decoder_layers)
+                decoder_seen += 1
             module.gradient_checkpointing = keep
             chosen += int(keep)
     return chosen
