@@ -163,13 +163,22 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+#: GPU-side ranges the profiler records around steps, optimizer calls and compiled graphs: not kernels
+ANNOTATION_PREFIXES = ("ProfilerStep", "## ", "Torch-Compiled Region", "Optimizer.", "CompiledFunction")
+
+
+def is_annotation(event) -> bool:
+    """A user/compiler range on the GPU timeline (it spans kernels; counting it would count them twice)."""
+    return bool(getattr(event, "is_user_annotation", False)) or event.key.startswith(ANNOTATION_PREFIXES)
+
+
 def profile_summary(prof, wall_s: float) -> str:
     """GPU busy time by kind of kernel against the profiled steps' wall time: what a step spends its time on, and
     how long the GPU sits idle (host-bound steps)."""
     busy: dict[str, float] = {}
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0.0) or 0.0
-        if us > 0:
+        if us > 0 and not is_annotation(e):
             busy[kernel_kind(e.key)] = busy.get(kernel_kind(e.key), 0.0) + us / 1e3
     total = sum(busy.values())
     wall_ms = wall_s * 1e3
