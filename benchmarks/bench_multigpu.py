@@ -2,9 +2,10 @@
 
 Writes a bf16 random-weight checkpoint once (published layout) and synthetic DocVQA-shape data (one document image
 per sample -> num_crops 16 -> 4x4 crops, ~2.5k tokens), then for each setting and GPU count launches
-`torchrun --nproc_per_node G -m phi3v_tune train ...` (FSDP2 through `accelerate launch`), batch 1 per GPU, activation
-checkpointing, a few steps. Per run: images/s (images / time over the logged windows after the warm-up, the loss
-logged every --log-every steps so the GPU is waited for only then, as in real training; one image per sample),
+`torchrun --nproc_per_node G -m phi3v_tune train ...` (FSDP2 through `accelerate launch`), batch 1 per GPU
+(--per-device N: N documents packed into one row), activation checkpointing, a few steps. Per run: images/s
+(images / time over the logged windows after the warm-up, the loss logged every --log-every steps so the GPU is
+waited for only then, as in real training; one image per sample),
 peak GiB per GPU (`peak_gpu_memory_gib_per_rank` in metrics.json), first/last loss. Every run has its own time
 limit and its failure is a table row, not the end of the benchmark. The table is printed and appended to --out.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -55,13 +57,15 @@ class Run:
 
 
 def train_flags(
-    method: str, model: Path, data: Path, out: Path, gpus: int, steps: int, log_every: int = 1
+    method: str, model: Path, data: Path, out: Path, gpus: int, steps: int, log_every: int = 1, per_device: int = 1
 ) -> list[str]:
-    """The `phi3v-tune train` flags shared by every run: global batch = GPUs (1 per GPU), no accumulation. The loss is
-    logged (read from the GPU, a host wait) every `log_every` steps."""
+    """The `phi3v-tune train` flags shared by every run: `per_device` samples per GPU per step (packed into one row
+    when more than 1), global batch = GPUs x per_device, no accumulation. The loss is logged (read from the GPU, a
+    host wait) every `log_every` steps."""
     return [
         "--model", str(model), "--data", str(data), "--method", method, "--bf16", "--num-crops", "16",
-        "--gradient-checkpointing", "--batch-size", str(gpus), "--batch-size-per-device", "1",
+        "--gradient-checkpointing", "--batch-size", str(gpus * per_device),
+        "--batch-size-per-device", str(per_device),
         "--max-steps", str(steps), "--warmup-steps", "0", "--learning-rate", "1e-5", "--logging-steps", str(log_every),
         "--no-save-checkpoints", "--report-to", "none", "--no-progress", "--num-workers", "2", "--seed", "0",
         "--output-dir", str(out),
@@ -69,11 +73,22 @@ def train_flags(
 
 
 def build_run(
-    setting: str, gpus: int, model: Path, data: Path, work: Path, steps: int, port: int, log_every: int = 1
+    setting: str,
+    gpus: int,
+    model: Path,
+    data: Path,
+    work: Path,
+    steps: int,
+    port: int,
+    log_every: int = 1,
+    *,
+    per_device: int = 1,
+    train_args: tuple[str, ...] = (),
 ) -> Run:
+    """One run of `setting` on `gpus` GPUs; `train_args` are extra `phi3v-tune train` flags (after the setting's)."""
     method, extra, launcher = SETTINGS[setting]
     out = work / f"run-{setting}-{gpus}gpu"
-    flags = train_flags(method, model, data, out, gpus, steps, log_every) + extra
+    flags = train_flags(method, model, data, out, gpus, steps, log_every, per_device) + extra + list(train_args)
     if launcher == "accelerate":
         head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "configs/accelerate/fsdp2.yaml"), "--num_processes", str(gpus),
@@ -93,12 +108,21 @@ def build_run(
 
 
 def two_node_runs(
-    setting: str, model: Path, data: Path, work: Path, steps: int, port: int, log_every: int = 1
+    setting: str,
+    model: Path,
+    data: Path,
+    work: Path,
+    steps: int,
+    port: int,
+    log_every: int = 1,
+    *,
+    per_device: int = 1,
+    train_args: tuple[str, ...] = (),
 ) -> list[Run]:
     """Two torchrun agents on one host, 2 GPUs each, as node 0 and node 1 of a 2-node job (shared output folder)."""
     method, extra, _ = SETTINGS[setting]
     out = work / f"run-{setting}-2x2node"
-    flags = train_flags(method, model, data, out, 4, steps, log_every) + extra
+    flags = train_flags(method, model, data, out, 4, steps, log_every, per_device) + extra + list(train_args)
     runs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
@@ -189,6 +213,11 @@ def execute(runs: list[Run], timeout: float, warmup: int, keep: bool) -> dict[st
     try:
         launch(runs, timeout, runs[0].output_dir.with_suffix(".log"))
         row.update(read_result(runs[0].output_dir, warmup), status="ok")
+    except TimeoutError as err:
+        if (runs[0].output_dir / "metrics.json").is_file():  # training and its metrics finished; the exit did not
+            row.update(read_result(runs[0].output_dir, warmup), status=f"ok; the processes did not exit: {err}")
+        else:
+            row["status"] = f"FAILED: TimeoutError: {err}"
     except Exception as err:  # one failed setting is a row of the table, the rest still run
         row["status"] = f"FAILED: {type(err).__name__}: {str(err)[-300:]}".replace("\n", " ").replace("|", "/")
     row["wall_s"] = round(time.time() - t, 1)
@@ -308,6 +337,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run settings side by side on disjoint GPUs of this host (e.g. four 1-GPU runs at once) to save time",
     )
+    ap.add_argument(
+        "--per-device",
+        type=int,
+        default=1,
+        help="documents per GPU per step (more than 1: packed into one row, as training does by default)",
+    )
+    ap.add_argument(
+        "--train-args",
+        default="",
+        help="extra phi3v-tune train flags for every run, one quoted string, e.g. '--checkpointing-layers 24'",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = ap.parse_args(argv)
     work, model = Path(args.work), Path(args.model_dir)
@@ -329,10 +369,14 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
     gpus = sorted({g for _, g in pairs} | ({4} if args.two_node else set()))
     every = args.log_every
-    plan = [[build_run(s, g, model, data, work, args.steps, args.port + i, every)] for i, (s, g) in enumerate(pairs)]
+    opts = {"per_device": args.per_device, "train_args": tuple(shlex.split(args.train_args))}
+    plan = [
+        [build_run(s, g, model, data, work, args.steps, args.port + i, every, **opts)] for i, (s, g) in enumerate(pairs)
+    ]
     if args.two_node:
-        plan.append([build_run(args.two_node_setting, 4, model, data, work, args.steps, args.port + 90, every)])
-        plan.append(two_node_runs(args.two_node_setting, model, data, work, args.steps, args.port + 91, every))
+        two = args.two_node_setting
+        plan.append([build_run(two, 4, model, data, work, args.steps, args.port + 90, every, **opts)])
+        plan.append(two_node_runs(two, model, data, work, args.steps, args.port + 91, every, **opts))
     if args.dry_run:
         for runs in plan:
             for run in runs:
@@ -342,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    data = prepare(model, work, samples=max(gpus) * args.steps + 8)
+    data = prepare(model, work, samples=max(gpus) * args.per_device * args.steps + 8)
 
     def job(runs: list[Run]) -> dict[str, Any]:
         row = execute(runs, args.timeout, args.warmup, keep=args.keep)
@@ -366,14 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     header = (f"\n## bench_multigpu {time.strftime('%Y-%m-%d %H:%M')}, {torch.cuda.device_count()} x {card}, "
               f"torch {torch.__version__}\n`python benchmarks/bench_multigpu.py {' '.join(argv or sys.argv[1:])}`; "
-              f"batch 1 per GPU, num_crops 16 (4x4 crops, ~2.5k tokens), activation checkpointing, bf16, "
+              f"batch {args.per_device} per GPU, num_crops 16 (4x4 crops, ~2.5k tokens), activation checkpointing, "
+              f"bf16{(', ' + args.train_args) if args.train_args else ''}, "
               f"{args.steps} steps, img/s = images / time over the {args.log_every}-step windows after {args.warmup} "
               f"warm-up steps"
               f"{'; runs side by side on disjoint GPUs (--parallel)' if args.parallel else ''}\n\n")  # fmt: skip
     print(header + text, flush=True)
     with open(args.out, "a", encoding="utf-8") as f:
         f.write(header + text + "\n")
-    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+    return 0 if all(str(r.get("status", "")).startswith("ok") for r in rows) else 1
 
 
 if __name__ == "__main__":

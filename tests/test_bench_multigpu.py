@@ -121,3 +121,33 @@ def test_windowed_rate_skips_warmup_steps_and_weights_windows_by_time(tmp_path):
     assert "--max-steps 16 " in cmd and "--logging-steps 4 " in cmd
     with pytest.raises(SystemExit):
         bench.main(["--dry-run", "--steps", "10", "--log-every", "4"])
+
+
+def test_a_run_that_trained_but_did_not_exit_keeps_its_figures(tmp_path, monkeypatch):
+    """A run killed at its time limit after writing metrics.json (stuck at exit) is reported, and says so."""
+    bench = _bench()
+    run = bench.build_run("qlora-ddp", 2, Path("/m"), Path("/d"), tmp_path, 8, 29700, 4)
+    run.output_dir.mkdir(parents=True)
+    history = [{"loss": 2.0, "step": s, "train_samples_per_second": 4.0} for s in (4, 8)]
+    (run.output_dir / "metrics.json").write_text(json.dumps({"log_history": history}))
+
+    def timed_out(*a, **k):
+        raise TimeoutError("over 180 s")
+
+    monkeypatch.setattr(bench, "launch", timed_out)
+    row = bench.execute([run], timeout=180, warmup=4, keep=True)
+    assert row["img_per_s"] == 4.0 and row["status"] == "ok; the processes did not exit: over 180 s"
+    (run.output_dir / "metrics.json").unlink()
+    assert bench.execute([run], 180, 4, keep=True)["status"] == "FAILED: TimeoutError: over 180 s"
+
+
+def test_documents_per_gpu_and_extra_train_flags_reach_every_command(tmp_path, capsys):
+    """--per-device 2 --train-args '--checkpointing-layers 24': batch = GPUs x 2, flags appended to every run."""
+    bench = _bench()
+    argv = ["--dry-run", "--runs", "qlora-ddp:4", "--two-node", "--two-node-setting", "qlora-ddp", "--per-device", "2",
+            "--train-args", "--checkpointing-layers 24", "--work", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + 1 + 2
+    for line in lines:
+        assert "--batch-size 8 --batch-size-per-device 2" in line and line.endswith("--checkpointing-layers 24")
