@@ -92,6 +92,21 @@ def test_bench_script_runs_on_cpu_tiny(tmp_path):
     assert "| docvqa | plain | lora | no | 1 |" in table and table.count("\n| memes |") == 2
 
 
+def test_docvqa_rows_with_several_documents_per_pass_are_packed_as_training_does(tmp_path):
+    """--set batch_size_per_device=2 on the DocVQA rows: training's default (packed rows) applies, and the row says so;
+    --set packing=false gives padded batches."""
+    from phi3v_tune.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    common = ["bench", "--tiny", "--work", str(tmp_path / "w"), "--model-dir", str(tmp_path / "ck"), "--steps", "1",
+              "--warmup", "1", "--samples", "6", "--workloads", "docvqa", "--builds", "ours", "--methods", "lora",
+              "--checkpointing", "no", "--json", str(rows), "--set", "batch_size=2", "--set", "batch_size_per_device=2"]  # fmt: skip
+    assert main(common) == 0
+    assert main([*common, "--set", "packing=false"]) == 0
+    got = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert [(r["batch"], r["packing"], r["error"]) for r in got] == [(2, True, None), (2, False, None)]
+
+
 def test_bench_refuses_an_unknown_training_setting(tmp_path):
     """`--set compyle=true` must not silently measure the default setting."""
     from phi3v_tune.perf.bench import main

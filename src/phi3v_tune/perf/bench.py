@@ -36,7 +36,7 @@ class Row:
     method: str
     checkpointing: bool
     batch: int
-    packing: bool = False
+    packing: bool | None = None  # None: training's default (packed when a forward pass takes several samples)
     img_s: float = 0.0
     tokens_s: float = 0.0
     tflops: float = 0.0
@@ -299,8 +299,9 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
         lora_rank=64,
         lora_alpha=128,
         output_dir=str(work / "run"),
-        packing=row.packing,
     )
+    if row.packing is not None:  # the short workload's packed-vs-padded pairs
+        settings["packing"] = row.packing
     settings.update(overrides)
     row.extra.update(overrides)
     cfg = TrainConfig(**settings)
@@ -342,6 +343,7 @@ def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: i
     from .baseline import build_plain, plain_step
 
     free_gpu()
+    row.packing = False  # one sample per step
     if ON_GPU:  # PyTorch's default SDPA order (cuDNN first on H100), whatever an earlier row of ours selected
         torch.backends.cuda.enable_cudnn_sdp(True)
     device = "cuda" if ON_GPU else "cpu"
@@ -412,7 +414,7 @@ def markdown(rows: list[Row], peak: float, command: str) -> str:
     for r in rows:
         if r.error:
             lines.append(
-                f"| {r.workload} | {r.build} | {r.method} | {r.checkpointing} | {r.batch} | {r.packing} | "
+                f"| {r.workload} | {r.build} | {r.method} | {r.checkpointing} | {r.batch} | {bool(r.packing)} | "
                 f"failed: {r.error[:120]} ||||||||\n"
             )
             continue
