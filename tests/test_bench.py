@@ -107,6 +107,23 @@ def test_docvqa_rows_with_several_documents_per_pass_are_packed_as_training_does
     assert [(r["batch"], r["packing"], r["error"]) for r in got] == [(2, True, None), (2, False, None)]
 
 
+def test_tuned_rows_take_the_recorded_setting_and_say_so(tmp_path):
+    """--tuned: our full row (no-checkpointing column) runs two packed documents per pass with CLIP checkpointing;
+    the row reports what ran (batch 2, packed, checkpointing) and lists the settings in its notes."""
+    from phi3v_tune.cli import main
+    from phi3v_tune.perf.bench import TUNED
+
+    rows = tmp_path / "rows.jsonl"
+    argv = ["bench", "--tiny", "--work", str(tmp_path / "w"), "--model-dir", str(tmp_path / "ck"), "--steps", "1",
+            "--warmup", "1", "--samples", "6", "--workloads", "docvqa", "--builds", "ours", "--methods", "full,lora",
+            "--checkpointing", "no", "--json", str(rows), "--tuned"]  # fmt: skip
+    assert main(argv) == 0
+    full, lora = (json.loads(x) for x in rows.read_text().splitlines())
+    assert (full["batch"], full["packing"], full["checkpointing"], full["error"]) == (2, True, True, None)
+    assert full["extra"]["checkpointing_scope"] == "vision" and ("lora", False) not in TUNED
+    assert (lora["batch"], lora["packing"], lora["checkpointing"]) == (1, False, False)
+
+
 def test_bench_refuses_an_unknown_training_setting(tmp_path):
     """`--set compyle=true` must not silently measure the default setting."""
     from phi3v_tune.perf.bench import main

@@ -28,6 +28,17 @@ from .workloads import WORKLOADS, write_workload
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 
+#: `--tuned`: the fastest setting measured so far per (method, checkpointing row) at the DocVQA shape, within the plain
+#: build's memory for that row (benchmarks/RESULTS.md, fourth session). Where a row has none, ours runs as the row
+#: says. Two documents per forward pass are packed into one row (training's default), which halves the host work per
+#: document; the checkpointing buys back the memory of the second document.
+TUNED: dict[tuple[str, bool], dict[str, Any]] = {
+    ("full", False): {"batch_size": 2, "batch_size_per_device": 2, "gradient_checkpointing": True,
+                      "checkpointing_scope": "vision"},
+    ("qlora", False): {"batch_size": 2, "batch_size_per_device": 2, "gradient_checkpointing": True,
+                       "checkpointing_layers": 24},
+}  # fmt: skip
+
 
 @dataclass
 class Row:
@@ -305,7 +316,8 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
     settings.update(overrides)
     row.extra.update(overrides)
     cfg = TrainConfig(**settings)
-    row.batch = cfg.batch_size_per_device  # --set may change how many samples a forward pass takes
+    row.batch = cfg.batch_size_per_device  # --set / --tuned may change how many samples a forward pass takes
+    row.checkpointing = cfg.gradient_checkpointing
     row.packing = cfg.packing and cfg.batch_size_per_device > 1
     processor = Phi3VProcessor.from_pretrained(str(model_dir), num_crops=wl.num_crops)
     data = run_mod.read_data(cfg, processor, work / "run")
@@ -452,6 +464,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Also time the plain full row at the fixed 17-crop 2560-token shape of the issue's table.",
     )
+    ap.add_argument(
+        "--tuned",
+        action="store_true",
+        help="Our DocVQA rows use the fastest setting measured within the plain row's memory (perf/bench.py: TUNED; "
+        "e.g. full: two packed documents per pass with the CLIP layers checkpointed); the row's notes list it.",
+    )
     ap.add_argument("--work", default="/tmp/phi3v-bench", help="Where data and runs go.")
     ap.add_argument("--model-dir", default="/dev/shm/phi3v-random", help="Random checkpoint (written if missing).")
     ap.add_argument("--json", default=None, help="Also write every row as JSON lines here.")
@@ -547,7 +565,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
             out_json.flush()
 
     def ours(row: Row, wl) -> None:
-        record(row, run_ours, model_dir, wl, work, args.steps, args.warmup, peak, **overrides)
+        tuned = TUNED.get((row.method, row.checkpointing), {}) if args.tuned and row.workload == "docvqa" else {}
+        record(row, run_ours, model_dir, wl, work, args.steps, args.warmup, peak, **{**tuned, **overrides})
 
     def plain(row: Row, shapes: list[SampleShape]) -> None:
         record(row, run_plain, config, shapes, args.steps, args.warmup, peak)
