@@ -56,40 +56,37 @@ class Run:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def train_flags(
-    method: str, model: Path, data: Path, out: Path, gpus: int, steps: int, log_every: int = 1, per_device: int = 1
-) -> list[str]:
-    """The `phi3v-tune train` flags shared by every run: `per_device` samples per GPU per step (packed into one row
-    when more than 1), global batch = GPUs x per_device, no accumulation. The loss is logged (read from the GPU, a
-    host wait) every `log_every` steps."""
+@dataclass(frozen=True)
+class RunOptions:
+    """What every run of one benchmark shares besides its setting and GPU count."""
+
+    steps: int = 16
+    log_every: int = 1  # log (and so wait for the GPU) every N steps
+    per_device: int = 1  # documents per GPU per step, packed into one row when more than 1
+    train_args: tuple[str, ...] = ()  # extra `phi3v-tune train` flags, after the setting's own
+
+
+def train_flags(setting: str, model: Path, data: Path, out: Path, gpus: int, opts: RunOptions) -> list[str]:
+    """The `phi3v-tune train` flags of a run: global batch = GPUs x per_device, no accumulation, then the setting's
+    flags and the extra ones."""
+    method, extra, _ = SETTINGS[setting]
     return [
         "--model", str(model), "--data", str(data), "--method", method, "--bf16", "--num-crops", "16",
-        "--gradient-checkpointing", "--batch-size", str(gpus * per_device),
-        "--batch-size-per-device", str(per_device),
-        "--max-steps", str(steps), "--warmup-steps", "0", "--learning-rate", "1e-5", "--logging-steps", str(log_every),
-        "--no-save-checkpoints", "--report-to", "none", "--no-progress", "--num-workers", "2", "--seed", "0",
-        "--output-dir", str(out),
+        "--gradient-checkpointing", "--batch-size", str(gpus * opts.per_device),
+        "--batch-size-per-device", str(opts.per_device), "--max-steps", str(opts.steps), "--warmup-steps", "0",
+        "--learning-rate", "1e-5", "--logging-steps", str(opts.log_every), "--no-save-checkpoints",
+        "--report-to", "none", "--no-progress", "--num-workers", "2", "--seed", "0", "--output-dir", str(out),
+        *extra, *opts.train_args,
     ]  # fmt: skip
 
 
 def build_run(
-    setting: str,
-    gpus: int,
-    model: Path,
-    data: Path,
-    work: Path,
-    steps: int,
-    port: int,
-    log_every: int = 1,
-    *,
-    per_device: int = 1,
-    train_args: tuple[str, ...] = (),
+    setting: str, gpus: int, model: Path, data: Path, work: Path, port: int, opts: RunOptions = RunOptions()
 ) -> Run:
-    """One run of `setting` on `gpus` GPUs; `train_args` are extra `phi3v-tune train` flags (after the setting's)."""
-    method, extra, launcher = SETTINGS[setting]
+    """One run of `setting` on `gpus` GPUs of this host."""
     out = work / f"run-{setting}-{gpus}gpu"
-    flags = train_flags(method, model, data, out, gpus, steps, log_every, per_device) + extra + list(train_args)
-    if launcher == "accelerate":
+    flags = train_flags(setting, model, data, out, gpus, opts)
+    if SETTINGS[setting][2] == "accelerate":
         head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "configs/accelerate/fsdp2.yaml"), "--num_processes", str(gpus),
                 "--main_process_port", str(port)]  # fmt: skip
@@ -108,21 +105,11 @@ def build_run(
 
 
 def two_node_runs(
-    setting: str,
-    model: Path,
-    data: Path,
-    work: Path,
-    steps: int,
-    port: int,
-    log_every: int = 1,
-    *,
-    per_device: int = 1,
-    train_args: tuple[str, ...] = (),
+    setting: str, model: Path, data: Path, work: Path, port: int, opts: RunOptions = RunOptions()
 ) -> list[Run]:
     """Two torchrun agents on one host, 2 GPUs each, as node 0 and node 1 of a 2-node job (shared output folder)."""
-    method, extra, _ = SETTINGS[setting]
     out = work / f"run-{setting}-2x2node"
-    flags = train_flags(method, model, data, out, 4, steps, log_every, per_device) + extra + list(train_args)
+    flags = train_flags(setting, model, data, out, 4, opts)
     runs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
@@ -368,15 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
     gpus = sorted({g for _, g in pairs} | ({4} if args.two_node else set()))
-    every = args.log_every
-    opts = {"per_device": args.per_device, "train_args": tuple(shlex.split(args.train_args))}
-    plan = [
-        [build_run(s, g, model, data, work, args.steps, args.port + i, every, **opts)] for i, (s, g) in enumerate(pairs)
-    ]
+    opts = RunOptions(args.steps, args.log_every, args.per_device, tuple(shlex.split(args.train_args)))
+    plan = [[build_run(s, g, model, data, work, args.port + i, opts)] for i, (s, g) in enumerate(pairs)]
     if args.two_node:
-        two = args.two_node_setting
-        plan.append([build_run(two, 4, model, data, work, args.steps, args.port + 90, every, **opts)])
-        plan.append(two_node_runs(two, model, data, work, args.steps, args.port + 91, every, **opts))
+        plan.append([build_run(args.two_node_setting, 4, model, data, work, args.port + 90, opts)])
+        plan.append(two_node_runs(args.two_node_setting, model, data, work, args.port + 91, opts))
     if args.dry_run:
         for runs in plan:
             for run in runs:

@@ -23,15 +23,17 @@ def _bench():
 def test_commands_per_strategy_and_two_node_emulation(tmp_path):
     bench = _bench()
     m, d = Path("/m"), Path("/d/train.jsonl")
-    zero3 = bench.build_run("full-zero3", 2, m, d, tmp_path, 8, 29700)
+    zero3 = bench.build_run("full-zero3", 2, m, d, tmp_path, 29700, bench.RunOptions(8))
     cmd = " ".join(zero3.command)
     assert "torch.distributed.run --nproc_per_node 2 --master_port 29700 -m phi3v_tune train" in cmd
     assert "configs/deepspeed/zero3.json" in cmd and "--batch-size 2 --batch-size-per-device 1" in cmd
     assert "--gradient-checkpointing" in cmd and zero3.env["CUDA_VISIBLE_DEVICES"] == "0,1"
-    fsdp = " ".join(bench.build_run("full-fsdp2", 4, m, d, tmp_path, 8, 29701).command)
+    fsdp = " ".join(bench.build_run("full-fsdp2", 4, m, d, tmp_path, 29701, bench.RunOptions(8)).command)
     assert "accelerate.commands.launch --config_file" in fsdp and "fsdp2.yaml --num_processes 4" in fsdp
-    assert "--method qlora" in " ".join(bench.build_run("qlora-ddp", 1, m, d, tmp_path, 8, 29702).command)
-    nodes = bench.two_node_runs("lora-ddp", m, d, tmp_path, 8, 29790)
+    assert "--method qlora" in " ".join(
+        bench.build_run("qlora-ddp", 1, m, d, tmp_path, 29702, bench.RunOptions(8)).command
+    )
+    nodes = bench.two_node_runs("lora-ddp", m, d, tmp_path, 29790, bench.RunOptions(8))
     assert [r.env["CUDA_VISIBLE_DEVICES"] for r in nodes] == ["0,1", "2,3"]
     for rank, run in enumerate(nodes):
         text = " ".join(run.command)
@@ -80,11 +82,11 @@ def test_parallel_runs_share_the_host_on_disjoint_gpus(tmp_path):
 
     bench = _bench()
     m, d = Path("/m"), Path("/d/train.jsonl")
-    plan = [[bench.build_run("full-zero2", 2, m, d, tmp_path, 4, 29700)],
-            [bench.build_run("lora-ddp", 1, m, d, tmp_path, 4, 29701)],
-            [bench.build_run("qlora-ddp", 1, m, d, tmp_path, 4, 29702)],
-            [bench.build_run("lora-ddp", 4, m, d, tmp_path, 4, 29703)],
-            bench.two_node_runs("lora-ddp", m, d, tmp_path, 4, 29704)]  # fmt: skip
+    plan = [[bench.build_run("full-zero2", 2, m, d, tmp_path, 29700, bench.RunOptions(4))],
+            [bench.build_run("lora-ddp", 1, m, d, tmp_path, 29701, bench.RunOptions(4))],
+            [bench.build_run("qlora-ddp", 1, m, d, tmp_path, 29702, bench.RunOptions(4))],
+            [bench.build_run("lora-ddp", 4, m, d, tmp_path, 29703, bench.RunOptions(4))],
+            bench.two_node_runs("lora-ddp", m, d, tmp_path, 29704, bench.RunOptions(4))]  # fmt: skip
     busy: set[int] = set()
     lock = threading.Lock()
     seen = []
@@ -117,7 +119,9 @@ def test_windowed_rate_skips_warmup_steps_and_weights_windows_by_time(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"log_history": history}))
     got = bench.read_result(tmp_path, warmup=4)
     assert got["rates"] == [2.0, 4.0] and got["img_per_s"] == 2.667  # 8 images in 2 s + 1 s
-    cmd = " ".join(bench.build_run("qlora-ddp", 2, Path("/m"), Path("/d"), tmp_path, 16, 29700, 4).command)
+    cmd = " ".join(
+        bench.build_run("qlora-ddp", 2, Path("/m"), Path("/d"), tmp_path, 29700, bench.RunOptions(16, 4)).command
+    )
     assert "--max-steps 16 " in cmd and "--logging-steps 4 " in cmd
     with pytest.raises(SystemExit):
         bench.main(["--dry-run", "--steps", "10", "--log-every", "4"])
@@ -126,7 +130,7 @@ def test_windowed_rate_skips_warmup_steps_and_weights_windows_by_time(tmp_path):
 def test_a_run_that_trained_but_did_not_exit_keeps_its_figures(tmp_path, monkeypatch):
     """A run killed at its time limit after writing metrics.json (stuck at exit) is reported, and says so."""
     bench = _bench()
-    run = bench.build_run("qlora-ddp", 2, Path("/m"), Path("/d"), tmp_path, 8, 29700, 4)
+    run = bench.build_run("qlora-ddp", 2, Path("/m"), Path("/d"), tmp_path, 29700, bench.RunOptions(8, 4))
     run.output_dir.mkdir(parents=True)
     history = [{"loss": 2.0, "step": s, "train_samples_per_second": 4.0} for s in (4, 8)]
     (run.output_dir / "metrics.json").write_text(json.dumps({"log_history": history}))
