@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU measurements still open for the speed (#5) and multi-GPU (#6) issues, as named jobs that fit the device
+# tool's 10-minute calls. Run from the repository root on the lent machine, with `.whl/` carried:
+#   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed freeze-vision/lora sweeps
+#   bash benchmarks/device_runs.sh scaling 1  # 4 GPUs: QLoRA DDP 1 -> 2 -> 4 GPUs, 1 document per GPU (or 2)
+#   bash benchmarks/device_runs.sh gputests   # any GPU: pytest tests/gpu
+# Everything lands in $OUT (one tar of logs plus the JSON rows, which are written as each row finishes, so a call
+# cut by its limit keeps what it measured). Each job writes the random checkpoint first if it is missing.
+set -uo pipefail
+case "${1:-}" in
+speed | scaling | gputests) ;;
+*)
+  echo "usage: bash benchmarks/device_runs.sh speed | scaling [1|2] | gputests" >&2
+  exit 2
+  ;;
+esac
+OUT=${OUT:-/tmp/phi3v-out}
+R=$OUT/r
+mkdir -p "$R"
+source benchmarks/device_setup.sh > "$R/setup.log" 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$R/gpus.txt"
+python -c "from pathlib import Path; from phi3v_tune.perf.bench import write_checkpoint; \
+write_checkpoint(Path('/dev/shm/phi3v-random'))" > "$R/checkpoint.log" 2>&1
+
+bench() { # GPU NAME ARGS...: one bench_train.py process on one GPU, its log in $R/NAME.log
+  local gpu=$1 name=$2
+  shift 2
+  CUDA_VISIBLE_DEVICES=$gpu timeout "${ROW_LIMIT:-280}" python benchmarks/bench_train.py --workloads docvqa \
+    --steps 6 --warmup 4 --samples 32 --work "/tmp/bench-$name" --json "$OUT/rows.jsonl" "$@" > "$R/$name.log" 2>&1
+}
+
+case "${1:-}" in
+speed)
+  # GPU 0: the tuned rows (full, qlora: two packed documents per pass) next to the plain rows, then full with two
+  # such passes per optimizer step; GPU 1: packed freeze-vision and lora with fewer checkpointed layers
+  (
+    bench 0 tuned --methods full,qlora --checkpointing no --tuned
+    bench 0 full-accum2 --builds ours --methods full --checkpointing no --tuned --set batch_size=4
+  ) &
+  (
+    bench 1 fv-packed --builds ours --methods freeze-vision --checkpointing yes --set batch_size=2 \
+      --set batch_size_per_device=2 --set checkpointing_layers=8
+    PHI3V_PROFILE=$R/prof bench 1 lora-packed --builds ours --methods lora --checkpointing yes --set batch_size=2 \
+      --set batch_size_per_device=2 --set checkpointing_layers=8
+  ) &
+  wait
+  ;;
+scaling)
+  # ${2:-1} documents per GPU (2: packed, with 24 decoder layers checkpointed); the 1- and 2-GPU runs side by side
+  per=${2:-1}
+  extra=()
+  [ "$per" != 1 ] && extra=(--train-args "--checkpointing-layers 24")
+  PHI3V_BENCH_LOGS=$R/logs timeout 570 python benchmarks/bench_multigpu.py --parallel \
+    --runs qlora-ddp:1,qlora-ddp:2,qlora-ddp:4 --per-device "$per" "${extra[@]}" --steps 16 --warmup 4 \
+    --log-every 4 --timeout 280 --work /tmp/mg --out "$OUT/multigpu.md" > "$R/scaling-$per.log" 2>&1
+  ;;
+gputests)
+  python -m pytest -q tests/gpu > "$R/gputests.log" 2>&1
+  ;;
+esac
+tar czf "$OUT/logs.tgz" -C "$OUT" r && rm -rf "$R"
