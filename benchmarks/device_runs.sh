@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements still open for the speed (#5) and multi-GPU (#6) issues, as named jobs that fit the device
 # tool's 10-minute calls. Run from the repository root on the lent machine, with `.whl/` carried:
-#   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed freeze-vision/lora sweeps
+#   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed and padded sweeps
 #   bash benchmarks/device_runs.sh scaling 1  # 4 GPUs: QLoRA DDP 1 -> 2 -> 4 GPUs, 1 document per GPU (or 2)
 #   bash benchmarks/device_runs.sh gputests   # any GPU: pytest tests/gpu
 # Everything lands in $OUT (one tar of logs plus the JSON rows, which are written as each row finishes, so a call
@@ -42,6 +42,11 @@ speed)
       --set batch_size_per_device=2 --set checkpointing_layers=8
     PHI3V_PROFILE=$R/prof bench 1 lora-packed --builds ours --methods lora --checkpointing yes --set batch_size=2 \
       --set batch_size_per_device=2 --set checkpointing_layers=8
+    # padded two-document batches were 3.6x slower than packed ones when compiled (fourth session): compiled vs eager
+    for c in true false; do
+      bench 1 "padded-compile-$c" --builds ours --methods full --checkpointing yes --set batch_size=2 \
+        --set batch_size_per_device=2 --set packing=false --set checkpointing_scope=vision --set compile=$c
+    done
   ) &
   wait
   ;;
