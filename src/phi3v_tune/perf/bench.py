@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     for name in args.workloads.split(","):
         # enough samples that the timed steps stay inside the first epoch (no epoch-boundary effects)
-        per_step = args.short_batch if name != "docvqa" else 1
+        per_step = args.short_batch if name != "docvqa" else int(overrides.get("batch_size", 2 if args.tuned else 1))
         wl = write_workload(name, work / name, max(args.samples, (args.warmup + args.steps + 1) * per_step))
         if name == "docvqa":
             plain_shapes: list[SampleShape] = []
