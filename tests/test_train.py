@@ -223,3 +223,23 @@ def test_no_save_checkpoints_writes_neither_checkpoints_nor_final_model(data_fil
     assert metrics["train"]["train_loss"] > 0
     assert not list(out.glob("checkpoint-*")) and not (out / "final").exists()
     assert "final_dir" not in json.loads((out / "metrics.json").read_text())
+
+
+def test_ddp_settings_skip_unused_parameter_search_and_buffer_broadcasts(tmp_path):
+    """Every trainable weight gets a gradient each step and the buffers are constants: DDP needs neither the unused-
+    parameter search nor a buffer broadcast before every forward."""
+    from phi3v_tune.model.tiny import tiny_model
+    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.train.run import training_arguments
+
+    cfg = TrainConfig(data="x.jsonl", model="tiny", cpu=True, report_to="none", output_dir=str(tmp_path))
+    args = training_arguments(cfg.validate(), 1)
+    assert args.ddp_find_unused_parameters is False and args.ddp_broadcast_buffers is False
+    from phi3v_tune.model.tiny import build_tiny_tokenizer
+
+    model = tiny_model(build_tiny_tokenizer())
+    assert {n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()} == {
+        "short_inv_freq",
+        "long_inv_freq",
+        "position_ids",
+    }

@@ -325,6 +325,8 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         deepspeed=cfg.deepspeed,
         **fsdp_arguments(cfg.fsdp),
         ddp_find_unused_parameters=False,
+        # the model's buffers are constants (RoPE inverse frequencies, CLIP position ids): no broadcast every forward
+        ddp_broadcast_buffers=False,
         optim="adamw_torch_fused" if torch.cuda.is_available() and not cfg.cpu else "adamw_torch",
         disable_tqdm=False,
         use_cpu=cfg.cpu or not torch.cuda.is_available(),
