@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The GPU measurements still open for the speed (#5) and multi-GPU (#6) issues, as named jobs that fit the device
 # tool's 10-minute calls. Run from the repository root on the lent machine, with `.whl/` carried:
-#   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed and padded sweeps
+#   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed freeze-vision / lora
+#   bash benchmarks/device_runs.sh levers     # 2 GPUs: inductor's C++ wrapper (lora); padded batches compiled vs eager
 #   bash benchmarks/device_runs.sh scaling 1  # 4 GPUs: QLoRA DDP 1 -> 2 -> 4 GPUs, 1 document per GPU (or 2)
 #   bash benchmarks/device_runs.sh gputests   # any GPU: pytest tests/gpu
 # Everything lands in $OUT (one tar of logs plus the JSON rows, which are written as each row finishes, so a call
 # cut by its limit keeps what it measured). Each job writes the random checkpoint first if it is missing.
 set -uo pipefail
 case "${1:-}" in
-speed | scaling | gputests) ;;
+speed | levers | scaling | gputests) ;;
 *)
-  echo "usage: bash benchmarks/device_runs.sh speed | scaling [1|2] | gputests" >&2
+  echo "usage: bash benchmarks/device_runs.sh speed | levers | scaling [1|2] | gputests" >&2
   exit 2
   ;;
 esac
@@ -43,7 +44,17 @@ speed)
       --set batch_size_per_device=2
     PHI3V_PROFILE=$R/prof bench 1 lora-packed --builds ours --methods lora --checkpointing yes --set batch_size=2 \
       --set batch_size_per_device=2 --set checkpointing_layers=8
-    # padded two-document batches were 3.6x slower than packed ones when compiled (fourth session): compiled vs eager
+  ) &
+  wait
+  ;;
+levers)
+  # GPU 0: lora at batch 1 with inductor's C++ wrapper vs its Python wrapper (host time per layer); GPU 1: padded
+  # two-document batches, which were 3.6x slower than packed ones when compiled (fourth session), compiled vs eager
+  (
+    bench 0 lora-pywrapper --builds ours --methods lora --checkpointing no
+    PHI3V_INDUCTOR_CPP_WRAPPER=1 bench 0 lora-cppwrapper --builds ours --methods lora --checkpointing no
+  ) &
+  (
     for c in true false; do
       bench 1 "padded-compile-$c" --builds ours --methods full --checkpointing yes --set batch_size=2 \
         --set batch_size_per_device=2 --set packing=false --set checkpointing_scope=vision --set compile=$c

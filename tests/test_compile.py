@@ -79,3 +79,13 @@ def test_default_compile_falls_back_to_eager_when_a_layer_cannot_compile(monkeyp
     assert grads.keys() == grads_c.keys()
     for name in grads:
         torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_cpp_wrapper_knob_compiles_with_inductor_and_keeps_the_numbers(monkeypatch):
+    """PHI3V_INDUCTOR_CPP_WRAPPER=1 (a benchmark knob): inductor with its C++ wrapper, same loss and gradients."""
+    monkeypatch.setenv("PHI3V_INDUCTOR_CPP_WRAPPER", "1")
+    _, loss, grads = _loss_and_grads(False)
+    count, loss_c, grads_c = _loss_and_grads(True, backend="inductor")
+    assert count == 5 and loss_c == pytest.approx(loss, rel=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
