@@ -58,11 +58,15 @@ def test_compile_is_on_by_default_only_on_a_gpu_without_engines_and_qlora(monkey
     assert run.compile_on(TrainConfig(method="lora", compile=False)) is False
 
 
-def test_default_compile_falls_back_to_eager_when_a_layer_cannot_compile(monkeypatch):
+def test_default_compile_falls_back_to_eager_when_a_layer_cannot_compile(request):
     """Compile chosen by default must never stop a run: a failing backend leaves the layers eager, same numbers."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    # torch's own patch context restores the setting afterwards (compile_layers sets it for the whole process);
+    # pytest's monkeypatch deletes and hides torch's config entry on undo on some torch versions
+    patch = torch._dynamo.config.patch(suppress_errors=False)
+    patch.__enter__()
+    request.addfinalizer(lambda: patch.__exit__(None, None, None))
 
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no compiler for this GPU")
