@@ -77,13 +77,18 @@ def ensure_base_model(cfg: TrainConfig) -> str:
     return str(folder)
 
 
+def on_cuda(cfg: TrainConfig) -> bool:
+    """Training runs on a CUDA GPU: one is present and --cpu was not asked for."""
+    return not cfg.cpu and torch.cuda.is_available()
+
+
 def precision(cfg: TrainConfig) -> tuple[bool, bool]:
     """(bf16, fp16) for the Trainer: bf16 by default on GPUs that support it; fp32 on CPU unless asked."""
     if cfg.fp16:
         return False, True
     if cfg.bf16 or cfg.master_weights == "bf16-sr":
         return True, False
-    if not cfg.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if on_cuda(cfg) and torch.cuda.is_bf16_supported():
         return True, False
     return False, False
 
@@ -122,8 +127,7 @@ def master_weights(cfg: TrainConfig) -> str:
     DeepSpeed the engine's own mixed precision keeps fp32 master weights."""
     if cfg.master_weights != "auto":
         return cfg.master_weights
-    on_gpu = not cfg.cpu and torch.cuda.is_available()
-    return "bf16-sr" if on_gpu and precision(cfg)[0] and not cfg.deepspeed and not fsdp_on(cfg) else "fp32"
+    return "bf16-sr" if on_cuda(cfg) and precision(cfg)[0] and not cfg.deepspeed and not fsdp_on(cfg) else "fp32"
 
 
 def compile_on(cfg: TrainConfig) -> bool:
@@ -133,8 +137,7 @@ def compile_on(cfg: TrainConfig) -> bool:
     without it 3.05 vs 3.23 (a little slower, so eager stays the default there)."""
     if cfg.compile is not None:
         return cfg.compile
-    on_gpu = not cfg.cpu and torch.cuda.is_available()
-    if not on_gpu or cfg.deepspeed or fsdp_on(cfg):
+    if not on_cuda(cfg) or cfg.deepspeed or fsdp_on(cfg):
         return False
     return cfg.method != "qlora" or cfg.gradient_checkpointing
 
@@ -319,7 +322,7 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         dataloader_num_workers=cfg.num_workers,
         # keep the workers across epochs: re-forking them at every epoch start leaves the GPU waiting
         dataloader_persistent_workers=cfg.num_workers > 0,
-        dataloader_pin_memory=torch.cuda.is_available() and not cfg.cpu,
+        dataloader_pin_memory=on_cuda(cfg),
         remove_unused_columns=False,
         label_names=["labels"],
         deepspeed=cfg.deepspeed,
@@ -327,16 +330,16 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         ddp_find_unused_parameters=False,
         # the model's buffers are constants (RoPE inverse frequencies, CLIP position ids): no broadcast every forward
         ddp_broadcast_buffers=False,
-        optim="adamw_torch_fused" if torch.cuda.is_available() and not cfg.cpu else "adamw_torch",
+        optim="adamw_torch_fused" if on_cuda(cfg) else "adamw_torch",
         disable_tqdm=False,
-        use_cpu=cfg.cpu or not torch.cuda.is_available(),
+        use_cpu=not on_cuda(cfg),
         save_only_model=False,
     )
 
 
 def select_sdpa_backend(cfg: TrainConfig) -> None:
     """--sdpa-backend: flash turns PyTorch's cuDNN attention off for this process (CUDA only; the CPU has neither)."""
-    if torch.cuda.is_available() and not cfg.cpu:
+    if on_cuda(cfg):
         torch.backends.cuda.enable_cudnn_sdp(cfg.sdpa_backend == "cudnn")
 
 

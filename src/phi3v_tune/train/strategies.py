@@ -96,14 +96,15 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
 
     from peft import LoraConfig, get_peft_model
 
-    from .run import master_weights
+    from .run import master_weights, selective_checkpointing
 
     bf16_sr = master_weights(cfg) == "bf16-sr"
     if cfg.method == "qlora" and not bf16_sr:
         from peft import prepare_model_for_kbit_training
 
-        # fp32 norms, embeddings and vision tower under autocast (PEFT's recipe); bf16-sr keeps them bf16
-        everywhere = cfg.gradient_checkpointing and cfg.checkpointing_scope == "all"
+        # fp32 norms, embeddings and vision tower under autocast (PEFT's recipe); bf16-sr keeps them bf16. PEFT
+        # checkpoints every layer; chosen layers (scope, layer count) are set later by checkpoint_only
+        everywhere = cfg.gradient_checkpointing and not selective_checkpointing(cfg)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=everywhere)
     model.requires_grad_(False)
     lora = LoraConfig(
