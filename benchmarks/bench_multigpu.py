@@ -14,7 +14,8 @@ limit and its failure is a table row, not the end of the benchmark. The table is
 
 DeepSpeed settings need deepspeed importable (see README: installed from /work/main/.whl with DS_BUILD_OPS=0).
 
-Usage: python benchmarks/bench_multigpu.py [--gpus 1,2,4] [--settings full-zero2,...] [--steps 8] [--two-node] [--parallel]
+Usage: python benchmarks/bench_multigpu.py [--gpus 1,2,4] [--settings full-zero2,...] [--steps 16] [--two-node]
+       [--parallel] [--per-device 2] [--train-args '--checkpointing-layers 24']
        python benchmarks/bench_multigpu.py --dry-run     # print the commands only
 """
 
@@ -61,7 +62,7 @@ class RunOptions:
     """What every run of one benchmark shares besides its setting and GPU count."""
 
     steps: int = 16
-    log_every: int = 1  # log (and so wait for the GPU) every N steps
+    log_every: int = 4  # log (and so wait for the GPU) every N steps, as --log-every
     per_device: int = 1  # documents per GPU per step, packed into one row when more than 1
     train_args: tuple[str, ...] = ()  # extra `phi3v-tune train` flags, after the setting's own
 
@@ -220,16 +221,21 @@ def execute(runs: list[Run], timeout: float, warmup: int, keep: bool) -> dict[st
     return row
 
 
+def gpus_of(run: Run) -> int:
+    """GPUs one launcher of a run uses (its CUDA_VISIBLE_DEVICES)."""
+    return len(run.env["CUDA_VISIBLE_DEVICES"].split(","))
+
+
 def device_count(runs: list[Run]) -> int:
     """GPUs a plan item occupies (the two agents of the 2-node emulation count 2 each)."""
-    return sum(len(r.env["CUDA_VISIBLE_DEVICES"].split(",")) for r in runs)
+    return sum(gpus_of(r) for r in runs)
 
 
 def assign(runs: list[Run], ids: list[int]) -> list[Run]:
     """The same runs on the given physical GPU ids (in order, each run taking as many as it had)."""
     out, i = [], 0
     for r in runs:
-        n = len(r.env["CUDA_VISIBLE_DEVICES"].split(","))
+        n = gpus_of(r)
         out.append(Run(r.setting, r.gpus, r.command, r.output_dir,
                        {**r.env, "CUDA_VISIBLE_DEVICES": ",".join(str(x) for x in ids[i:i + n])}))  # fmt: skip
         i += n

@@ -66,6 +66,12 @@ def test_flops_per_strategy_order():
     assert 6 * lm_params * 2560 < full < 1.6 * 6 * lm_params * 2560
 
 
+def tiny_bench(tmp_path, *args: str, steps: int = 1, samples: int = 4) -> list[str]:
+    """`phi3v-tune bench --tiny` arguments with this test's folders, 1 warm-up step, then `args`."""
+    return ["bench", "--tiny", "--work", str(tmp_path / "w"), "--model-dir", str(tmp_path / "ck"),
+            "--steps", str(steps), "--warmup", "1", "--samples", str(samples), *args]  # fmt: skip
+
+
 def test_bench_script_runs_on_cpu_tiny(tmp_path):
     """`phi3v-tune bench --tiny`: every row measured (no errors), figures positive, markdown appended."""
     from phi3v_tune.cli import main
@@ -73,9 +79,8 @@ def test_bench_script_runs_on_cpu_tiny(tmp_path):
     results = tmp_path / "RESULTS.md"
     rows = tmp_path / "rows.jsonl"
     code = main(
-        ["bench", "--tiny", "--work", str(tmp_path / "w"), "--model-dir", str(tmp_path / "ck"), "--steps", "1",
-         "--warmup", "1", "--samples", "4", "--short-batch", "2", "--methods", "lora", "--checkpointing", "no",
-         "--json", str(rows), "--results", str(results)]
+        tiny_bench(tmp_path, "--short-batch", "2", "--methods", "lora", "--checkpointing", "no", "--json", str(rows),
+                   "--results", str(results))
     )  # fmt: skip
     assert code == 0
     got = [json.loads(x) for x in rows.read_text().splitlines()]
@@ -98,9 +103,9 @@ def test_docvqa_rows_with_several_documents_per_pass_are_packed_as_training_does
     from phi3v_tune.cli import main
 
     rows = tmp_path / "rows.jsonl"
-    common = ["bench", "--tiny", "--work", str(tmp_path / "w"), "--model-dir", str(tmp_path / "ck"), "--steps", "1",
-              "--warmup", "1", "--samples", "6", "--workloads", "docvqa", "--builds", "ours", "--methods", "lora",
-              "--checkpointing", "no", "--json", str(rows), "--set", "batch_size=2", "--set", "batch_size_per_device=2"]  # fmt: skip
+    common = tiny_bench(tmp_path, "--workloads", "docvqa", "--builds", "ours", "--methods", "lora", "--checkpointing",
+                        "no", "--json", str(rows), "--set", "batch_size=2", "--set", "batch_size_per_device=2",
+                        samples=6)  # fmt: skip
     assert main(common) == 0
     assert main([*common, "--set", "packing=false"]) == 0
     got = [json.loads(x) for x in rows.read_text().splitlines()]
@@ -111,13 +116,15 @@ def test_tuned_rows_take_the_recorded_setting_and_say_so(tmp_path):
     """--tuned: our full row (no-checkpointing column) runs two packed documents per pass with CLIP checkpointing;
     the row reports what ran (batch 2, packed, checkpointing) and lists the settings in its notes."""
     from phi3v_tune.cli import main
-    from phi3v_tune.perf.bench import TUNED
+    from phi3v_tune.perf.bench import TUNED, docvqa_docs_per_step
 
     rows = tmp_path / "rows.jsonl"
-    argv = ["bench", "--tiny", "--work", str(tmp_path / "w"), "--model-dir", str(tmp_path / "ck"), "--steps", "1",
-            "--warmup", "1", "--samples", "6", "--workloads", "docvqa", "--builds", "ours", "--methods", "full,lora",
-            "--checkpointing", "no", "--json", str(rows), "--tuned"]  # fmt: skip
+    argv = tiny_bench(tmp_path, "--workloads", "docvqa", "--builds", "ours", "--methods", "full,lora",
+                      "--checkpointing", "no", "--json", str(rows), "--tuned", samples=6)  # fmt: skip
     assert main(argv) == 0
+    # documents written per step: TUNED's largest batch under --tuned, --set batch_size when given
+    assert (docvqa_docs_per_step(True, {}), docvqa_docs_per_step(False, {})) == (2, 1)
+    assert docvqa_docs_per_step(True, {"batch_size": 4}) == 4
     full, lora = (json.loads(x) for x in rows.read_text().splitlines())
     assert (full["batch"], full["packing"], full["checkpointing"], full["error"]) == (2, True, True, None)
     assert full["extra"]["checkpointing_scope"] == "vision" and ("lora", False) not in TUNED
@@ -137,10 +144,7 @@ def test_profile_tables_cover_the_same_two_steps_for_both_builds(tmp_path, monke
     from phi3v_tune.cli import main
 
     monkeypatch.setenv("PHI3V_PROFILE", str(tmp_path / "prof"))
-    code = main(
-        ["bench", "--tiny", "--work", str(tmp_path / "w"), "--model-dir", str(tmp_path / "ck"), "--steps", "2",
-         "--warmup", "1", "--samples", "4", "--methods", "lora", "--checkpointing", "no", "--workloads", "docvqa"]
-    )  # fmt: skip
+    code = main(tiny_bench(tmp_path, "--methods", "lora", "--checkpointing", "no", "--workloads", "docvqa", steps=2))
     assert code == 0
     for name in ("ours-docvqa-lora.txt", "plain-docvqa-lora.txt"):
         rows = [line.split() for line in (tmp_path / "prof" / name).read_text().splitlines()]

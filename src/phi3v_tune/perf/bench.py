@@ -190,7 +190,8 @@ def profile_summary(prof, wall_s: float) -> str:
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0.0) or 0.0
         if us > 0 and not is_annotation(e):
-            busy[kernel_kind(e.key)] = busy.get(kernel_kind(e.key), 0.0) + us / 1e3
+            kind = kernel_kind(e.key)
+            busy[kind] = busy.get(kind, 0.0) + us / 1e3
     total = sum(busy.values())
     wall_ms = wall_s * 1e3
     lines = [
@@ -500,6 +501,14 @@ def _value(text: str) -> Any:
     return text
 
 
+def docvqa_docs_per_step(tuned: bool, overrides: dict[str, Any]) -> int:
+    """The most documents one optimizer step of our DocVQA rows takes: --set batch_size, else the largest of TUNED's
+    batch sizes under --tuned, else 1."""
+    if "batch_size" in overrides:
+        return int(overrides["batch_size"])
+    return max((int(s.get("batch_size", 1)) for s in TUNED.values()), default=1) if tuned else 1
+
+
 def docvqa_plain_shapes(wl, model_dir: Path, n: int) -> list[SampleShape]:
     """The first `n` DocVQA samples' shapes, for the plain rows (same lengths as ours, CLIP on all 17 slots)."""
     from ..data.examples import build_example
@@ -573,7 +582,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     for name in args.workloads.split(","):
         # enough samples that the timed steps stay inside the first epoch (no epoch-boundary effects)
-        per_step = args.short_batch if name != "docvqa" else int(overrides.get("batch_size", 2 if args.tuned else 1))
+        per_step = args.short_batch if name != "docvqa" else docvqa_docs_per_step(args.tuned, overrides)
         wl = write_workload(name, work / name, max(args.samples, (args.warmup + args.steps + 1) * per_step))
         if name == "docvqa":
             plain_shapes: list[SampleShape] = []
