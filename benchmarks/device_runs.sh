@@ -68,7 +68,7 @@ scaling)
   extra=()
   [ "$per" != 1 ] && extra=(--train-args "--checkpointing-layers 24")
   PHI3V_BENCH_LOGS=$R/logs timeout 570 python benchmarks/bench_multigpu.py --parallel \
-    --runs qlora-ddp:1,qlora-ddp:2,qlora-ddp:4 --per-device "$per" "${extra[@]}" --steps 16 --warmup 4 \
+    --runs qlora-ddp:1,qlora-ddp:2,qlora-ddp:4 --per-device "$per" "${extra[@]}" --steps 40 --warmup 4 \
     --log-every 4 --timeout 280 --work /tmp/mg --out "$OUT/multigpu.md" > "$R/scaling-$per.log" 2>&1
   ;;
 gputests)

@@ -181,6 +181,12 @@ class TrainConfig:
     eval_max_new_tokens: int = _f(64, "Longest generated answer during evaluation (the recipe: 64).")
     report_to: str = _f("tensorboard", "Loggers: tensorboard, wandb, mlflow, none (comma separated).")
     num_workers: int = _f(2, "Data-loader worker processes (image decoding and HD transform happen there).")
+    gc_interval: int = _f(
+        100,
+        "Run Python's garbage collector every N optimizer steps on all ranks at once, automatic collection off "
+        "while training (its pauses otherwise land at a different step on every rank, and all ranks wait); "
+        "0: Python's automatic collection.",
+    )
     deepspeed: str | None = _f(
         None,
         "DeepSpeed JSON config: configs/deepspeed/zero2.json, zero3.json or zero3_offload.json (launch with torchrun).",
@@ -204,6 +210,8 @@ class TrainConfig:
             raise ValueError("--fsdp and --deepspeed are exclusive (two ways of sharding the same model)")
         if self.fsdp and self.method == "qlora":
             raise ValueError("--fsdp does not shard 4-bit (qlora) weights; use --method lora or plain torchrun")
+        if self.gc_interval < 0:
+            raise ValueError(f"--gc-interval must be >= 0 (0: automatic collection), got {self.gc_interval}")
         if self.checkpointing_layers is not None:
             if self.checkpointing_layers < 0:
                 raise ValueError(f"--checkpointing-layers must be >= 0, got {self.checkpointing_layers}")

@@ -365,6 +365,10 @@ def build_trainer(cfg: TrainConfig, data: LoadedData, processor: Phi3VProcessor,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar(disable=not cfg.progress))
+    if cfg.gc_interval:
+        from .gc_control import ScheduledGC
+
+        trainer.add_callback(ScheduledGC(cfg.gc_interval))
     return trainer
 
 
@@ -417,7 +421,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     if trainer.eval_dataset is not None and cfg.eval_steps is not None and resume_from is None:
         metrics["eval_before"] = trainer.evaluate()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    from .gc_control import collector_restored
+
+    with collector_restored():
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics["train"] = result.metrics
     metrics["log_history"] = trainer.state.log_history  # per-step loss, lr, throughput (also without checkpoints)
     if trainer.eval_dataset is not None:

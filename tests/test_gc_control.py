@@ -1,0 +1,82 @@
+"""--gc-interval: Python's collector runs on a schedule while training, and is left as it was found afterwards."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+
+from phi3v_tune.data.synthetic import demo_split, write_jsonl
+from phi3v_tune.train.config import TrainConfig
+from phi3v_tune.train.gc_control import ScheduledGC, collector_restored
+from phi3v_tune.train.run import run_training
+
+
+class FullCollections:
+    """Counts full (generation 2) collections while active, and whether automatic collection was on at each."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, phase, info):
+        if phase == "start" and info["generation"] == 2:
+            self.count += 1
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+
+class State:
+    global_step = 0
+
+
+def test_collects_every_interval_steps_with_automatic_collection_off():
+    cb, state = ScheduledGC(3), State()
+    assert gc.isenabled()
+    cb.on_train_begin(None, state, None)
+    try:
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+        with FullCollections() as full:
+            for step in range(1, 8):
+                state.global_step = step
+                cb.on_step_end(None, state, None)
+        assert full.count == 2 and cb.collections == 2  # steps 3 and 6
+    finally:
+        cb.on_train_end(None, state, None)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_interval_must_be_positive_and_config_rejects_negative():
+    with pytest.raises(ValueError, match="positive number of steps"):
+        ScheduledGC(0)
+    with pytest.raises(ValueError, match="--gc-interval must be >= 0"):
+        TrainConfig(data="x.jsonl", model="tiny", gc_interval=-1).validate()
+
+
+def test_collector_restored_after_an_exception():
+    with pytest.raises(RuntimeError):
+        with collector_restored():
+            gc.freeze()
+            gc.disable()
+            raise RuntimeError("training stopped")
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_training_runs_scheduled_collections_and_restores_the_collector(tmp_path: Path):
+    train, _ = demo_split(2, 1, seed=5, tasks=("colour",), as_png=True)
+    data = write_jsonl(train, tmp_path / "data")
+    cfg = TrainConfig(
+        data=str(data), model="tiny", num_crops=1, output_dir=str(tmp_path / "out"), batch_size=1, max_steps=4,
+        logging_steps=1, report_to="none", num_workers=0, progress=False, cpu=True, save_checkpoints=False,
+        gc_interval=2,
+    )  # fmt: skip
+    with FullCollections() as full:
+        metrics = run_training(cfg)
+    assert metrics["train"]["train_loss"] > 0
+    assert full.count >= 2  # steps 2 and 4 (plus the one at the start of training)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
