@@ -165,17 +165,23 @@ def test_profile_summary_sorts_kernels_by_kind():
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "other"
 
 
-def test_profile_summary_counts_kernels_once_not_the_ranges_around_them():
-    """The profiler's GPU-side ranges (ProfilerStep*, optimizer steps, compiled graphs) span kernels: left out."""
+def test_profile_summary_counts_kernels_once_not_the_ranges_or_ops_around_them():
+    """The profiler's GPU-side ranges (ProfilerStep*, optimizer steps, compiled graphs) span kernels, and the CPU-side
+    op that launched a kernel (aten::mm; a triton launcher of the kernel's own name) reports the kernel's time as
+    its own: only the kernel rows count."""
     from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
 
     from phi3v_tune.perf.bench import profile_summary
 
-    def ev(key, ms, annotation=False):
-        return SimpleNamespace(key=key, self_device_time_total=ms * 1e3, is_user_annotation=annotation)
+    def ev(key, ms, annotation=False, on=DeviceType.CUDA):
+        return SimpleNamespace(key=key, self_device_time_total=ms * 1e3, is_user_annotation=annotation, device_type=on)
 
+    cpu = DeviceType.CPU
     events = [ev("ProfilerStep*", 400.0, True), ev("Optimizer.step#AdamWSR.step", 50.0), ev("nvjet_sm90_tst_x", 100.0),
-              ev("pytorch_flash::flash_fwd_kernel", 30.0), ev("_adamw_sr_kernel", 20.0), ev("aten::mm", 0.0)]  # fmt: skip
+              ev("pytorch_flash::flash_fwd_kernel", 30.0), ev("_adamw_sr_kernel", 20.0), ev("aten::mm", 100.0, on=cpu),
+              ev("triton_poi_fused_add_0", 7.0, on=cpu), ev("triton_poi_fused_add_0", 7.0)]  # fmt: skip
     text = profile_summary(SimpleNamespace(key_averages=lambda: events), wall_s=0.2)
-    assert text.startswith("profiled steps: wall 200.0 ms, GPU kernels 150.0 ms (75% busy)")
+    assert text.startswith("profiled steps: wall 200.0 ms, GPU kernels 157.0 ms (78% busy)")
     assert "matmul" in text and "100.0 ms" in text and "attention" in text and "optimizer" in text

@@ -183,13 +183,21 @@ def is_annotation(event) -> bool:
     return bool(getattr(event, "is_user_annotation", False)) or event.key.startswith(ANNOTATION_PREFIXES)
 
 
+def is_kernel(event) -> bool:
+    """A kernel on the GPU timeline. The CPU-side op that launched it (aten::mm, a compiled graph's triton launcher
+    of the same name) reports the kernel's time as its own 'self' device time too: counting it would count twice."""
+    from torch.autograd import DeviceType
+
+    return getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU and not is_annotation(event)
+
+
 def profile_summary(prof, wall_s: float) -> str:
     """GPU busy time by kind of kernel against the profiled steps' wall time: what a step spends its time on, and
     how long the GPU sits idle (host-bound steps)."""
     busy: dict[str, float] = {}
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0.0) or 0.0
-        if us > 0 and not is_annotation(e):
+        if us > 0 and is_kernel(e):
             kind = kernel_kind(e.key)
             busy[kind] = busy.get(kind, 0.0) + us / 1e3
     total = sum(busy.values())
