@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements still open for the speed (#5) and multi-GPU (#6) issues, as named jobs that fit the device
 # tool's 10-minute calls. Run from the repository root on the lent machine, with `.whl/` carried:
+#   bash benchmarks/device_runs.sh h100       # 1 H100 (kind nvidia-h100-x1): tuned full, packed freeze-vision vs plain
 #   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed freeze-vision / lora
 #   bash benchmarks/device_runs.sh levers     # 2 GPUs: inductor's C++ wrapper (lora); padded batches compiled vs eager
 #   bash benchmarks/device_runs.sh scaling 1  # 4 GPUs: QLoRA DDP 1 -> 2 -> 4 GPUs, 1 document per GPU (or 2)
@@ -9,9 +10,9 @@
 # cut by its limit keeps what it measured). Each job writes the random checkpoint first if it is missing.
 set -uo pipefail
 case "${1:-}" in
-speed | levers | scaling | gputests) ;;
+h100 | speed | levers | scaling | gputests) ;;
 *)
-  echo "usage: bash benchmarks/device_runs.sh speed | levers | scaling [1|2] | gputests" >&2
+  echo "usage: bash benchmarks/device_runs.sh h100 | speed | levers | scaling [1|2] | gputests" >&2
   exit 2
   ;;
 esac
@@ -31,6 +32,17 @@ bench() { # GPU NAME ARGS...: one bench_train.py process on one GPU, its log in 
 }
 
 case "${1:-}" in
+h100)
+  # the speed issue's targets are per H100: the plain rows without checkpointing (whose memory is the limit), the
+  # tuned full row, and packed freeze-vision with 10 or 12 checkpointed decoder layers (no checkpointing: 7.04 img/s
+  # at 39.7 GiB on an H200, above the plain row's 34.2 GiB), one after the other on the one card
+  bench 0 h100-plain --builds plain --methods full,freeze-vision --checkpointing no
+  bench 0 h100-full --builds ours --methods full --checkpointing no --tuned
+  for n in 10 12; do
+    bench 0 "h100-fv-ckpt$n" --builds ours --methods freeze-vision --checkpointing yes --set batch_size=2 \
+      --set batch_size_per_device=2 --set checkpointing_layers=$n
+  done
+  ;;
 speed)
   # GPU 0: the tuned rows (full, qlora: two packed documents per pass) next to the plain rows, then full with two
   # such passes per optimizer step; GPU 1: packed freeze-vision without checkpointing, packed lora with 8

@@ -80,3 +80,62 @@ def test_training_runs_scheduled_collections_and_restores_the_collector(tmp_path
     assert metrics["train"]["train_loss"] > 0
     assert full.count >= 2  # steps 2 and 4 (plus the one at the start of training)
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+class TensorsInCycles(ScheduledGC):
+    """ScheduledGC whose collections keep what they find (gc.DEBUG_SAVEALL) and count the tensors among it."""
+
+    def __init__(self, interval: int):
+        super().__init__(interval)
+        self.found: list[tuple[int, int]] = []  # (step, tensors found only by the collector)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.interval:
+            return
+        import torch
+
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+        finally:
+            gc.set_debug(0)
+        tensors = 0
+        for obj in gc.garbage:
+            try:
+                tensors += isinstance(obj, torch.Tensor)
+            except ReferenceError:  # a dead weak proxy
+                pass
+        gc.garbage.clear()
+        self.found.append((state.global_step, tensors))
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(method="full", gradient_checkpointing=True, batch_size=2, batch_size_per_device=2),
+        dict(method="lora", lora_rank=4, gradient_checkpointing=True, checkpointing_layers=1, batch_size=2,
+             batch_size_per_device=2),
+        dict(method="freeze-vision", batch_size=2, batch_size_per_device=1),
+    ],
+    ids=["full-checkpointed-packed", "lora-selective-packed", "freeze-vision-accumulated"],
+)  # fmt: skip
+def test_training_steps_leave_no_tensors_in_reference_cycles(tmp_path: Path, monkeypatch, setting):
+    """With automatic collection off, memory held in reference cycles waits for the next scheduled collection: no
+    training step may leave a tensor (activations, gradients) reachable only through a cycle."""
+    import phi3v_tune.train.gc_control as gc_control
+
+    made: list[TensorsInCycles] = []
+
+    def make(interval: int) -> TensorsInCycles:
+        made.append(TensorsInCycles(interval))
+        return made[-1]
+
+    monkeypatch.setattr(gc_control, "ScheduledGC", make)
+    train, _ = demo_split(4, 1, seed=5, tasks=("colour", "compare"), as_png=True)
+    data = write_jsonl(train, tmp_path / "data")
+    cfg = TrainConfig(
+        data=str(data), model="tiny", num_crops=1, output_dir=str(tmp_path / "out"), max_steps=4, logging_steps=2,
+        report_to="none", num_workers=0, progress=False, cpu=True, save_checkpoints=False, gc_interval=2, **setting,
+    )  # fmt: skip
+    run_training(cfg)
+    assert made and made[0].found == [(2, 0), (4, 0)]
