@@ -68,6 +68,8 @@ class Phi3VTrainer(Trainer):
         self.last_batch_ids: list[str] = []
         self.epoch_ids: list[str] = []  # samples trained on this epoch (this rank)
         self.epoch_nonfinite: list[str] = []  # samples of batches skipped for a non-finite loss
+        self._tree = None  # step_boundary.ModuleTree of the model being trained (see training_step)
+        self._flop_params: int | None = None  # num_parameters(exclude_embeddings=True), counted once
 
     # ----------------------------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -104,6 +106,50 @@ class Phi3VTrainer(Trainer):
             return super().get_eval_dataloader(eval_dataset)
         finally:
             self.data_collator = train_collator
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # per-step bookkeeping from lists made once (train/step_boundary.py): same modes, gradients, norms and FLOP count
+    def _module_tree(self, model):
+        """The ModuleTree routing `model.train` / `model.zero_grad`; None under DeepSpeed or FSDP, whose engines
+        own those calls and the gradient norm."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return None
+        from .step_boundary import install, uninstall
+
+        if self._tree is None or self._tree.model is not model:
+            if self._tree is not None:
+                uninstall(self._tree.model)
+            self._tree = install(model)
+        return self._tree
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._tree is not None:
+                from .step_boundary import uninstall
+
+                uninstall(self._tree.model)
+                self._tree = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._module_tree(model)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _clip_grad_norm(self, model):
+        tree = self._module_tree(model)
+        if tree is None:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(tree.trainable, self.args.max_grad_norm)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's estimate (6 x tokens x parameters without embeddings), parameters counted once."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._flop_params is None:
+            self._flop_params = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main].numel() * self._flop_params
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs.pop("ids", None)
