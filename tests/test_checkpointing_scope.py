@@ -137,3 +137,38 @@ def test_checkpointing_layers_is_checked_and_routes_to_selective_checkpointing()
         cfg(gradient_checkpointing=True, checkpointing_scope="vision", checkpointing_layers=8).validate()
     with pytest.raises(ValueError, match=">= 0"):
         cfg(gradient_checkpointing=True, checkpointing_layers=-1).validate()
+
+
+@pytest.mark.parametrize(
+    "method, lora_vision, clip_trains",
+    [("lora", False, False), ("freeze-vision", False, False), ("lora", True, True), ("full", False, True)],
+)
+def test_checkpointing_records_clip_for_autograd_only_where_clip_weights_train(
+    tiny_tokenizer, batch, method, lora_vision, clip_trains
+):
+    """Turning checkpointing on makes transformers call `enable_input_require_grads`, which hooked the CLIP patch
+    embedding too: lora / freeze-vision then ran CLIP's backward (and recompute) every step for no gradient anyone
+    reads. Only the token embeddings are hooked now; the gradients are those of transformers' own hooks."""
+    from transformers import PreTrainedModel
+
+    cfg = TrainConfig(method=method, lora_rank=4, lora_vision=lora_vision, gradient_checkpointing=True)
+    results = []
+    for hooks in ("ours", "transformers"):
+        model = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hooks == "transformers":
+            base.enable_input_require_grads = PreTrainedModel.enable_input_require_grads.__get__(base)
+        checkpoint_only(model, "all", 1)  # transformers' checkpointing switch, which installs the hooks
+        clip_out: list[bool] = []
+        clip_layer = base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers[-2]
+        handle = clip_layer.register_forward_hook(lambda m, i, o, seen=clip_out: seen.append(o[0].requires_grad))
+        loss, grads, _ = step(model, *batch)
+        handle.remove()
+        results.append((loss, grads, clip_out[0]))
+    (loss, grads, clip_recorded), (loss_t, grads_t, clip_recorded_t) = results
+    assert clip_recorded == clip_trains
+    assert clip_recorded_t  # transformers' hooks: recorded whether CLIP trains or not
+    assert any("vision_embed_tokens" in n for n in grads) == (clip_trains or method == "freeze-vision")
+    assert loss == loss_t and grads.keys() == grads_t.keys()
+    for name, g in grads_t.items():
+        torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -116,6 +117,26 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             module.reset_buffers()
 
 
+def hook_token_embeddings(model: nn.Module) -> None:
+    """`enable_input_require_grads` for Phi3V: the language model's token embeddings only.
+
+    transformers (5.x) hooks the input embeddings of every pretrained submodule, here also the CLIP tower's patch
+    embedding. Its output then requires grad, so autograd records all 23 CLIP layers and runs their backward (and,
+    when they are checkpointed, their recompute) in every step of lora, qlora and freeze-vision with activation
+    checkpointing, though no CLIP weight trains and nothing reads that gradient. Where CLIP weights do train (full,
+    --lora-vision), autograd records CLIP from those weights on, without any hook. Checkpointing is non-reentrant
+    throughout, so even the token-embedding hook is only kept for transformers' and PEFT's expectations.
+    """
+
+    def make_output_require_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        output.requires_grad_(True)
+
+    model.disable_input_require_grads()
+    handle = model.get_input_embeddings().register_forward_hook(make_output_require_grad)
+    model._require_grads_hooks = [handle]
+    model._require_grads_hook = handle  # the single-hook name older transformers and PEFT read
+
+
 class Phi3VModel(Phi3Model):
     """Phi-3 decoder stack plus `vision_embed_tokens`; image tokens replace the text embeddings at ids < 0."""
 
@@ -126,6 +147,9 @@ class Phi3VModel(Phi3Model):
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
         self.rotary_emb = Phi3VSuScaledRotaryEmbedding(config)
         self.post_init()
+
+    def enable_input_require_grads(self) -> None:
+        hook_token_embeddings(self)
 
     def vision_every_step(self) -> bool:
         """Whether a batch without images must still run the vision tower (on one dummy crop).
@@ -193,6 +217,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def enable_input_require_grads(self) -> None:
+        hook_token_embeddings(self)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
