@@ -2,6 +2,7 @@
 # The GPU measurements still open for the speed (#5) and multi-GPU (#6) issues, as named jobs that fit the device
 # tool's 10-minute calls. Run from the repository root on the lent machine, with `.whl/` carried:
 #   bash benchmarks/device_runs.sh h100       # 1 H100 (kind nvidia-h100-x1): tuned full, packed freeze-vision vs plain
+#   bash benchmarks/device_runs.sh ckpt       # 2 GPUs: checkpointed rows, ours vs plain (CLIP backward fixed)
 #   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed freeze-vision / lora
 #   bash benchmarks/device_runs.sh levers     # 2 GPUs: inductor's C++ wrapper (lora); padded batches compiled vs eager
 #   bash benchmarks/device_runs.sh scaling 1  # 4 GPUs: QLoRA DDP 1 -> 2 -> 4 GPUs, 1 document per GPU (or 2)
@@ -10,9 +11,9 @@
 # cut by its limit keeps what it measured). Each job writes the random checkpoint first if it is missing.
 set -uo pipefail
 case "${1:-}" in
-h100 | speed | levers | scaling | gputests) ;;
+h100 | ckpt | speed | levers | scaling | gputests) ;;
 *)
-  echo "usage: bash benchmarks/device_runs.sh h100 | speed | levers | scaling [1|2] | gputests" >&2
+  echo "usage: bash benchmarks/device_runs.sh h100 | ckpt | speed | levers | scaling [1|2] | gputests" >&2
   exit 2
   ;;
 esac
@@ -42,6 +43,16 @@ h100)
     bench 0 "h100-fv-ckpt$n" --builds ours --methods freeze-vision --checkpointing yes --set batch_size=2 \
       --set batch_size_per_device=2 --set checkpointing_layers=$n
   done
+  ;;
+ckpt)
+  # the low-memory rows of the speed issue (>= 1.3x the plain checkpointed row at no more memory), now that
+  # checkpointing no longer runs CLIP's backward for lora / qlora / freeze-vision; GPU 1 then the tuned qlora row
+  bench 0 ckpt-full-fv --methods full,freeze-vision --checkpointing yes &
+  (
+    bench 1 ckpt-lora-qlora --methods lora,qlora --checkpointing yes
+    bench 1 tuned-qlora --builds ours --methods qlora --checkpointing no --tuned
+  ) &
+  wait
   ;;
 speed)
   # GPU 0: the tuned rows (full, qlora: two packed documents per pass) next to the plain rows, then full with two
