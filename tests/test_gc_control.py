@@ -46,6 +46,9 @@ def test_collects_every_interval_steps_with_automatic_collection_off():
                 state.global_step = step
                 cb.on_step_end(None, state, None)
         assert full.count == 2 and cb.collections == 2  # steps 3 and 6
+        with FullCollections() as full:
+            cb.on_evaluate(None, state, None)
+        assert full.count == 1  # evaluation's leftovers are collected right after it
     finally:
         cb.on_train_end(None, state, None)
     assert gc.isenabled() and gc.get_freeze_count() == 0

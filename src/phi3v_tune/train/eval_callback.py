@@ -51,6 +51,9 @@ class TaskMetricCallback(TrainerCallback):
         every = self.cfg.eval_steps
         if every and state.global_step % every == 0 and state.global_step < state.max_steps:
             self.run(model, state.global_step, "during")
+            import gc
+
+            gc.collect()  # generation's leftovers in reference cycles (automatic collection is off: --gc-interval)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.run(model, state.global_step, "after")

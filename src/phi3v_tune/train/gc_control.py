@@ -5,8 +5,9 @@ guards). Python's automatic collector scans all of them whenever its allocation 
 hundred milliseconds that lands at a different step on every rank. Under data parallelism every rank then waits for
 the paused one, so N ranks pay about N pauses. Here the objects alive once training runs (after the first step, which
 compiles) are frozen out of the collector's scans (`gc.freeze`), automatic collection is off during training, and a
-full collection runs every `interval` optimizer steps on all ranks at once. Reference cycles are still freed, only
-later; memory held by tensors is freed by reference counting as before, so nothing numeric changes.
+full collection runs every `interval` optimizer steps and after every evaluation, on all ranks at once. Reference
+cycles are still freed, only later; memory held by tensors is freed by reference counting as before, so nothing
+numeric changes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class ScheduledGC(TrainerCallback):
         if step % self.interval == 0:
             gc.collect()
             self.collections += 1
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        gc.collect()  # whatever evaluation (generation, KV caches) left in reference cycles, freed now, on every rank
 
     def on_train_end(self, args, state, control, **kwargs):
         gc.unfreeze()
