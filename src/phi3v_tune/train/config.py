@@ -183,9 +183,9 @@ class TrainConfig:
     num_workers: int = _f(2, "Data-loader worker processes (image decoding and HD transform happen there).")
     gc_interval: int = _f(
         100,
-        "Run Python's garbage collector every N optimizer steps on all ranks at once, automatic collection off "
-        "while training (its pauses otherwise land at a different step on every rank, and all ranks wait); "
-        "0: Python's automatic collection.",
+        "Run Python's garbage collector every N optimizer steps (and after each evaluation) on all ranks at once, "
+        "automatic collection off while training (its pauses otherwise land at a different step on every rank, "
+        "and all ranks wait); 0: Python's automatic collection.",
     )
     deepspeed: str | None = _f(
         None,
