@@ -8,7 +8,8 @@
 #   bash benchmarks/device_runs.sh scaling 1  # 4 GPUs: QLoRA DDP 1 -> 2 -> 4 GPUs, 1 document per GPU (or 2)
 #   bash benchmarks/device_runs.sh gputests   # any GPU: pytest tests/gpu
 # Everything lands in $OUT (one tar of logs plus the JSON rows, which are written as each row finishes, so a call
-# cut by its limit keeps what it measured). Each job writes the random checkpoint first if it is missing.
+# cut by its limit keeps what it measured). Each job writes the random checkpoint first if it is missing. Bench rows
+# time 10 steps after 4 warm-up steps (6 timed steps were short enough for one pause to move a row by 20%).
 set -uo pipefail
 case "${1:-}" in
 h100 | ckpt | speed | levers | scaling | gputests) ;;
@@ -29,7 +30,7 @@ bench() { # GPU NAME ARGS...: one bench_train.py process on one GPU, its log in 
   local gpu=$1 name=$2
   shift 2
   CUDA_VISIBLE_DEVICES=$gpu timeout "${ROW_LIMIT:-280}" python benchmarks/bench_train.py --workloads docvqa \
-    --steps 6 --warmup 4 --samples 32 --work "/tmp/bench-$name" --json "$OUT/rows.jsonl" "$@" > "$R/$name.log" 2>&1
+    --steps 10 --warmup 4 --samples 40 --work "/tmp/bench-$name" --json "$OUT/rows.jsonl" "$@" > "$R/$name.log" 2>&1
 }
 
 case "${1:-}" in
