@@ -57,4 +57,3 @@ def uninstall(model: nn.Module) -> None:
     """Back to the class's own `train` / `zero_grad`."""
     for name in ("train", "zero_grad"):
         model.__dict__.pop(name, None)
-
