@@ -24,17 +24,11 @@ from PIL import Image
 
 from phi3v_tune.model.modeling import Phi3VForCausalLM
 from phi3v_tune.model.presets import phi35_vision_config
-from phi3v_tune.model.tiny import build_tiny_tokenizer, tiny_config
+from phi3v_tune.model.tiny import PUBLISHED_DEPTH, build_tiny_tokenizer, tiny_config
 from phi3v_tune.processing.processor import Phi3VProcessor
 from phi3v_tune.train.compile import compile_layers
 from phi3v_tune.train.config import TrainConfig
 from phi3v_tune.train.strategies import apply_strategy
-
-DEEP = dict(
-    num_hidden_layers=32,
-    vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 24, "num_attention_heads": 4,
-                   "image_size": 336, "patch_size": 14, "projection_dim": 32},
-)  # fmt: skip
 
 
 def full_collection(label: str) -> None:
@@ -70,7 +64,7 @@ def collections_during_training(steps: int, interval: int, folder: Path) -> list
 
     model_dir = folder / "model"
     if not (model_dir / "config.json").is_file():
-        save_tiny_checkpoint(model_dir, num_crops=1, **DEEP)
+        save_tiny_checkpoint(model_dir, num_crops=1, **PUBLISHED_DEPTH)
     train, _ = demo_split(40, 1, seed=5, tasks=("colour",), as_png=True)
     data = write_jsonl(train, folder / "data")
     log = FullCollectionLog()
@@ -138,7 +132,7 @@ def main() -> None:
         config = phi35_vision_config()
         inputs["input_ids"] = inputs["input_ids"].clamp(max=config.vocab_size - 1)
     else:
-        config = tiny_config(tok, **DEEP)
+        config = tiny_config(tok, **PUBLISHED_DEPTH)
     model = Phi3VForCausalLM(config).train()
     full_collection("model built")
     model = apply_strategy(model, TrainConfig(method=args.method, lora_rank=8, cpu=True))

@@ -13,18 +13,12 @@ from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
 from phi3v_tune.model.modeling import Phi3VForCausalLM
-from phi3v_tune.model.tiny import build_tiny_tokenizer, tiny_config
+from phi3v_tune.model.tiny import PUBLISHED_DEPTH, build_tiny_tokenizer, tiny_config
 from phi3v_tune.perf.baseline import build_plain, plain_step
 from phi3v_tune.processing.processor import Phi3VProcessor
 from phi3v_tune.train.config import TrainConfig
 from phi3v_tune.train.optim import AdamWSR
 from phi3v_tune.train.strategies import apply_strategy
-
-DEEP = dict(
-    num_hidden_layers=32,
-    vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 24, "num_attention_heads": 4,
-                   "image_size": 336, "patch_size": 14, "projection_dim": 32},
-)  # fmt: skip
 
 
 def aten_calls(fn: Callable[[], None]) -> int:
@@ -37,7 +31,7 @@ def aten_calls(fn: Callable[[], None]) -> int:
 def main() -> None:
     tok = build_tiny_tokenizer()
     proc = Phi3VProcessor.from_tokenizer(tok, num_crops=16)
-    cfg = tiny_config(tok, **DEEP)
+    cfg = tiny_config(tok, **PUBLISHED_DEPTH)
     enc = proc(
         "<|user|>\n<|image_1|>\nWhat is the total?<|end|>\n<|assistant|>\nthe total is 12<|end|>\n",
         images=[Image.new("RGB", (1000, 1300), "white")],

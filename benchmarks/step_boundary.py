@@ -13,16 +13,10 @@ import time
 from collections.abc import Callable
 
 from phi3v_tune.model.modeling import Phi3VForCausalLM
-from phi3v_tune.model.tiny import build_tiny_tokenizer, tiny_config
+from phi3v_tune.model.tiny import PUBLISHED_DEPTH, build_tiny_tokenizer, tiny_config
 from phi3v_tune.train.config import TrainConfig
 from phi3v_tune.train.step_boundary import ModuleTree
 from phi3v_tune.train.strategies import apply_strategy
-
-DEEP = dict(
-    num_hidden_layers=32,
-    vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 24, "num_attention_heads": 4,
-                   "image_size": 336, "patch_size": 14, "projection_dim": 32},
-)  # fmt: skip
 
 
 def ms_per_call(fn: Callable[[], object], n: int = 50) -> float:
@@ -35,7 +29,7 @@ def ms_per_call(fn: Callable[[], object], n: int = 50) -> float:
 
 def compare(method: str) -> None:
     """One model: each walk the Trainer makes per optimizer step, timed next to the same work from lists."""
-    model = Phi3VForCausalLM(tiny_config(build_tiny_tokenizer(), **DEEP))
+    model = Phi3VForCausalLM(tiny_config(build_tiny_tokenizer(), **PUBLISHED_DEPTH))
     model = apply_strategy(model, TrainConfig(method=method, lora_rank=4, cpu=True))
     tree = ModuleTree(model)
     counted: list[int] = []

@@ -84,6 +84,15 @@ def build_tiny_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 600) 
     return fast
 
 
+#: `tiny_config` overrides for the published depth (32 decoder layers, CLIP with 24 layers) at tiny widths: the
+#: module and parameter-tensor count of the real model, for measuring per-module host work on a CPU (benchmarks/)
+PUBLISHED_DEPTH = dict(
+    num_hidden_layers=32,
+    vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 24, "num_attention_heads": 4,
+                   "image_size": 336, "patch_size": 14, "projection_dim": 32},
+)  # fmt: skip
+
+
 def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> Phi3VConfig:
     """A small config with the published structure (su-RoPE, HD transform, 336-px CLIP crops)."""
     head_dim = 16
