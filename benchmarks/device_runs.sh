@@ -48,10 +48,16 @@ h100)
 ckpt)
   # the low-memory rows of the speed issue (>= 1.3x the plain checkpointed row at no more memory), now that
   # checkpointing no longer runs CLIP's backward for lora / qlora / freeze-vision; GPU 1 then the tuned qlora row
+  # (24 checkpointed decoder layers, 9.9 GiB) and the same with 16 and 12 layers (the plain row's 17.7 GiB leaves
+  # room for fewer)
   bench 0 ckpt-full-fv --methods full,freeze-vision --checkpointing yes &
   (
     bench 1 ckpt-lora-qlora --methods lora,qlora --checkpointing yes
     bench 1 tuned-qlora --builds ours --methods qlora --checkpointing no --tuned
+    for n in 16 12; do
+      bench 1 "qlora-ckpt$n" --builds ours --methods qlora --checkpointing yes --set batch_size=2 \
+        --set batch_size_per_device=2 --set checkpointing_layers=$n
+    done
   ) &
   wait
   ;;
