@@ -54,6 +54,13 @@ def step(model, inputs, labels) -> tuple[float, dict[str, torch.Tensor], dict[st
     return float(loss.detach()), grads, calls
 
 
+def trained_clip_layers(base) -> int:
+    """CLIP encoder layers with a trainable weight: those checkpointing can recompute (the unused last layer, and
+    every layer of a frozen tower, never are)."""
+    layers = base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers
+    return sum(any(p.requires_grad for p in layer.parameters()) for layer in layers)
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("scope", ["vision", "language"])
 def test_only_the_chosen_layers_recompute_and_gradients_are_unchanged(tiny_tokenizer, batch, method, scope):
@@ -65,8 +72,7 @@ def test_only_the_chosen_layers_recompute_and_gradients_are_unchanged(tiny_token
     selective = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
     recomputing = checkpoint_only(selective, scope)
     base = selective.get_base_model() if hasattr(selective, "get_base_model") else selective
-    expected = len(base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers) if scope == "vision" \
-        else len(base.model.layers)  # fmt: skip
+    expected = trained_clip_layers(base) if scope == "vision" else len(base.model.layers)
     assert recomputing == expected
     loss1, grads1, calls1 = step(selective, *batch)
     other = "language" if scope == "vision" else "vision"
@@ -101,8 +107,7 @@ def test_checkpointing_layers_recomputes_only_the_first_decoder_layers(tiny_toke
     model = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
     decoder = model.model.layers
     assert len(decoder) >= 2
-    clip_layers = len(model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers)
-    assert checkpoint_only(model, "all", 1) == clip_layers + 1
+    assert checkpoint_only(model, "all", 1) == trained_clip_layers(model) + 1
     assert [layer.gradient_checkpointing for layer in decoder] == [True] + [False] * (len(decoder) - 1)
     calls = dict.fromkeys(range(len(decoder)), 0)
 
@@ -172,3 +177,18 @@ def test_checkpointing_records_clip_for_autograd_only_where_clip_weights_train(
     assert loss == loss_t and grads.keys() == grads_t.keys()
     for name, g in grads_t.items():
         torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
+
+
+def test_frozen_clip_layers_are_not_wrapped_for_checkpointing(tiny_tokenizer):
+    """lora / freeze-vision: CLIP is never recorded for autograd, so scope all checkpoints the decoder layers only
+    (the count says so, and no checkpoint wrapper runs per CLIP layer)."""
+    for method in ("lora", "freeze-vision"):
+        model = apply_strategy(tiny_model(tiny_tokenizer, seed=3), TrainConfig(method=method, lora_rank=4))
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        assert trained_clip_layers(base) == 0
+        assert checkpoint_only(model, "all", 1) == 1
+        clip = base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers
+        assert not any(layer.gradient_checkpointing for layer in clip)
+    full = apply_strategy(tiny_model(tiny_tokenizer, seed=3), TrainConfig(method="full"))
+    used = len(full.model.vision_embed_tokens.img_processor.vision_model.encoder.layers) - 1  # the last is unused
+    assert trained_clip_layers(full) == used and checkpoint_only(full, "vision") == used

@@ -127,10 +127,10 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
 
 
 def checkpoint_only(model: nn.Module, scope: str, decoder_layers: int | None = None) -> int:
-    """Selective activation checkpointing: non-reentrant checkpointing on the CLIP encoder layers ('vision'), the
-    decoder layers ('language') or both ('all'), and of the decoder layers only the first `decoder_layers` when given;
-    returns how many layers recompute. (`--checkpointing-scope all` without a layer count goes through the Trainer's
-    own switch instead.)"""
+    """Selective activation checkpointing: non-reentrant checkpointing on the CLIP encoder layers ('vision'; only
+    those with a trainable weight), the decoder layers ('language') or both ('all'), and of the decoder layers only
+    the first `decoder_layers` when given; returns how many layers recompute. (`--checkpointing-scope all` without a
+    layer count goes through the Trainer's own switch instead.)"""
     from transformers.modeling_layers import GradientCheckpointingLayer
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
@@ -143,7 +143,10 @@ def checkpoint_only(model: nn.Module, scope: str, decoder_layers: int | None = N
     for module in base.modules():
         if isinstance(module, GradientCheckpointingLayer):
             if isinstance(module, CLIPEncoderLayer):
-                keep = scope in ("all", "vision")
+                # a frozen CLIP layer is never recorded for autograd: there is nothing to recompute, and the
+                # checkpoint wrapper would only add host time per layer
+                trains = any(p.requires_grad for p in module.parameters())
+                keep = scope in ("all", "vision") and trains
             else:
                 keep = scope in ("all", "language") and (decoder_layers is None or decoder_seen < decoder_layers)
                 decoder_seen += 1
