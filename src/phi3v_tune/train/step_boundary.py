@@ -2,7 +2,7 @@
 
 Why: around every optimizer step the HF Trainer walks the whole module tree four times: `model.train()`,
 `model.zero_grad()`, `clip_grad_norm_(model.parameters())` and `num_parameters()` (for its FLOP counter). Phi-3.5-
-vision with LoRA has ~2,000 modules (32 decoder and 24 CLIP layers, PEFT's wrappers), so these walks cost ~24 ms of
+vision with LoRA has ~2,000 modules (32 decoder and 24 CLIP layers, PEFT's wrappers), so these walks cost 16-23 ms of
 Python per step on a 2-core CPU (`benchmarks/step_boundary.py`), host time that a GPU step at one document per pass
 cannot hide. The same work from lists built once: the same modes, the same gradients, the same norm.
 
