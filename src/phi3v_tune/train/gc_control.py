@@ -47,9 +47,14 @@ class ScheduledGC(TrainerCallback):
         gc.collect()  # whatever evaluation (generation, KV caches) left in reference cycles, freed now, on every rank
 
     def on_train_end(self, args, state, control, **kwargs):
-        gc.unfreeze()
-        if self._was_enabled:
-            gc.enable()
+        restore(self._was_enabled)
+
+
+def restore(enabled: bool) -> None:
+    """Frozen objects back under the collector's scans, and automatic collection on again if it was."""
+    gc.unfreeze()
+    if enabled:
+        gc.enable()
 
 
 @contextmanager
@@ -60,6 +65,4 @@ def collector_restored() -> Iterator[None]:
     try:
         yield
     finally:
-        gc.unfreeze()
-        if was_enabled:
-            gc.enable()
+        restore(was_enabled)
