@@ -54,6 +54,21 @@ def test_collects_every_interval_steps_with_automatic_collection_off():
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
+def test_a_resumed_run_freezes_what_its_first_step_compiled():
+    """Resumed at step 50, the first step is 51: what it created (compiled graphs) is frozen out of the scans too."""
+    cb, state = ScheduledGC(100), State()
+    cb.on_train_begin(None, state, None)
+    try:
+        frozen = gc.get_freeze_count()
+        made_by_the_first_step = [[i] for i in range(100)]
+        state.global_step = 51
+        cb.on_step_end(None, state, None)
+        assert gc.get_freeze_count() >= frozen + len(made_by_the_first_step)
+    finally:
+        cb.on_train_end(None, state, None)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
 def test_interval_must_be_positive_and_config_rejects_negative():
     with pytest.raises(ValueError, match="positive number of steps"):
         ScheduledGC(0)

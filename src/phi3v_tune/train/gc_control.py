@@ -28,17 +28,20 @@ class ScheduledGC(TrainerCallback):
         self.interval = interval
         self.collections = 0  # scheduled collections run so far (what tests and logs read)
         self._was_enabled = True
+        self._first_step_done = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._was_enabled = gc.isenabled()
+        self._first_step_done = False
         gc.collect()
         gc.freeze()
         gc.disable()
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
-        if step == 1:
+        if not self._first_step_done:  # step 1, or the first step after a resume
             gc.freeze()  # the first step compiled the model: its graphs and guards live as long as the run
+            self._first_step_done = True
         if step % self.interval == 0:
             gc.collect()
             self.collections += 1
