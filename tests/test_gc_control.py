@@ -85,16 +85,20 @@ def test_collector_restored_after_an_exception():
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
-def test_training_runs_scheduled_collections_and_restores_the_collector(tmp_path: Path):
-    train, _ = demo_split(2, 1, seed=5, tasks=("colour",), as_png=True)
+def train_tiny(tmp_path: Path, per_task: int, tasks: tuple[str, ...], **settings) -> dict:
+    """4 steps of the tiny model on CPU with --gc-interval 2; the run's metrics."""
+    train, _ = demo_split(per_task, 1, seed=5, tasks=tasks, as_png=True)
     data = write_jsonl(train, tmp_path / "data")
     cfg = TrainConfig(
-        data=str(data), model="tiny", num_crops=1, output_dir=str(tmp_path / "out"), batch_size=1, max_steps=4,
-        logging_steps=1, report_to="none", num_workers=0, progress=False, cpu=True, save_checkpoints=False,
-        gc_interval=2,
+        data=str(data), model="tiny", num_crops=1, output_dir=str(tmp_path / "out"), max_steps=4, report_to="none",
+        num_workers=0, progress=False, cpu=True, save_checkpoints=False, gc_interval=2, **settings,
     )  # fmt: skip
+    return run_training(cfg)
+
+
+def test_training_runs_scheduled_collections_and_restores_the_collector(tmp_path: Path):
     with FullCollections() as full:
-        metrics = run_training(cfg)
+        metrics = train_tiny(tmp_path, 2, ("colour",), batch_size=1, logging_steps=1)
     assert metrics["train"]["train_loss"] > 0
     assert full.count >= 2  # steps 2 and 4 (plus the one at the start of training)
     assert gc.isenabled() and gc.get_freeze_count() == 0
@@ -149,11 +153,5 @@ def test_training_steps_leave_no_tensors_in_reference_cycles(tmp_path: Path, mon
         return made[-1]
 
     monkeypatch.setattr(gc_control, "ScheduledGC", make)
-    train, _ = demo_split(4, 1, seed=5, tasks=("colour", "compare"), as_png=True)
-    data = write_jsonl(train, tmp_path / "data")
-    cfg = TrainConfig(
-        data=str(data), model="tiny", num_crops=1, output_dir=str(tmp_path / "out"), max_steps=4, logging_steps=2,
-        report_to="none", num_workers=0, progress=False, cpu=True, save_checkpoints=False, gc_interval=2, **setting,
-    )  # fmt: skip
-    run_training(cfg)
+    train_tiny(tmp_path, 4, ("colour", "compare"), logging_steps=2, **setting)
     assert made and made[0].found == [(2, 0), (4, 0)]
