@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements still open for the speed (#5) and multi-GPU (#6) issues, as named jobs that fit the device
 # tool's 10-minute calls. Run from the repository root on the lent machine, with `.whl/` carried:
-#   bash benchmarks/device_runs.sh h100       # 1 H100 (kind nvidia-h100-x1): tuned full, packed freeze-vision vs plain
+#   bash benchmarks/device_runs.sh h100       # 1 H100 (kind nvidia-h100-x1): the speed table, plain vs --tuned rows
+#   bash benchmarks/device_runs.sh h100ckpt   # 1 H100: the checkpointed rows, plain vs ours, then other settings
 #   bash benchmarks/device_runs.sh ckpt       # 2 GPUs: checkpointed rows, ours vs plain (CLIP backward fixed)
 #   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed freeze-vision / lora
 #   bash benchmarks/device_runs.sh levers     # 2 GPUs: inductor's C++ wrapper (lora); padded batches compiled vs eager
@@ -12,9 +13,9 @@
 # time 10 steps after 4 warm-up steps (6 timed steps were short enough for one pause to move a row by 20%).
 set -uo pipefail
 case "${1:-}" in
-h100 | ckpt | speed | levers | scaling | gputests) ;;
+h100 | h100ckpt | ckpt | speed | levers | scaling | gputests) ;;
 *)
-  echo "usage: bash benchmarks/device_runs.sh h100 | ckpt | speed | levers | scaling [1|2] | gputests" >&2
+  echo "usage: bash benchmarks/device_runs.sh h100 | h100ckpt | ckpt | speed | levers | scaling [1|2] | gputests" >&2
   exit 2
   ;;
 esac
@@ -26,23 +27,32 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$R/gpus.txt"
 python -c "from pathlib import Path; from phi3v_tune.perf.bench import write_checkpoint; \
 write_checkpoint(Path('/dev/shm/phi3v-random'))" > "$R/checkpoint.log" 2>&1
 
-bench() { # GPU NAME ARGS...: one bench_train.py process on one GPU, its log in $R/NAME.log
-  local gpu=$1 name=$2
+START=$SECONDS
+bench() { # GPU NAME ARGS...: one bench_train.py process on one GPU, its log in $R/NAME.log; none is started, and a
+  # running one is stopped, past DEADLINE seconds after the job's start (the rows it finished are kept)
+  local gpu=$1 name=$2 left=$((${DEADLINE:-100000} - (SECONDS - START)))
   shift 2
-  CUDA_VISIBLE_DEVICES=$gpu timeout "${ROW_LIMIT:-280}" python benchmarks/bench_train.py --workloads docvqa \
+  [ "$left" -lt 60 ] && echo "skipped $name: $left s left" >> "$R/skipped.txt" && return
+  [ "$left" -gt "${ROW_LIMIT:-280}" ] && left=${ROW_LIMIT:-280}
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$left" python benchmarks/bench_train.py --workloads docvqa \
     --steps 10 --warmup 4 --samples 40 --work "/tmp/bench-$name" --json "$OUT/rows.jsonl" "$@" > "$R/$name.log" 2>&1
 }
 
 case "${1:-}" in
 h100)
-  # the speed issue's targets are per H100: the plain rows without checkpointing (whose memory is the limit), the
-  # tuned full row, and packed freeze-vision with 10 or 12 checkpointed decoder layers (no checkpointing: 7.04 img/s
-  # at 39.7 GiB on an H200, above the plain row's 34.2 GiB), one after the other on the one card
-  bench 0 h100-plain --builds plain --methods full,freeze-vision --checkpointing no
-  bench 0 h100-full --builds ours --methods full --checkpointing no --tuned
-  for n in 10 12; do
-    bench 0 "h100-fv-ckpt$n" --builds ours --methods freeze-vision --checkpointing yes --set batch_size=2 \
-      --set batch_size_per_device=2 --set checkpointing_layers=$n
+  # the speed issue's table on one H100: the plain rows without checkpointing (whose memory is each target's limit)
+  # and ours with --tuned (two packed documents per pass, perf/bench.py: TUNED), one process after the other
+  bench 0 h100-plain --builds plain --methods full,freeze-vision,lora,qlora --checkpointing no
+  bench 0 h100-tuned --builds ours --methods full,freeze-vision,lora,qlora --checkpointing no --tuned
+  ;;
+h100ckpt)
+  # the low-memory rows on one H100 (>= 1.3x the plain checkpointed row at no more memory), then other settings of
+  # the packed rows (fewer or more checkpointed decoder layers) while time is left
+  bench 0 h100-ckpt-plain --builds plain --methods full,freeze-vision,lora,qlora --checkpointing yes
+  bench 0 h100-ckpt-ours --builds ours --methods full,freeze-vision,lora,qlora --checkpointing yes
+  for setting in ${SETTINGS:-lora:6 freeze-vision:10 qlora:16}; do
+    bench 0 "h100-${setting/:/-}" --builds ours --methods "${setting%%:*}" --checkpointing no --tuned \
+      --set "checkpointing_layers=${setting##*:}"
   done
   ;;
 ckpt)

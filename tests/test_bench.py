@@ -113,8 +113,9 @@ def test_docvqa_rows_with_several_documents_per_pass_are_packed_as_training_does
 
 
 def test_tuned_rows_take_the_recorded_setting_and_say_so(tmp_path):
-    """--tuned: our full row (no-checkpointing column) runs two packed documents per pass with CLIP checkpointing;
-    the row reports what ran (batch 2, packed, checkpointing) and lists the settings in its notes."""
+    """--tuned: our full row (no-checkpointing column) runs two packed documents per pass with CLIP checkpointing,
+    lora two packed documents with some decoder layers checkpointed; each row reports what ran (batch 2, packed,
+    checkpointing) and lists the settings in its notes."""
     from phi3v_tune.cli import main
     from phi3v_tune.perf.bench import TUNED, docvqa_docs_per_step
 
@@ -127,8 +128,10 @@ def test_tuned_rows_take_the_recorded_setting_and_say_so(tmp_path):
     assert docvqa_docs_per_step(True, {"batch_size": 4}) == 4
     full, lora = (json.loads(x) for x in rows.read_text().splitlines())
     assert (full["batch"], full["packing"], full["checkpointing"], full["error"]) == (2, True, True, None)
-    assert full["extra"]["checkpointing_scope"] == "vision" and ("lora", False) not in TUNED
-    assert (lora["batch"], lora["packing"], lora["checkpointing"]) == (1, False, False)
+    assert full["extra"]["checkpointing_scope"] == "vision"
+    assert (lora["batch"], lora["packing"], lora["checkpointing"]) == (2, True, True)
+    assert lora["extra"]["checkpointing_layers"] == TUNED[("lora", False)]["checkpointing_layers"]
+    assert not any(ckpt for _, ckpt in TUNED)  # the checkpointed rows run as the row says
 
 
 def test_bench_refuses_an_unknown_training_setting(tmp_path):

@@ -293,6 +293,26 @@ def test_bad_offsets_are_refused(model, examples, tiny_tokenizer):
         model(**batch, attention_mask=torch.ones_like(batch["input_ids"]))
 
 
+def test_offsets_are_checked_on_the_host_and_never_read_back_from_a_device():
+    from phi3v_tune.model.packed_attention import check_packed
+
+    cu = torch.tensor([0, 3, 7, 10], dtype=torch.int32)
+    check_packed(cu, cu.clone(), 1, 10)
+    for bad, match in (([1, 3, 10], "starting at 0"), ([0, 5, 3, 10], "increasing"), ([0, 3, 9], "ends at 9")):
+        with pytest.raises(ValueError, match=match):
+            check_packed(torch.tensor(bad, dtype=torch.int32), None, 1, 10)
+    with pytest.raises(ValueError, match="must equal"):
+        check_packed(cu, torch.tensor([0, 4, 7, 10], dtype=torch.int32), 1, 10)
+    with pytest.raises(ValueError, match="1-d tensor"):
+        check_packed(cu[None], None, 1, 10)
+    # offsets on an accelerator: reading them would wait for the GPU, so only the shape is checked (a meta tensor
+    # has no values at all: any read would raise here)
+    on_device = torch.empty(4, dtype=torch.int32, device="meta")
+    check_packed(on_device, on_device, 1, 10)
+    with pytest.raises(ValueError, match="must equal"):
+        check_packed(on_device, torch.empty(5, dtype=torch.int32, device="meta"), 1, 10)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 def test_training_uses_packing_only_with_several_samples_per_device(tiny_tokenizer, tiny_processor):
     from phi3v_tune.train.config import TrainConfig

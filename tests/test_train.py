@@ -243,3 +243,17 @@ def test_ddp_settings_skip_unused_parameter_search_and_buffer_broadcasts(tmp_pat
         "long_inv_freq",
         "position_ids",
     }
+
+
+def test_batches_reach_the_gpu_asynchronously_from_pinned_memory(tmp_path, monkeypatch):
+    """A blocking host-to-GPU copy waits for every queued kernel: on a GPU batches are pinned and copied without it."""
+    from phi3v_tune.train import run
+    from phi3v_tune.train.config import TrainConfig
+
+    cfg = TrainConfig(data="x.jsonl", model="tiny", cpu=True, report_to="none", output_dir=str(tmp_path)).validate()
+    args = run.training_arguments(cfg, 1)
+    assert args.dataloader_pin_memory is False and args.accelerator_config.non_blocking is False
+    monkeypatch.setattr(run, "on_cuda", lambda cfg: True)
+    monkeypatch.setattr(run, "precision", lambda cfg: (False, False))
+    args = run.training_arguments(cfg, 1)
+    assert args.dataloader_pin_memory is True and args.accelerator_config.non_blocking is True

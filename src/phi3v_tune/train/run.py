@@ -323,6 +323,9 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         # keep the workers across epochs: re-forking them at every epoch start leaves the GPU waiting
         dataloader_persistent_workers=cfg.num_workers > 0,
         dataloader_pin_memory=on_cuda(cfg),
+        # pinned batches go to the GPU asynchronously: a blocking copy would wait at every step's start until the GPU
+        # has finished the previous step, so the host could never prepare a step while the GPU runs the last one
+        accelerator_config={"non_blocking": on_cuda(cfg)},
         remove_unused_columns=False,
         label_names=["labels"],
         deepspeed=cfg.deepspeed,
