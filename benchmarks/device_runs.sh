@@ -3,6 +3,7 @@
 # tool's 10-minute calls. Run from the repository root on the lent machine, with `.whl/` carried:
 #   bash benchmarks/device_runs.sh h100       # 1 H100 (kind nvidia-h100-x1): the speed table, plain vs --tuned rows
 #   bash benchmarks/device_runs.sh h100ckpt   # 1 H100: the checkpointed rows, plain vs ours, then other settings
+#   bash benchmarks/device_runs.sh fusedlora  # 1 GPU: --fused-lora vs PEFT's forward (one layer, then tuned rows)
 #   bash benchmarks/device_runs.sh ckpt       # 2 GPUs: checkpointed rows, ours vs plain (CLIP backward fixed)
 #   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed freeze-vision / lora
 #   bash benchmarks/device_runs.sh levers     # 2 GPUs: inductor's C++ wrapper (lora); padded batches compiled vs eager
@@ -13,9 +14,9 @@
 # time 10 steps after 4 warm-up steps (6 timed steps were short enough for one pause to move a row by 20%).
 set -uo pipefail
 case "${1:-}" in
-h100 | h100ckpt | ckpt | speed | levers | scaling | gputests) ;;
+h100 | h100ckpt | fusedlora | ckpt | speed | levers | scaling | gputests) ;;
 *)
-  echo "usage: bash benchmarks/device_runs.sh h100 | h100ckpt | ckpt | speed | levers | scaling [1|2] | gputests" >&2
+  echo "usage: bash benchmarks/device_runs.sh h100 | h100ckpt | fusedlora | ckpt | speed | levers | scaling [1|2] | gputests" >&2
   exit 2
   ;;
 esac
@@ -45,7 +46,19 @@ h100)
   bench 0 h100-plain --builds plain --methods full,freeze-vision,lora,qlora --checkpointing no
   bench 0 h100-tuned --builds ours --methods full,freeze-vision,lora,qlora --checkpointing no --tuned
   ;;
-h100ckpt)
+h100fusedlora)
+  # --fused-lora (train/fused_lora.py) against PEFT's forward: one decoder layer's four LoRA linears, eager and
+  # compiled, then the --tuned lora and qlora rows with and without it, interleaved
+  for c in "" --compile; do
+    timeout 120 python benchmarks/fused_lora.py --iters 30 $c >> "$R/fused-layer.log" 2>&1
+  done
+  for m in lora qlora; do
+    for f in false true; do
+      bench 0 "tuned-$m-fused-$f" --builds ours --methods $m --checkpointing no --tuned --set fused_lora=$f
+    done
+  done
+  ;;
+ckpt)
   # the low-memory rows on one H100 (>= 1.3x the plain checkpointed row at no more memory), then other settings of
   # the packed rows (fewer or more checkpointed decoder layers) while time is left
   bench 0 h100-ckpt-plain --builds plain --methods full,freeze-vision,lora,qlora --checkpointing yes
@@ -53,6 +66,18 @@ h100ckpt)
   for setting in ${SETTINGS:-lora:6 freeze-vision:10 qlora:16}; do
     bench 0 "h100-${setting/:/-}" --builds ours --methods "${setting%%:*}" --checkpointing no --tuned \
       --set "checkpointing_layers=${setting##*:}"
+  done
+  ;;
+fusedlora)
+  # --fused-lora (train/fused_lora.py) against PEFT's forward: one decoder layer's four LoRA linears, eager and
+  # compiled, then the --tuned lora and qlora rows with and without it, interleaved
+  for c in "" --compile; do
+    timeout 120 python benchmarks/fused_lora.py --iters 30 $c >> "$R/fused-layer.log" 2>&1
+  done
+  for m in lora qlora; do
+    for f in false true; do
+      bench 0 "tuned-$m-fused-$f" --builds ours --methods $m --checkpointing no --tuned --set fused_lora=$f
+    done
   done
   ;;
 ckpt)

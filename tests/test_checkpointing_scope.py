@@ -83,19 +83,31 @@ def test_only_the_chosen_layers_recompute_and_gradients_are_unchanged(tiny_token
         torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_scope_all_goes_through_the_trainer_switch_and_others_do_not():
-    from phi3v_tune.train.run import training_arguments
+def test_the_trainer_switch_is_never_used_and_scope_all_leaves_frozen_clip_unwrapped(tiny_tokenizer, monkeypatch):
+    """Every --gradient-checkpointing setting goes through checkpoint_only: the Trainer's own switch would also wrap
+    the 23 frozen CLIP layers of lora / qlora / freeze-vision, which have nothing to recompute."""
+    from phi3v_tune.train.run import prepare_model, training_arguments
 
-    def args(**kw):
-        cfg = TrainConfig(data="x.jsonl", model="tiny", cpu=True, report_to="none", output_dir="/tmp/x", **kw)
-        return training_arguments(cfg.validate(), 1)
+    def cfg(**kw):
+        return TrainConfig(data="x.jsonl", model="tiny", cpu=True, report_to="none", output_dir="/tmp/x", **kw)
 
     def on(a) -> bool:
         return bool(getattr(a, "activation_checkpointing", None) or getattr(a, "gradient_checkpointing", None))
 
-    assert on(args(gradient_checkpointing=True))
-    assert not on(args(gradient_checkpointing=True, checkpointing_scope="vision"))
-    assert not on(args())
+    for kw in ({}, {"checkpointing_scope": "vision"}, {"checkpointing_layers": 1}):
+        assert not on(training_arguments(cfg(gradient_checkpointing=True, **kw).validate(), 1))
+    assert not on(training_arguments(cfg().validate(), 1))
+
+    import phi3v_tune.train.run as run
+
+    built = tiny_model(tiny_tokenizer, seed=3)
+    monkeypatch.setattr(run, "load_model", lambda c, base: built)
+    lora = cfg(method="lora", lora_rank=4, gradient_checkpointing=True, compile=False).validate()
+    model = prepare_model(lora, "x")
+    base = model.get_base_model()
+    clip = base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers
+    assert not any(layer.gradient_checkpointing for layer in clip)
+    assert all(layer.gradient_checkpointing for layer in base.model.layers)
 
 
 def test_checkpointing_layers_recomputes_only_the_first_decoder_layers(tiny_tokenizer, batch):
@@ -128,14 +140,10 @@ def test_checkpointing_layers_recomputes_only_the_first_decoder_layers(tiny_toke
     assert checkpoint_only(model, "language", 0) == 0
 
 
-def test_checkpointing_layers_is_checked_and_routes_to_selective_checkpointing():
-    from phi3v_tune.train.run import selective_checkpointing
-
+def test_checkpointing_layers_needs_checkpointing():
     def cfg(**kw):
         return TrainConfig(data="x.jsonl", model="tiny", cpu=True, report_to="none", output_dir="/tmp/x", **kw)
 
-    assert selective_checkpointing(cfg(gradient_checkpointing=True, checkpointing_layers=8).validate())
-    assert not selective_checkpointing(cfg(gradient_checkpointing=True).validate())
     with pytest.raises(ValueError, match="needs --gradient-checkpointing"):
         cfg(checkpointing_layers=8).validate()
     with pytest.raises(ValueError, match="scope all or language"):

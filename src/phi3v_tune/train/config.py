@@ -69,6 +69,11 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_lm_head: bool = _f(True, "Also put LoRA on lm_head (the recipe does).")
     lora_vision: bool = _f(False, "Also put LoRA on the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector.")
+    fused_lora: bool = _f(
+        False,
+        "lora/qlora: add each LoRA update to the base output inside the second LoRA matmul (one addmm) instead of "
+        "writing it out and adding it in a separate kernel; same result. Off until its GPU gain is measured.",
+    )
     attn_implementation: str = _f(
         "sdpa",
         "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager. With --packing, sdpa runs packed rows "
@@ -212,6 +217,8 @@ class TrainConfig:
             raise ValueError("--fsdp does not shard 4-bit (qlora) weights; use --method lora or plain torchrun")
         if self.gc_interval < 0:
             raise ValueError(f"--gc-interval must be >= 0 (0: automatic collection), got {self.gc_interval}")
+        if self.fused_lora and self.method not in ("lora", "qlora"):
+            raise ValueError(f"--fused-lora changes LoRA layers: use it with --method lora or qlora, not {self.method}")
         if self.checkpointing_layers is not None:
             if self.checkpointing_layers < 0:
                 raise ValueError(f"--checkpointing-layers must be >= 0, got {self.checkpointing_layers}")

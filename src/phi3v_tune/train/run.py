@@ -163,17 +163,12 @@ def load_model(cfg: TrainConfig, folder: str) -> Phi3VForCausalLM:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-def selective_checkpointing(cfg: TrainConfig) -> bool:
-    """Checkpointing of chosen layers (ours) rather than of every layer (the Trainer's own switch)."""
-    return cfg.gradient_checkpointing and (cfg.checkpointing_scope != "all" or cfg.checkpointing_layers is not None)
-
-
 def prepare_model(cfg: TrainConfig, base: str):
     """Load the base model, set what trains (`--method`), compile layers if asked: the model the Trainer gets."""
     model = apply_strategy(load_model(cfg, base), cfg)
     weights = f", {master_weights(cfg)} master weights" if cfg.method in ("full", "freeze-vision") else ""
     say(f"method {cfg.method}{weights}: {count_parameters(model)}")
-    if selective_checkpointing(cfg):
+    if cfg.gradient_checkpointing:  # ours, not the Trainer's switch, which would also wrap every frozen CLIP layer
         from .strategies import checkpoint_only
 
         layers = checkpoint_only(model, cfg.checkpointing_scope, cfg.checkpointing_layers)
@@ -238,19 +233,6 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
     return LoadedData(plan.kept, eval_plan.kept if eval_plan else [], plan, eval_plan, input_total, len(bad_origins))
 
 
-def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
-    """transformers renamed `gradient_checkpointing` to `activation_checkpointing` in 5.x; use what this one has."""
-    if not enabled:
-        return {}
-    import dataclasses
-
-    from transformers import TrainingArguments
-
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return {prefix: True, f"{prefix}_kwargs": {"use_reentrant": False}}
-
-
 # FSDP units: the layers whose weights are gathered together (the model's `_no_split_modules`)
 FSDP_LAYERS = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
 
@@ -306,7 +288,6 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         data_seed=cfg.seed,
         bf16=bf16 and master_weights(cfg) != "bf16-sr",  # all-bf16 weights need no autocast
         fp16=fp16,
-        **checkpointing_arguments(cfg.gradient_checkpointing and not selective_checkpointing(cfg)),
         save_strategy="steps" if cfg.save_checkpoints else "no",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,

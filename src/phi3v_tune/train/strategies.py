@@ -96,16 +96,15 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
 
     from peft import LoraConfig, get_peft_model
 
-    from .run import master_weights, selective_checkpointing
+    from .run import master_weights
 
     bf16_sr = master_weights(cfg) == "bf16-sr"
     if cfg.method == "qlora" and not bf16_sr:
         from peft import prepare_model_for_kbit_training
 
-        # fp32 norms, embeddings and vision tower under autocast (PEFT's recipe); bf16-sr keeps them bf16. PEFT
-        # checkpoints every layer; chosen layers (scope, layer count) are set later by checkpoint_only
-        everywhere = cfg.gradient_checkpointing and not selective_checkpointing(cfg)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=everywhere)
+        # fp32 norms, embeddings and vision tower under autocast (PEFT's recipe); bf16-sr keeps them bf16. The
+        # checkpointed layers are chosen later by checkpoint_only (PEFT's switch would wrap the frozen CLIP layers)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.requires_grad_(False)
     lora = LoraConfig(
         r=cfg.lora_rank,
@@ -123,14 +122,18 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
             if param.requires_grad and param.dtype == torch.float32:
                 param.data = param.data.to(torch.bfloat16)
     model.freeze_unused()
+    if cfg.fused_lora:
+        from .fused_lora import fuse_lora_layers
+
+        fuse_lora_layers(peft_model)
     return peft_model
 
 
 def checkpoint_only(model: nn.Module, scope: str, decoder_layers: int | None = None) -> int:
     """Selective activation checkpointing: non-reentrant checkpointing on the CLIP encoder layers ('vision'; only
     those with a trainable weight), the decoder layers ('language') or both ('all'), and of the decoder layers only
-    the first `decoder_layers` when given; returns how many layers recompute. (`--checkpointing-scope all` without a
-    layer count goes through the Trainer's own switch instead.)"""
+    the first `decoder_layers` when given; returns how many layers recompute. Every `--gradient-checkpointing` run
+    comes here rather than to the Trainer's switch, which would wrap every CLIP layer, frozen ones included."""
     from transformers.modeling_layers import GradientCheckpointingLayer
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
