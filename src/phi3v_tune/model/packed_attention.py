@@ -118,32 +118,23 @@ def check_packed(cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor | None
     """Offsets must start at 0, never decrease, end at batch x length, and be the same for queries and keys.
 
     Their values are read only where they already are on the host. On a GPU, reading them would wait for every kernel
-    queued before (the previous step's backward and optimizer): only their shape is checked there. The collator that
-    builds them (`data.packing.PackingCollator`) checks the same on the host.
+    queued before (the previous step's backward and optimizer), so only their shapes are checked there; training's
+    offsets come from `data.packing.PackingCollator`, which builds them on the host from the sample lengths.
     """
-    if cu_seq_lens_q.dim() != 1 or cu_seq_lens_q.numel() < 2:
-        raise ValueError(
-            f"cu_seq_lens_q must be a 1-d tensor of at least 2 offsets, got shape {tuple(cu_seq_lens_q.shape)}"
-        )
-    if cu_seq_lens_k is not None and cu_seq_lens_k.shape != cu_seq_lens_q.shape:
-        raise ValueError("packed rows are self-attention: cu_seq_lens_k must equal cu_seq_lens_q")
-    if cu_seq_lens_q.device.type != "cpu":
+    cu, cu_k = cu_seq_lens_q, cu_seq_lens_k
+    not_same = "packed rows are self-attention: cu_seq_lens_k must equal cu_seq_lens_q"
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"cu_seq_lens_q must be a 1-d tensor of at least 2 offsets, got shape {tuple(cu.shape)}")
+    if cu_k is not None and cu_k.shape != cu.shape:
+        raise ValueError(not_same)
+    if cu.device.type != "cpu":
         return
-    validate_offsets(cu_seq_lens_q, batch * length)
-    if (
-        cu_seq_lens_k is not None
-        and cu_seq_lens_k.device.type == "cpu"
-        and not torch.equal(cu_seq_lens_k, cu_seq_lens_q)
-    ):
-        raise ValueError("packed rows are self-attention: cu_seq_lens_k must equal cu_seq_lens_q")
-
-
-def validate_offsets(cu: torch.Tensor, total: int) -> None:
-    """Host-side check of packed-row offsets: start at 0, never decrease, end at `total` tokens."""
     if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seq_lens_q must be increasing offsets starting at 0, got {cu.tolist()}")
-    if int(cu[-1]) != total:
-        raise ValueError(f"cu_seq_lens_q ends at {int(cu[-1])} but the rows hold {total} tokens")
+    if int(cu[-1]) != batch * length:
+        raise ValueError(f"cu_seq_lens_q ends at {int(cu[-1])} but the rows hold {batch} x {length} tokens")
+    if cu_k is not None and cu_k.device.type == "cpu" and not torch.equal(cu_k, cu):
+        raise ValueError(not_same)
 
 
 def token_segment_lengths(cu_seq_lens: torch.Tensor, batch: int, length: int) -> torch.Tensor:

@@ -29,9 +29,9 @@ from .workloads import WORKLOADS, write_workload
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 
 #: `--tuned`: the fastest setting measured so far per (method, checkpointing row) at the DocVQA shape, within the plain
-#: build's memory for that row (benchmarks/RESULTS.md, fourth to sixth sessions). Where a row has none, ours runs as the row
-#: says. Two documents per forward pass are packed into one row (training's default), which halves the host work per
-#: document; the checkpointing buys back the memory of the second document.
+#: build's memory for that row (benchmarks/RESULTS.md, fourth to sixth sessions). Rows without an entry (the
+#: checkpointed ones) run as the row says. Two documents per forward pass are packed into one row (training's default),
+#: which halves the host work per document; checkpointing some layers buys back the memory of the second document.
 TUNED: dict[tuple[str, bool], dict[str, Any]] = {
     ("full", False): {"batch_size": 2, "batch_size_per_device": 2, "gradient_checkpointing": True,
                       "checkpointing_scope": "vision"},

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-_FUSED_CLASSES: dict[type, type] = {}
+_FUSED_CLASSES: dict[type, type] = {}  # PEFT class -> its fused subclass
+_PARENT: dict[type, type] = {}  # fused subclass -> the PEFT class it falls back to
 
 
 def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -48,9 +49,6 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=self.scaling[name]
     )
     return out.view(result.shape).to(result.dtype)
-
-
-_PARENT: dict[type, type] = {}
 
 
 def fused_class(cls: type) -> type:
