@@ -63,7 +63,7 @@ ckpt)
   # the packed rows (fewer or more checkpointed decoder layers) while time is left
   bench 0 h100-ckpt-plain --builds plain --methods full,freeze-vision,lora,qlora --checkpointing yes
   bench 0 h100-ckpt-ours --builds ours --methods full,freeze-vision,lora,qlora --checkpointing yes
-  for setting in ${SETTINGS:-lora:6 freeze-vision:10 qlora:16}; do
+  for setting in ${SETTINGS-lora:6 freeze-vision:10 qlora:16}; do  # SETTINGS="": none
     bench 0 "h100-${setting/:/-}" --builds ours --methods "${setting%%:*}" --checkpointing no --tuned \
       --set "checkpointing_layers=${setting##*:}"
   done
