@@ -3,6 +3,7 @@
 # tool's 10-minute calls. Run from the repository root on the lent machine, with `.whl/` carried:
 #   bash benchmarks/device_runs.sh h100       # 1 H100 (kind nvidia-h100-x1): the speed table, plain vs --tuned rows
 #   bash benchmarks/device_runs.sh h100ckpt   # 1 H100: the checkpointed rows, plain vs ours, then other settings
+#   bash benchmarks/device_runs.sh lowmem     # 1 H100: freeze-vision / full low-memory rows, --optimizer-in-backward
 #   bash benchmarks/device_runs.sh fusedlora  # 1 GPU: --fused-lora vs PEFT's forward (one layer, then tuned rows)
 #   bash benchmarks/device_runs.sh ckpt       # 2 GPUs: checkpointed rows, ours vs plain (CLIP backward fixed)
 #   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed freeze-vision / lora
@@ -14,9 +15,9 @@
 # time 10 steps after 4 warm-up steps (6 timed steps were short enough for one pause to move a row by 20%).
 set -uo pipefail
 case "${1:-}" in
-h100 | h100ckpt | fusedlora | ckpt | speed | levers | scaling | gputests) ;;
+h100 | h100ckpt | lowmem | fusedlora | ckpt | speed | levers | scaling | gputests) ;;
 *)
-  echo "usage: bash benchmarks/device_runs.sh h100 | h100ckpt | fusedlora | ckpt | speed | levers | scaling [1|2] | gputests" >&2
+  echo "usage: bash benchmarks/device_runs.sh h100 | h100ckpt | lowmem | fusedlora | ckpt | speed | levers | scaling [1|2] | gputests" >&2
   exit 2
   ;;
 esac
@@ -46,7 +47,18 @@ h100)
   bench 0 h100-plain --builds plain --methods full,freeze-vision,lora,qlora --checkpointing no
   bench 0 h100-tuned --builds ours --methods full,freeze-vision,lora,qlora --checkpointing no --tuned
   ;;
-h100fusedlora)
+h100lowmem)
+  # freeze-vision's low-memory row (>= 1.3x the plain checkpointed row at no more memory; sixth session: 1.28x at
+  # batch 1): plain, ours at batch 1 (frozen CLIP layers no longer wrapped), then two packed documents with every
+  # weight updated in backward (no gradients held: ~7 GiB less), checkpointed and not; the plain build clips no
+  # gradients either, so --max-grad-norm 0 compares like with like
+  inbwd=(--set batch_size=2 --set batch_size_per_device=2 --set optimizer_in_backward=true --set max_grad_norm=0)
+  bench 0 lowmem-plain --builds plain --methods freeze-vision,full --checkpointing yes
+  bench 0 lowmem-ours --builds ours --methods freeze-vision --checkpointing yes
+  bench 0 lowmem-inbwd --builds ours --methods freeze-vision,full --checkpointing yes "${inbwd[@]}"
+  bench 0 inbwd-fv-nockpt --builds ours --methods freeze-vision --checkpointing no "${inbwd[@]}"
+  ;;
+fusedlora)
   # --fused-lora (train/fused_lora.py) against PEFT's forward: one decoder layer's four LoRA linears, eager and
   # compiled, then the --tuned lora and qlora rows with and without it, interleaved
   for c in "" --compile; do

@@ -138,7 +138,14 @@ class TrainConfig:
         "linear",
         "Learning-rate schedule after warm-up (transformers' names: linear, cosine, constant_with_warmup, ...).",
     )
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: no clipping).")
+    optimizer_in_backward: bool = _f(
+        False,
+        "Update each weight as soon as its gradient is complete in backward and free the gradient, so the gradients "
+        "of all weights are never held at once (7.2 GiB of bf16 gradients for full or freeze-vision). Same AdamW "
+        "update; needs --max-grad-norm 0, one forward pass per optimizer step (--batch-size = "
+        "--batch-size-per-device), one process without --deepspeed/--fsdp, no --fp16 and --skip-nonfinite 0.",
+    )
     group_by_length: bool = _f(
         True, "Batch samples of similar token length together (less padding) when --batch-size-per-device > 1."
     )
@@ -219,6 +226,23 @@ class TrainConfig:
             raise ValueError(f"--gc-interval must be >= 0 (0: automatic collection), got {self.gc_interval}")
         if self.fused_lora and self.method not in ("lora", "qlora"):
             raise ValueError(f"--fused-lora changes LoRA layers: use it with --method lora or qlora, not {self.method}")
+        if self.optimizer_in_backward:
+            why = {
+                "--max-grad-norm 0 (clipping needs the norm of all gradients before the first update)": (
+                    self.max_grad_norm > 0
+                ),
+                "--batch-size equal to --batch-size-per-device (no gradient accumulation)": (
+                    self.batch_size != self.batch_size_per_device
+                ),
+                "no --deepspeed or --fsdp (their gradient reduction comes after the updates)": bool(
+                    self.deepspeed or self.fsdp
+                ),
+                "no --fp16 (a scaled loss must be checked before any update)": self.fp16,
+                "--skip-nonfinite 0 (a skipped batch would already have updated the weights)": self.skip_nonfinite > 0,
+            }
+            missing = [need for need, broken in why.items() if broken]
+            if missing:
+                raise ValueError("--optimizer-in-backward needs " + "; ".join(missing))
         if self.checkpointing_layers is not None:
             if self.checkpointing_layers < 0:
                 raise ValueError(f"--checkpointing-layers must be >= 0, got {self.checkpointing_layers}")

@@ -195,22 +195,27 @@ class AdamWSR(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 index += 1  # position among all parameters: part of the random stream's seed
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamWSR does not support sparse gradients")
-                if p.dtype not in (torch.bfloat16, torch.float32):
-                    raise TypeError(f"AdamWSR updates bf16 or fp32 parameters, got {p.dtype}")
-                state = self.state[p]
-                if not state:
-                    dtype = self.state_dtype if p.dtype == torch.bfloat16 else p.dtype
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["step"] += 1
-                keys = stream_keys(group["seed"], state["step"], index)
-                self._update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group, state["step"], keys)
+                if p.grad is not None:
+                    self.step_param(p, group, index)
         return loss
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        """Update one parameter from its gradient; `index` is its position among all parameters (what `step` passes;
+        `optim_backward.OptimizerInBackward` calls this as each gradient is ready)."""
+        if p.grad.is_sparse:
+            raise RuntimeError("AdamWSR does not support sparse gradients")
+        if p.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"AdamWSR updates bf16 or fp32 parameters, got {p.dtype}")
+        state = self.state[p]
+        if not state:
+            dtype = self.state_dtype if p.dtype == torch.bfloat16 else p.dtype
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["step"] += 1
+        keys = stream_keys(group["seed"], state["step"], index)
+        self._update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group, state["step"], keys)
 
     def _update(self, p, grad, exp_avg, exp_avg_sq, group: dict[str, Any], step: int, keys) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

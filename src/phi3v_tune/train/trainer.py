@@ -87,7 +87,23 @@ class Phi3VTrainer(Trainer):
                 dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                      weight_decay=args.weight_decay, seed=args.seed),
             )  # fmt: skip
-        return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        if cfg is not None and cfg.optimizer_in_backward and not hasattr(optimizer, "inner"):
+            from .optim_backward import OptimizerInBackward
+
+            if self.args.world_size > 1:
+                raise ValueError(
+                    "--optimizer-in-backward runs in one process: under DDP each rank would update its weights before "
+                    "the gradients are averaged across ranks"
+                )
+            self.optimizer = optimizer = OptimizerInBackward(optimizer)
+        return optimizer
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """No norm to log when backward has already used and freed every gradient (--optimizer-in-backward)."""
+        if grad_norm is None and self.train_config is not None and self.train_config.optimizer_in_backward:
+            return None
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
