@@ -47,7 +47,7 @@ h100)
   bench 0 h100-plain --builds plain --methods full,freeze-vision,lora,qlora --checkpointing no
   bench 0 h100-tuned --builds ours --methods full,freeze-vision,lora,qlora --checkpointing no --tuned
   ;;
-h100lowmem)
+lowmem)
   # freeze-vision's low-memory row (>= 1.3x the plain checkpointed row at no more memory; sixth session: 1.28x at
   # batch 1): plain, ours at batch 1 (frozen CLIP layers no longer wrapped), then two packed documents with every
   # weight updated in backward (no gradients held: ~7 GiB less), checkpointed and not; the plain build clips no
@@ -70,7 +70,7 @@ fusedlora)
     done
   done
   ;;
-ckpt)
+h100ckpt)
   # the low-memory rows on one H100 (>= 1.3x the plain checkpointed row at no more memory), then other settings of
   # the packed rows (fewer or more checkpointed decoder layers) while time is left
   bench 0 h100-ckpt-plain --builds plain --methods full,freeze-vision,lora,qlora --checkpointing yes
@@ -78,18 +78,6 @@ ckpt)
   for setting in ${SETTINGS-lora:6 freeze-vision:10 qlora:16}; do  # SETTINGS="": none
     bench 0 "h100-${setting/:/-}" --builds ours --methods "${setting%%:*}" --checkpointing no --tuned \
       --set "checkpointing_layers=${setting##*:}"
-  done
-  ;;
-fusedlora)
-  # --fused-lora (train/fused_lora.py) against PEFT's forward: one decoder layer's four LoRA linears, eager and
-  # compiled, then the --tuned lora and qlora rows with and without it, interleaved
-  for c in "" --compile; do
-    timeout 120 python benchmarks/fused_lora.py --iters 30 $c >> "$R/fused-layer.log" 2>&1
-  done
-  for m in lora qlora; do
-    for f in false true; do
-      bench 0 "tuned-$m-fused-$f" --builds ours --methods $m --checkpointing no --tuned --set fused_lora=$f
-    done
   done
   ;;
 ckpt)
