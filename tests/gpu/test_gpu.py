@@ -183,3 +183,30 @@ def test_fused_lora_on_gpu_gives_the_peft_outputs_and_gradients(tmp_path, method
                         layer.lora_B["default"].weight.grad.float()))  # fmt: skip
     for want, got in zip(*results):
         assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+def test_optimizer_in_backward_on_gpu_equals_the_ordinary_step(tiny_tokenizer):
+    """bf16 weights with AdamWSR (its Triton kernel on the GPU): stepping each weight from its gradient hook gives
+    the weights of the ordinary optimizer step, bit for bit, and no gradient is left after backward."""
+    import copy
+
+    from phi3v_tune.model.tiny import tiny_model
+    from phi3v_tune.train.optim import AdamWSR
+    from phi3v_tune.train.optim_backward import OptimizerInBackward
+
+    base = tiny_model(tiny_tokenizer, seed=4).to("cuda", torch.bfloat16).train()
+    ids = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2]], device="cuda")
+    results = []
+    for in_backward in (False, True):
+        model = copy.deepcopy(base)
+        inner = AdamWSR([p for p in model.parameters() if p.requires_grad], lr=1e-3, seed=3)
+        optimizer = OptimizerInBackward(inner) if in_backward else inner
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            if in_backward:
+                assert all(p.grad is None for p in model.parameters())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
