@@ -142,7 +142,7 @@ class TrainConfig:
     optimizer_in_backward: bool = _f(
         False,
         "Update each weight as soon as its gradient is complete in backward and free the gradient, so the gradients "
-        "of all weights are never held at once (7.2 GiB of bf16 gradients for full or freeze-vision). Same AdamW "
+        "of all weights are never held at once (bf16 gradients: 7.7 GiB for full, 7.2 GiB for freeze-vision). Same AdamW "
         "update; needs --max-grad-norm 0, one forward pass per optimizer step (--batch-size = "
         "--batch-size-per-device), one process without --deepspeed/--fsdp, no --fp16 and --skip-nonfinite 0.",
     )

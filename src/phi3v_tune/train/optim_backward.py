@@ -1,7 +1,7 @@
 """`--optimizer-in-backward`: each weight is updated as soon as its gradient is complete, and the gradient is freed.
 
 Why: at the end of a normal backward pass every trainable weight's gradient is alive at once, waiting for the
-optimizer step: 7.2 GiB of bf16 gradients for full or freeze-vision fine-tuning of Phi-3.5-vision, on top of the
+optimizer step: 7.7 GiB of bf16 gradients for full fine-tuning of Phi-3.5-vision (7.2 for freeze-vision), on top of the
 weights and the two AdamW moments. Stepping each weight from a post-accumulate-grad hook (as its gradient lands in
 backward) and dropping the gradient right after keeps only a few gradients alive at any time. The update itself is
 the optimizer's own, with the same hyper-parameters, learning-rate schedule, state and checkpoints.
