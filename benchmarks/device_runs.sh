@@ -49,14 +49,17 @@ h100)
   ;;
 lowmem)
   # freeze-vision's low-memory row (>= 1.3x the plain checkpointed row at no more memory; sixth session: 1.28x at
-  # batch 1): plain, ours at batch 1 (frozen CLIP layers no longer wrapped), then two packed documents with every
-  # weight updated in backward (no gradients held: ~7 GiB less), checkpointed and not; the plain build clips no
-  # gradients either, so --max-grad-norm 0 compares like with like
-  inbwd=(--set batch_size=2 --set batch_size_per_device=2 --set optimizer_in_backward=true --set max_grad_norm=0)
+  # batch 1): plain, ours at batch 1 (frozen CLIP layers no longer wrapped), then with every weight updated in
+  # backward (no gradients held: 7.2 GiB less for freeze-vision, 7.7 for full): the --tuned settings, freeze-vision
+  # packed without checkpointing, full packed with every layer checkpointed. The plain build clips no gradients
+  # either, so --max-grad-norm 0 compares like with like.
+  inbwd=(--set optimizer_in_backward=true --set max_grad_norm=0)
+  pair=(--set batch_size=2 --set batch_size_per_device=2)
   bench 0 lowmem-plain --builds plain --methods freeze-vision,full --checkpointing yes
   bench 0 lowmem-ours --builds ours --methods freeze-vision --checkpointing yes
-  bench 0 lowmem-inbwd --builds ours --methods freeze-vision,full --checkpointing yes "${inbwd[@]}"
-  bench 0 inbwd-fv-nockpt --builds ours --methods freeze-vision --checkpointing no "${inbwd[@]}"
+  bench 0 inbwd-tuned --builds ours --methods freeze-vision,full --checkpointing no --tuned "${inbwd[@]}"
+  bench 0 inbwd-fv-nockpt --builds ours --methods freeze-vision --checkpointing no "${pair[@]}" "${inbwd[@]}"
+  bench 0 inbwd-full-ckpt --builds ours --methods full --checkpointing yes "${pair[@]}" "${inbwd[@]}"
   ;;
 fusedlora)
   # --fused-lora (train/fused_lora.py) against PEFT's forward: one decoder layer's four LoRA linears, eager and
