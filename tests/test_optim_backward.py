@@ -150,3 +150,29 @@ def test_several_processes_are_refused(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(Phi3VTrainingArguments, "world_size", property(lambda self: 2))
     with pytest.raises(ValueError, match="--optimizer-in-backward runs in one process"):
         trainer.create_optimizer()
+
+
+def test_bf16_sr_run_in_backward_resumes_exactly_and_equals_the_ordinary_step(tmp_path: Path):
+    """full fine-tuning with bf16 weights (AdamWSR): stop at step 2 and resume gives the uninterrupted run's weights,
+    which are those of the ordinary optimizer step."""
+    rows, _ = demo_split(2, 0, seed=5, tasks=("colour", "shape"), as_png=True)
+    data = write_jsonl(rows, tmp_path / "data")
+
+    def cfg(out: Path, in_backward: bool = True, **kw) -> TrainConfig:
+        return TrainConfig(data=str(data), model="tiny", num_crops=1, output_dir=str(out), batch_size=2,
+                           batch_size_per_device=2, learning_rate=1e-3, warmup_steps=1, seed=3, save_steps=2,
+                           logging_steps=1, report_to="none", num_workers=0, progress=False, cpu=True,
+                           master_weights="bf16-sr", max_steps=4, max_grad_norm=0.0,
+                           optimizer_in_backward=in_backward, **kw)  # fmt: skip
+
+    run_training(cfg(tmp_path / "straight"))
+    run_training(cfg(tmp_path / "resumed", stop_at_step=2))
+    run_training(cfg(tmp_path / "resumed", resume="latest"))
+    run_training(cfg(tmp_path / "ordinary", in_backward=False))
+    a, b, c = (
+        load_file(tmp_path / name / "final" / "model.safetensors") for name in ("straight", "resumed", "ordinary")
+    )
+    base = load_file(tmp_path / "straight" / "base-tiny" / "model.safetensors")
+    assert any(not torch.equal(a[k], base[k].to(a[k].dtype)) for k in a if "layers.0.mlp" in k)
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
