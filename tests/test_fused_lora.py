@@ -120,6 +120,10 @@ def test_fused_lora_falls_back_to_peft_where_it_does_not_apply(tiny_tokenizer):
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-4, atol=1e-5)
     layer.unmerge()
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # a bias on lora_B (PEFT's lora_bias): PEFT's forward, which adds it
+        layer.lora_B["default"].bias = torch.nn.Parameter(torch.full((layer.out_features,), 0.5))
+    torch.testing.assert_close(layer(x), unmerged + 0.5 * layer.scaling["default"], rtol=1e-5, atol=1e-4)
+    layer.lora_B["default"].bias = None
     layer.base_layer.to(torch.float64)  # base output dtype differs from the adapter's: PEFT's type promotion
     out = layer(x.double())
     assert out.dtype == torch.float64

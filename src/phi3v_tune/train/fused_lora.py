@@ -8,10 +8,10 @@ alpha=scaling)` lets the matmul add its product to the base output as it writes 
 write of the sum, no intermediate. Autograd's own `addmm` backward gives the same gradients.
 
 Only the plain case takes this path: one active adapter, no dropout (PEFT's `nn.Identity`), no DoRA or other variant,
-not merged, adapters enabled, no extra forward arguments, and the base output in the adapter's dtype (or autocast on,
-which runs `addmm` in its compute dtype). Anything else runs PEFT's own forward unchanged. The modules keep their
-class's state and names (their class becomes a subclass of PEFT's), so saving, loading and merging adapters are
-PEFT's.
+no bias on `lora_B` (PEFT's `lora_bias`), not merged, adapters enabled, no extra forward arguments, and the base output
+in the adapter's dtype (or autocast on, which runs `addmm` in its compute dtype). Anything else runs PEFT's own
+forward unchanged. The modules keep their class's state and names (their class becomes a subclass of PEFT's), so
+saving, loading and merging adapters are PEFT's.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         or name in getattr(self, "lora_variant", {})
         or getattr(self, "use_dora", {}).get(name, False)
         or not isinstance(self.lora_dropout[name], nn.Identity)
+        or self.lora_B[name].bias is not None  # PEFT's lora_bias: B adds a bias the addmm would leave out
     ):
         return parent.forward(self, x, *args, **kwargs)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
