@@ -3,10 +3,9 @@ encoder layers for 'vision', decoder layers for 'language') and leaves loss and 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from answer_batch import answer_batch
 
 from phi3v_tune.model.tiny import tiny_model
 from phi3v_tune.train.config import TrainConfig
@@ -15,14 +14,7 @@ from phi3v_tune.train.strategies import apply_strategy, checkpoint_only
 
 @pytest.fixture(scope="module")
 def batch(tiny_processor):
-    chat = tiny_processor.apply_chat_template
-    text = chat([{"role": "user", "content": "<|image_1|>\nWhat colour?"}]) + "red circle<|end|>\n<|endoftext|>"
-    image = Image.fromarray(np.random.RandomState(1).randint(0, 256, (300, 400, 3), dtype=np.uint8))
-    inputs = dict(tiny_processor(text=[text], images=[[image]]))
-    labels = inputs["input_ids"].clone()
-    labels[labels < 0] = -100
-    labels[:, :-6] = -100
-    return inputs, labels
+    return answer_batch(tiny_processor, "red circle", image_seed=1, image_hw=(300, 400))
 
 
 def step(model, inputs, labels) -> tuple[float, dict[str, torch.Tensor], dict[str, int]]:

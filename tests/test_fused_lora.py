@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from answer_batch import answer_batch
 
 from phi3v_tune.model.tiny import tiny_model
 from phi3v_tune.train.config import TrainConfig
@@ -16,14 +16,7 @@ from phi3v_tune.train.strategies import apply_strategy
 
 @pytest.fixture(scope="module")
 def batch(tiny_processor):
-    chat = tiny_processor.apply_chat_template
-    text = chat([{"role": "user", "content": "<|image_1|>\nWhat colour?"}]) + "blue square<|end|>\n<|endoftext|>"
-    image = Image.fromarray(np.random.RandomState(2).randint(0, 256, (280, 500, 3), dtype=np.uint8))
-    inputs = dict(tiny_processor(text=[text], images=[[image]]))
-    labels = inputs["input_ids"].clone()
-    labels[labels < 0] = -100
-    labels[:, :-6] = -100
-    return inputs, labels
+    return answer_batch(tiny_processor, "blue square", image_seed=2, image_hw=(280, 500))
 
 
 def lora_model(tokenizer, fused: bool, **kw):
