@@ -25,26 +25,33 @@ _FUSED_CLASSES: dict[type, type] = {}  # PEFT class -> its fused subclass
 _PARENT: dict[type, type] = {}  # fused subclass -> the PEFT class it falls back to
 
 
-def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    parent = _PARENT[type(self)]
-    if args or kwargs or self.disable_adapters or self.merged:
-        return parent.forward(self, x, *args, **kwargs)
-    active = self.active_adapters
-    if len(active) != 1:
-        return parent.forward(self, x, *args, **kwargs)
-    name = active[0]
+def _plain_adapter(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+    """The one active adapter when the fused path computes exactly what PEFT's forward does, else None.
+
+    The dtype test is on the input: both layer kinds covered (`nn.Linear`, bitsandbytes `Linear4bit`) return their
+    input's dtype, so a base output in another dtype than the adapter's (PEFT's type promotion, which one addmm cannot
+    do) is known before the base layer runs."""
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
     if (
-        name not in self.lora_A
-        or name in getattr(self, "lora_variant", {})
-        or getattr(self, "use_dora", {}).get(name, False)
-        or not isinstance(self.lora_dropout[name], nn.Identity)
-        or self.lora_B[name].bias is not None  # PEFT's lora_bias: B adds a bias the addmm would leave out
+        name not in layer.lora_A
+        or name in getattr(layer, "lora_variant", {})
+        or getattr(layer, "use_dora", {}).get(name, False)
+        or not isinstance(layer.lora_dropout[name], nn.Identity)
+        or layer.lora_B[name].bias is not None  # PEFT's lora_bias: B adds a bias the addmm would leave out
+        or (x.dtype != layer.lora_B[name].weight.dtype and not torch.is_autocast_enabled(x.device.type))
     ):
-        return parent.forward(self, x, *args, **kwargs)
+        return None
+    return name
+
+
+def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    name = _plain_adapter(self, x, args, kwargs)
+    if name is None:
+        return _PARENT[type(self)].forward(self, x, *args, **kwargs)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
     result = self.base_layer(x)
-    if result.dtype != b.dtype and not torch.is_autocast_enabled(result.device.type):
-        return parent.forward(self, x, *args, **kwargs)  # PEFT's type promotion, not addmm's single dtype
     xa = nn.functional.linear(x.to(a.dtype), a)
     out = torch.addmm(
         result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=self.scaling[name]
