@@ -88,9 +88,9 @@ class Phi3VTrainer(Trainer):
                      weight_decay=args.weight_decay, seed=args.seed),
             )  # fmt: skip
         optimizer = super().create_optimizer(model)
-        if cfg is not None and cfg.optimizer_in_backward and not hasattr(optimizer, "inner"):
-            from .optim_backward import OptimizerInBackward
+        from .optim_backward import OptimizerInBackward
 
+        if cfg is not None and cfg.optimizer_in_backward and not isinstance(optimizer, OptimizerInBackward):
             if self.args.world_size > 1:
                 raise ValueError(
                     "--optimizer-in-backward runs in one process: under DDP each rank would update its weights before "
