@@ -3,7 +3,8 @@
 # tool's 10-minute calls. Run from the repository root on the lent machine, with `.whl/` carried:
 #   bash benchmarks/device_runs.sh h100       # 1 H100 (kind nvidia-h100-x1): the speed table, plain vs --tuned rows
 #   bash benchmarks/device_runs.sh h100ckpt   # 1 H100: the checkpointed rows, plain vs ours, then other settings
-#   bash benchmarks/device_runs.sh lowmem     # 1 H100: freeze-vision / full low-memory rows, --optimizer-in-backward
+#   bash benchmarks/device_runs.sh lowmem     # 1 GPU: freeze-vision / full low-memory rows, --optimizer-in-backward
+#   bash benchmarks/device_runs.sh fvinbwd    # 1 GPU: freeze-vision's low-memory row with --optimizer-in-backward
 #   bash benchmarks/device_runs.sh fusedlora  # 1 GPU: --fused-lora vs PEFT's forward (one layer, then tuned rows)
 #   bash benchmarks/device_runs.sh ckpt       # 2 GPUs: checkpointed rows, ours vs plain (CLIP backward fixed)
 #   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed freeze-vision / lora
@@ -15,9 +16,9 @@
 # time 10 steps after 4 warm-up steps (6 timed steps were short enough for one pause to move a row by 20%).
 set -uo pipefail
 case "${1:-}" in
-h100 | h100ckpt | lowmem | fusedlora | ckpt | speed | levers | scaling | gputests) ;;
+h100 | h100ckpt | lowmem | fvinbwd | fusedlora | ckpt | speed | levers | scaling | gputests) ;;
 *)
-  echo "usage: bash benchmarks/device_runs.sh h100 | h100ckpt | lowmem | fusedlora | ckpt | speed | levers | scaling [1|2] | gputests" >&2
+  echo "usage: bash benchmarks/device_runs.sh h100 | h100ckpt | lowmem | fvinbwd | fusedlora | ckpt | speed | levers | scaling [1|2] | gputests" >&2
   exit 2
   ;;
 esac
@@ -56,10 +57,22 @@ lowmem)
   inbwd=(--set optimizer_in_backward=true --set max_grad_norm=0)
   pair=(--set batch_size=2 --set batch_size_per_device=2)
   bench 0 lowmem-plain --builds plain --methods freeze-vision,full --checkpointing yes
-  bench 0 lowmem-ours --builds ours --methods freeze-vision --checkpointing yes
   bench 0 inbwd-tuned --builds ours --methods freeze-vision,full --checkpointing no --tuned "${inbwd[@]}"
+  bench 0 lowmem-ours --builds ours --methods freeze-vision --checkpointing yes
   bench 0 inbwd-fv-nockpt --builds ours --methods freeze-vision --checkpointing no "${pair[@]}" "${inbwd[@]}"
   bench 0 inbwd-full-ckpt --builds ours --methods full --checkpointing yes "${pair[@]}" "${inbwd[@]}"
+  ;;
+fvinbwd)
+  # freeze-vision's low-memory row with every weight updated in backward (seventh session: the --tuned row's peak is
+  # at the start of backward, before any gradient exists, so it gains nothing there): two packed documents, with
+  # more decoder layers checkpointed than --tuned: with no gradients held, weights and AdamW state (21.9 GiB) leave
+  # 7.5 GiB of the plain row's 29.4 for activations
+  inbwd=(--set optimizer_in_backward=true --set max_grad_norm=0 --set batch_size=2 --set batch_size_per_device=2)
+  bench 0 fvinbwd-plain --builds plain --methods freeze-vision --checkpointing yes
+  for n in ${LAYERS-24 20 32}; do
+    bench 0 "fvinbwd-ckpt$n" --builds ours --methods freeze-vision --checkpointing yes "${inbwd[@]}" \
+      --set checkpointing_layers=$n
+  done
   ;;
 fusedlora)
   # --fused-lora (train/fused_lora.py) against PEFT's forward: one decoder layer's four LoRA linears, eager and
