@@ -5,7 +5,6 @@
 #   bash benchmarks/device_runs.sh h100ckpt   # 1 H100: the checkpointed rows, plain vs ours, then other settings
 #   bash benchmarks/device_runs.sh lowmem     # 1 GPU: freeze-vision / full low-memory rows, --optimizer-in-backward
 #   bash benchmarks/device_runs.sh fvinbwd    # 1 GPU: freeze-vision's low-memory row with --optimizer-in-backward
-#   bash benchmarks/device_runs.sh fusedlora  # 1 GPU: --fused-lora vs PEFT's forward (one layer, then tuned rows)
 #   bash benchmarks/device_runs.sh ckpt       # 2 GPUs: checkpointed rows, ours vs plain (CLIP backward fixed)
 #   bash benchmarks/device_runs.sh speed      # 2 GPUs: tuned rows vs plain, packed freeze-vision / lora
 #   bash benchmarks/device_runs.sh levers     # 2 GPUs: inductor's C++ wrapper (lora); padded batches compiled vs eager
@@ -16,9 +15,9 @@
 # time 10 steps after 4 warm-up steps (6 timed steps were short enough for one pause to move a row by 20%).
 set -uo pipefail
 case "${1:-}" in
-h100 | h100ckpt | lowmem | fvinbwd | fusedlora | ckpt | speed | levers | scaling | gputests) ;;
+h100 | h100ckpt | lowmem | fvinbwd | ckpt | speed | levers | scaling | gputests) ;;
 *)
-  echo "usage: bash benchmarks/device_runs.sh h100 | h100ckpt | lowmem | fvinbwd | fusedlora | ckpt | speed | levers | scaling [1|2] | gputests" >&2
+  echo "usage: bash benchmarks/device_runs.sh h100 | h100ckpt | lowmem | fvinbwd | ckpt | speed | levers | scaling [1|2] | gputests" >&2
   exit 2
   ;;
 esac
@@ -72,18 +71,6 @@ fvinbwd)
   for n in ${LAYERS-24 20 32}; do
     bench 0 "fvinbwd-ckpt$n" --builds ours --methods freeze-vision --checkpointing yes "${inbwd[@]}" \
       --set checkpointing_layers=$n
-  done
-  ;;
-fusedlora)
-  # --fused-lora (train/fused_lora.py) against PEFT's forward: one decoder layer's four LoRA linears, eager and
-  # compiled, then the --tuned lora and qlora rows with and without it, interleaved
-  for c in "" --compile; do
-    timeout 120 python benchmarks/fused_lora.py --iters 30 $c >> "$R/fused-layer.log" 2>&1
-  done
-  for m in lora qlora; do
-    for f in false true; do
-      bench 0 "tuned-$m-fused-$f" --builds ours --methods $m --checkpointing no --tuned --set fused_lora=$f
-    done
   done
   ;;
 h100ckpt)

@@ -114,8 +114,9 @@ def test_docvqa_rows_with_several_documents_per_pass_are_packed_as_training_does
 
 def test_tuned_rows_take_the_recorded_setting_and_say_so(tmp_path):
     """--tuned: our full row (no-checkpointing column) runs two packed documents per pass with CLIP checkpointing,
-    lora two packed documents with some decoder layers checkpointed; each row reports what ran (batch 2, packed,
-    checkpointing) and lists the settings in its notes."""
+    lora two packed documents with some decoder layers checkpointed; in the checkpointed column full updates each
+    weight in backward and lora runs as the row says. Each row reports what ran (batch 2, packed, checkpointing) and
+    lists the settings in its notes."""
     from phi3v_tune.cli import main
     from phi3v_tune.perf.bench import TUNED, docvqa_docs_per_step
 
@@ -131,7 +132,14 @@ def test_tuned_rows_take_the_recorded_setting_and_say_so(tmp_path):
     assert full["extra"]["checkpointing_scope"] == "vision"
     assert (lora["batch"], lora["packing"], lora["checkpointing"]) == (2, True, True)
     assert lora["extra"]["checkpointing_layers"] == TUNED[("lora", False)]["checkpointing_layers"]
-    assert not any(ckpt for _, ckpt in TUNED)  # the checkpointed rows run as the row says
+
+    rows.unlink()
+    assert main([*argv[: argv.index("--checkpointing")], "--checkpointing", "yes", *argv[argv.index("--json") :]]) == 0
+    full, lora = (json.loads(x) for x in rows.read_text().splitlines())
+    assert (full["batch"], full["packing"], full["checkpointing"], full["error"]) == (2, True, True, None)
+    assert full["extra"]["optimizer_in_backward"] is True and full["extra"]["max_grad_norm"] == 0
+    assert (lora["batch"], lora["checkpointing"], lora["error"]) == (1, True, None)
+    assert ("lora", True) not in TUNED and "optimizer_in_backward" not in lora["extra"]
 
 
 def test_bench_refuses_an_unknown_training_setting(tmp_path):

@@ -29,9 +29,11 @@ from .workloads import WORKLOADS, write_workload
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 
 #: `--tuned`: the fastest setting measured so far per (method, checkpointing row) at the DocVQA shape, within the plain
-#: build's memory for that row (benchmarks/RESULTS.md, fourth to sixth sessions). Rows without an entry (the
-#: checkpointed ones) run as the row says. Two documents per forward pass are packed into one row (training's default),
-#: which halves the host work per document; checkpointing some layers buys back the memory of the second document.
+#: build's memory for that row (benchmarks/RESULTS.md, fourth to seventh sessions). Rows without an entry (lora's
+#: checkpointed row: one document, every layer checkpointed) run as the row says. Two documents per forward pass are
+#: packed into one row (training's default), which halves the host work per document; checkpointing some layers buys
+#: back the memory of the second document. The checkpointed (low-memory) rows of full and freeze-vision update each
+#: weight in backward, so no gradients are held (--optimizer-in-backward; it cannot clip, nor does the plain build).
 TUNED: dict[tuple[str, bool], dict[str, Any]] = {
     ("full", False): {"batch_size": 2, "batch_size_per_device": 2, "gradient_checkpointing": True,
                       "checkpointing_scope": "vision"},
@@ -41,6 +43,10 @@ TUNED: dict[tuple[str, bool], dict[str, Any]] = {
                       "checkpointing_layers": 8},
     ("qlora", False): {"batch_size": 2, "batch_size_per_device": 2, "gradient_checkpointing": True,
                        "checkpointing_layers": 24},
+    ("full", True): {"batch_size": 2, "batch_size_per_device": 2, "optimizer_in_backward": True, "max_grad_norm": 0},
+    ("freeze-vision", True): {"batch_size": 2, "batch_size_per_device": 2, "optimizer_in_backward": True,
+                              "max_grad_norm": 0, "checkpointing_layers": 24},
+    ("qlora", True): {"batch_size": 2, "batch_size_per_device": 2},
 }  # fmt: skip
 
 
@@ -481,7 +487,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tuned",
         action="store_true",
         help="Our DocVQA rows use the fastest setting measured within the plain row's memory (perf/bench.py: TUNED; "
-        "e.g. full: two packed documents per pass with the CLIP layers checkpointed); the row's notes list it.",
+        "e.g. full: two packed documents per pass with the CLIP layers checkpointed; in the checkpointed column, full and "
+        "freeze-vision update each weight in backward); the row's notes list it.",
     )
     ap.add_argument("--work", default="/tmp/phi3v-bench", help="Where data and runs go.")
     ap.add_argument("--model-dir", default="/dev/shm/phi3v-random", help="Random checkpoint (written if missing).")

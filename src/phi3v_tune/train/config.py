@@ -69,11 +69,6 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_lm_head: bool = _f(True, "Also put LoRA on lm_head (the recipe does).")
     lora_vision: bool = _f(False, "Also put LoRA on the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector.")
-    fused_lora: bool = _f(
-        False,
-        "lora/qlora: add each LoRA update to the base output inside the second LoRA matmul (one addmm) instead of "
-        "writing it out and adding it in a separate kernel; same result. Off until its GPU gain is measured.",
-    )
     attn_implementation: str = _f(
         "sdpa",
         "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager. With --packing, sdpa runs packed rows "
@@ -142,8 +137,8 @@ class TrainConfig:
     optimizer_in_backward: bool = _f(
         False,
         "Update each weight as soon as its gradient is complete in backward and free the gradient, so the gradients "
-        "of all weights are never held at once (bf16 gradients: 7.7 GiB for full, 7.2 GiB for freeze-vision). Same AdamW "
-        "update; needs --max-grad-norm 0, one forward pass per optimizer step (--batch-size = "
+        "of all weights are never held at once (bf16 gradients: 7.7 GiB for full, 7.2 GiB for freeze-vision); pays with "
+        "--gradient-checkpointing, where those gradients set the peak. Same AdamW update; needs --max-grad-norm 0, one forward pass per optimizer step (--batch-size = "
         "--batch-size-per-device), one process without --deepspeed/--fsdp, no --fp16 and --skip-nonfinite 0.",
     )
     group_by_length: bool = _f(
@@ -224,8 +219,6 @@ class TrainConfig:
             raise ValueError("--fsdp does not shard 4-bit (qlora) weights; use --method lora or plain torchrun")
         if self.gc_interval < 0:
             raise ValueError(f"--gc-interval must be >= 0 (0: automatic collection), got {self.gc_interval}")
-        if self.fused_lora and self.method not in ("lora", "qlora"):
-            raise ValueError(f"--fused-lora changes LoRA layers: use it with --method lora or qlora, not {self.method}")
         if self.optimizer_in_backward:
             why = {
                 "--max-grad-norm 0 (clipping needs the norm of all gradients before the first update)": (

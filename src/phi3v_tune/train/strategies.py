@@ -122,10 +122,6 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
             if param.requires_grad and param.dtype == torch.float32:
                 param.data = param.data.to(torch.bfloat16)
     model.freeze_unused()
-    if cfg.fused_lora:
-        from .fused_lora import fuse_lora_layers
-
-        fuse_lora_layers(peft_model)
     return peft_model
 
 
