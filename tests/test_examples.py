@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from phi3v_tune import Phi3VProcessor
@@ -76,7 +77,7 @@ def test_three_turn_two_image_conversation_learns_every_answer(proc):
         [
             {"role": "user", "content": "<|image_1|>\nDescribe the first."},
             {"role": "assistant", "content": "A red square."},
-            {"role": "user", "content": "And now?"},
+            {"role": "user", "content": "\nAnd now?"},  # the recipe's "".join(tags) + "\n" + text, with no tag
             {"role": "assistant", "content": "Nothing new."},
             {"role": "user", "content": "<|image_2|>\nCompare with this one."},
             {"role": "assistant", "content": "It is bigger."},
@@ -86,6 +87,37 @@ def test_three_turn_two_image_conversation_learns_every_answer(proc):
     ref = proc(text=whole + "<|endoftext|>", images=[img(40, 40, 3), img(50, 30, 4)])["input_ids"][0].tolist()
     assert ex["input_ids"].tolist() == ref
     assert (ex["input_ids"] == -2).sum() == 313
+
+
+def test_a_turn_without_images_gets_the_recipes_newline(proc):
+    """The recipe's reader builds the user content as "".join(tags) + "\\n" + text, so a text-only turn starts with
+    "\\n" as well: <|user|>\\n then \\n then the text."""
+    ex = build_example(Record("t", None, [Turn("Just text", "ok", [])]), proc)
+    prompt = proc.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "\nJust text"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.startswith("<|user|>\n\nJust text<|end|>")
+    expected = proc(text=prompt)["input_ids"][0].tolist()
+    assert ex["input_ids"].tolist()[: len(expected)] == expected
+    assert expected[:5] == [1, 32010, 29871, 13, 13]
+
+
+def test_tags_placed_out_of_order_get_their_own_images(proc):
+    """ "<|image_2|> vs <|image_1|>": the model fills image positions in order of appearance, so image 2's pixels come
+    first, as the processor stores them; each placeholder block has its own image's token count."""
+    wide, square = img(1000, 500, 3), img(300, 300, 4)
+    rec = Record("t", None, [Turn("<|image_2|> vs <|image_1|>: same?", "no", [wide, square])])
+    ex = build_example(rec, proc)
+    prompt = proc.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<|image_2|> vs <|image_1|>: same?"}], tokenize=False, add_generation_prompt=True
+    )
+    ref = proc(text=prompt, images=[wide, square])
+    assert ex["input_ids"].tolist()[: len(ref["input_ids"][0])] == ref["input_ids"][0].tolist()
+    assert torch.equal(ex["image_sizes"], ref["image_sizes"]) and torch.equal(ex["pixel_values"], ref["pixel_values"])
+    alone = [proc.image_processor([im]) for im in (square, wide)]  # appearance order: image 2, then image 1
+    assert ex["image_sizes"].tolist() == [a["image_sizes"][0].tolist() for a in alone]
+    ids = ex["input_ids"]
+    assert [int((ids == -k).sum()) for k in (2, 1)] == [a["num_img_tokens"][0] for a in alone]
 
 
 def test_tags_in_user_text_are_used_where_they_stand(proc):

@@ -217,3 +217,32 @@ def test_loss_path_builds_no_kv_cache(model, tiny_processor):
         out = model(**inputs, labels=inputs["input_ids"])
         assert out.past_key_values is None
         assert model(**inputs).past_key_values is not None  # generation-style calls still get one
+
+
+def test_rope_frequencies_survive_a_whole_model_cast(tiny_tokenizer):
+    """`model.bfloat16()` (DeepSpeed's engine casts the whole module) must not round the su-RoPE frequencies: cos/sin
+    stay those of the fp32 model, rounded once to the activation dtype."""
+    fp32 = tiny_model(tiny_tokenizer, seed=2, original_max_position_embeddings=24)
+    rotary32 = fp32.model.rotary_emb
+    rotary16 = tiny_model(tiny_tokenizer, seed=2, original_max_position_embeddings=24).bfloat16().model.rotary_emb
+    assert rotary16.short_inv_freq.dtype == rotary16.long_inv_freq.dtype == torch.float32
+    assert torch.equal(rotary16.short_inv_freq, rotary32.short_inv_freq)
+    assert torch.equal(rotary16.long_inv_freq, rotary32.long_inv_freq)
+    x = torch.zeros(1, dtype=torch.bfloat16)
+    positions = torch.arange(4000)[None]
+    for use_long in (False, True):
+        rotary32.use_long = rotary16.use_long = use_long
+        for a, b in zip(rotary16(x, positions), rotary32(x, positions)):
+            assert torch.equal(a, b)
+    rotary32.use_long = rotary16.use_long = None
+
+
+def test_language_model_called_alone_picks_the_factor_set_by_length(tiny_tokenizer, tiny_processor):
+    """`model.model(...)` (feature extraction) uses the factor set the full model uses: long past the switch."""
+    small = tiny_model(tiny_tokenizer, seed=2, original_max_position_embeddings=24).eval()
+    for text in ("up", "The quick brown fox jumps over the lazy dog. " * 3):
+        ids = tiny_processor(text=chat(tiny_processor, text))["input_ids"]
+        with torch.no_grad():
+            hidden = small.model(input_ids=ids).last_hidden_state
+            torch.testing.assert_close(small.lm_head(hidden), small(input_ids=ids).logits, rtol=0, atol=1e-6)
+    assert ids.shape[1] > 24

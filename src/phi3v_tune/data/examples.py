@@ -76,7 +76,8 @@ def turn_images(turn: Turn, video_frames_per_clip: int) -> list[ImageRef]:
 
 
 def user_content(turn: Turn, first_number: int, count: int, source: str) -> str:
-    """The turn's user text with its images' tags: prepended (recipe) unless the text already places them."""
+    """The turn's user text with its images' tags: the recipe's `<|image_1|>...<|image_n|>` + "\\n" + text (with no
+    image that is "\\n" + text, as the recipe's reader builds it), unless the text already places the tags."""
     wanted = list(range(first_number, first_number + count))
     present = [int(k) for k in IMAGE_TAG.findall(turn.user)]
     if present:
@@ -85,8 +86,6 @@ def user_content(turn: Turn, first_number: int, count: int, source: str) -> str:
                 f"{source}: the text holds tags {', '.join(image_tag(k) for k in present)} but this turn's images "
                 f"are {', '.join(image_tag(k) for k in wanted) or 'none'} (numbered across the conversation)"
             )
-        return turn.user
-    if not count:
         return turn.user
     return "".join(image_tag(k) for k in wanted) + "\n" + turn.user
 
@@ -188,6 +187,18 @@ def build_example(
         "num_images": len(flat),
     }
     if pixel_values is not None:
-        example["pixel_values"] = pixel_values
-        example["image_sizes"] = image_sizes
+        # the model fills image positions in order of appearance: a text that places <|image_2|> before <|image_1|>
+        # needs image 2's pixels first (as the processor stores them)
+        index = torch.tensor(appearance_order(ids), dtype=torch.long) - 1
+        example["pixel_values"] = pixel_values[index]
+        example["image_sizes"] = image_sizes[index]
     return example
+
+
+def appearance_order(ids: list[int]) -> list[int]:
+    """Image numbers in the order their placeholder blocks (ids -k) first appear."""
+    seen: dict[int, None] = {}
+    for x in ids:
+        if x < 0:
+            seen.setdefault(-x)
+    return list(seen)

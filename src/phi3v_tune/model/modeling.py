@@ -80,16 +80,31 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
             self.short_inv_freq.copy_(short)
             self.long_inv_freq.copy_(long)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply; dtype casts do not: a whole-model `.bfloat16()` (DeepSpeed's engine does one) would
+        round the frequencies for good (cos at position 4095 off by up to 2), so they are rebuilt in fp32."""
+        super()._apply(fn, recurse)
+        if self.short_inv_freq.dtype != torch.float32 and not self.short_inv_freq.is_meta:
+            short, long, _, _ = self.compute(self.config)
+            self.short_inv_freq = short.to(self.short_inv_freq.device)
+            self.long_inv_freq = long.to(self.long_inv_freq.device)
+        return self
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos = position_ids.float()[..., None]  # (B, L, 1)
-        if isinstance(self.use_long, bool):  # one set for the whole batch, known on the host: no select on the GPU
-            inv_freq = self.long_inv_freq if self.use_long and self.original_max is not None else self.short_inv_freq
+        use_long = self.use_long
+        if use_long is None and self.original_max is not None:
+            # the language model called on its own (`model.model(...)`), not through Phi3VForCausalLM, which sets the
+            # flag: each row's key length is its last position + 1 (positions count only real tokens)
+            use_long = position_ids.amax(-1) + 1 > self.original_max
+        if isinstance(use_long, bool):  # one set for the whole batch, known on the host: no select on the GPU
+            inv_freq = self.long_inv_freq if use_long and self.original_max is not None else self.short_inv_freq
             freqs = pos * inv_freq.float()
         else:
             freqs = pos * self.short_inv_freq.float()
-        if self.original_max is not None and isinstance(self.use_long, torch.Tensor):
-            use_long = self.use_long.to(device=pos.device)
+        if self.original_max is not None and isinstance(use_long, torch.Tensor):
+            use_long = use_long.to(device=pos.device)
             while use_long.dim() < pos.dim():
                 use_long = use_long[..., None]
             freqs = torch.where(use_long, pos * self.long_inv_freq.float(), freqs)

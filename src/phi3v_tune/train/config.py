@@ -336,6 +336,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         tp = _base_type(f.type)
         default = f.default
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: a literal "30%" must not be a format
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
