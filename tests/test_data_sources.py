@@ -211,6 +211,15 @@ def test_bad_jsonl_reports_every_problem(tmp_path):
             {"id": "both", "conversations": [{"image": "ok.png", "images": ["ok.png"], "user": "q", "assistant": "a"}]},
             [("both", "conversations[0]", "both")],
         ),
+        (  # a misspelt image key must not turn the sample into a text-only one
+            {"id": "imgpath", "conversations": [{"image_path": "ok.png", "user": "q", "assistant": "a"}]},
+            [("imgpath", "conversations[0].image_path", "unknown field")],
+        ),
+        (  # images at the top level would be ignored; other top-level keys are metadata and pass
+            {"id": "toplevel", "images": ["ok.png"], "meta": {"split": "x"}, "conversations": conv()},
+            [("toplevel", "images", "belong to a turn")],
+        ),
+        ({"id": "nullkey", "conversations": [{"video": None, "notes": None, "user": "q", "assistant": "a"}]}, []),
         ("", []),  # blank: skipped, not a sample
         ({"id": "good2", "conversations": conv(images=[str(data / "ok.png")]) * 2}, []),
     ]

@@ -33,6 +33,9 @@ from .schema import DataError, ImageRef, Problem, Record, Turn
 PathLike = str | os.PathLike
 
 _TURN_KEYS = ("user", "assistant", "images", "image", "video")
+# a record's own fields; other top-level keys are metadata and pass, except media-like ones (images belong to a turn)
+_RECORD_KEYS = ("id", "source", "answers", "conversations")
+_MEDIA_WORDS = ("image", "img", "video", "frame", "picture", "photo")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 _BATCH_ROWS = 256
 
@@ -167,6 +170,14 @@ def parse_conversation(
     def bad(field: str, message: str) -> None:
         problems.append(Problem(origin, rid, field, message))
 
+    for key, value in obj.items():
+        if key not in _RECORD_KEYS and value is not None and any(w in str(key).lower() for w in _MEDIA_WORDS):
+            bad(
+                str(key),
+                "images and videos belong to a turn (conversations[i].images / .video); at the top level they would "
+                "be ignored",
+            )
+
     source = obj.get("source")
     if source is not None and not isinstance(source, str):
         bad("source", f"expected a string, got {_type_name(source)}")
@@ -227,6 +238,14 @@ def _parse_turn(
             hint = f"; unknown keys here: {', '.join(repr(k) for k in unknown[:5])}" if unknown else ""
             state = "is null" if key in obj else "missing"
             bad(f"{where}.{key}", f"{state} (expected a string){hint}")
+    if ok:  # (a missing user/assistant already names the unknown keys) a misspelt "image_path" would be dropped
+        for key in unknown:
+            if obj[key] is not None:
+                bad(
+                    f"{where}.{key}",
+                    "unknown field (a turn has user, assistant, images or image, video); it would be ignored",
+                )
+                ok = False
 
     images: list[ImageRef] = []
     many, one = obj.get("images"), obj.get("image")
