@@ -237,3 +237,24 @@ def test_gloo_run_device_is_plain_cpu_and_the_process_group_ends_before_exit(tmp
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "clean exit" in proc.stdout
+
+
+def test_evaluation_samples_that_do_not_fit_stop_the_run_unless_skipped(data_file, tmp_path):  # noqa: F811
+    """An evaluation metric over fewer samples than given is never silent: like training data, refused evaluation
+    samples stop the run (listed in refused_eval_samples.tsv), or with --skip-bad-samples are left out and listed."""
+    from phi3v_tune.data.sources import DataError
+
+    lines = data_file.read_text().splitlines()
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(x for x in lines if '"compare' not in x) + "\n")
+    (tmp_path / "images").symlink_to(data_file.parent / "images")
+    out = tmp_path / "run"
+    # max_length 400: the two-image 'compare' samples (~680 tokens of images) cannot be evaluated
+    with pytest.raises(DataError, match=r"3 evaluation sample\(s\) cannot be evaluated.*refused_eval_samples.tsv"):
+        run_training(small_config(train, out, max_steps=1, max_length=400, eval_data=str(data_file)))
+    refused = (out / "refused_eval_samples.tsv").read_text().splitlines()
+    assert sorted(r.split("\t")[:2] for r in refused) == [
+        [f"compare-00000{i}", "images_exceed_max_length"] for i in range(3)
+    ]
+    run_training(small_config(train, out, max_steps=1, max_length=400, eval_data=str(data_file), skip_bad_samples=True))
+    assert (out / "final").is_dir()

@@ -52,8 +52,9 @@ class TrainConfig:
     video_frames: int = _f(8, "Frames sampled from each video given as a turn's 'video'.")
     skip_bad_samples: bool = _f(
         False,
-        "Train on the valid samples when the data has problems; the skipped ids and "
-        "reasons are written to OUTPUT_DIR/skipped_samples.tsv. Default: stop and report.",
+        "Train on the valid samples when the data has problems; the skipped ids and reasons are written to "
+        "OUTPUT_DIR/skipped_samples.tsv (samples too long for --max-length: refused_samples.tsv, and "
+        "refused_eval_samples.tsv for evaluation data). Default: stop and report.",
     )
     max_image_pixels: int | None = _f(178956970, "Refuse images with more pixels than this (decompression bombs).")
     # -- model and method --------------------------------------------------------------------------------------------

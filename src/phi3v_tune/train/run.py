@@ -228,6 +228,14 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
     if eval_records:
         eval_plan = plan_records(eval_records, processor, cfg.max_length, cfg.video_frames, progress=False)
         say(eval_plan.summary("evaluation data"))
+        if eval_plan.refused:  # same rule as training: a metric over fewer samples than given is not silent
+            path = write_refused(eval_plan, output_dir / "refused_eval_samples.tsv")
+            if not cfg.skip_bad_samples:
+                raise DataError(
+                    [],
+                    header=f"{len(eval_plan.refused)} evaluation sample(s) cannot be evaluated as they are (listed "
+                    f"in {path}); fix them, raise --max-length, or pass --skip-bad-samples to evaluate without them",
+                )
     if not plan.kept:
         raise DataError([], header="no trainable samples left")
     return LoadedData(plan.kept, eval_plan.kept if eval_plan else [], plan, eval_plan, input_total, len(bad_origins))
