@@ -128,6 +128,16 @@ def test_repeated_and_extra_tags():
     assert "no tags, this turn has no images" in check_image_tags(r)[0].message
 
 
+def test_tags_numbered_per_turn_for_the_recipe_layout():
+    """--multi-turn recipe numbers every turn's images from 1; across-conversation numbers are then wrong."""
+    per_turn = rec("p", Turn("<|image_1|> q", "a", ["1"]), Turn("<|image_1|> vs <|image_2|>", "b", ["2", "3"]))
+    across = rec("c", Turn("<|image_1|> q", "a", ["1"]), Turn("<|image_2|> vs <|image_3|>", "b", ["2", "3"]))
+    assert check_image_tags(per_turn, per_turn=True) == [] and check_image_tags(across) == []
+    (problem,) = check_image_tags(across, per_turn=True)
+    assert problem.field == "conversations[1].user" and "numbered from 1 in every turn" in problem.message
+    assert "numbered across the whole conversation" in check_image_tags(per_turn)[0].message
+
+
 def test_video_turns_and_later_turns_are_not_tag_checked():
     r = rec(
         "v",

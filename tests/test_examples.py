@@ -172,3 +172,66 @@ def test_generation_prompt_leaves_the_last_answer_out(proc):
     ex = build_example(rec, proc, for_generation=True)
     assert ex["input_ids"].tolist()[-1] == 32001  # ends with <|assistant|>
     assert (ex["labels"] == IGNORE_INDEX).all()
+
+
+def test_recipe_multi_turn_layout_is_each_turn_as_its_own_prompt(proc):
+    """--multi-turn recipe: what the recipe's reader builds, turn by turn (its own <s>, images numbered from 1, the
+    answer with <|end|>\\n<|endoftext|>), concatenated; pixels turn after turn, each in order of appearance."""
+    from phi3v_tune.data.dataset import plan_records
+
+    a, b, c = img(40, 40, 3), img(700, 336, 4), img(336, 700, 5)
+    turns = [
+        Turn("Describe the first.", "A red square.", [a]),
+        Turn("And now?", "Nothing new."),
+        Turn("<|image_2|> or <|image_1|>: which is wider?", "The second.", [b, c]),
+    ]
+    rec = Record("r", None, turns)
+    ex = build_example(rec, proc, multi_turn="recipe")
+    ids, labels, pixels, sizes = [], [], [], []
+    for user, answer, images in [
+        ("<|image_1|>\nDescribe the first.", "A red square.", [a]),
+        ("\nAnd now?", "Nothing new.", []),
+        ("<|image_2|> or <|image_1|>: which is wider?", "The second.", [b, c]),
+    ]:
+        prompt = proc.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        out = proc(text=prompt, images=images or None)
+        answer_ids = proc.tokenizer(answer + "<|end|>\n<|endoftext|>", add_special_tokens=False)["input_ids"]
+        ids += out["input_ids"][0].tolist() + answer_ids
+        labels += [IGNORE_INDEX] * out["input_ids"].shape[1] + answer_ids
+        if images:
+            pixels.append(out["pixel_values"])
+            sizes.append(out["image_sizes"])
+    assert ex["input_ids"].tolist() == ids and ex["labels"].tolist() == labels
+    assert torch.equal(ex["pixel_values"], torch.cat(pixels)) and torch.equal(ex["image_sizes"], torch.cat(sizes))
+    assert ids.count(1) == 3 + 3  # a <s> opening every turn and one after each of the 3 images
+    assert [x for x in labels if x != IGNORE_INDEX].count(32000) == 3  # <|endoftext|> after every answer
+    # planning from image headers gives the built length; the default layout is still one conversation
+    (length,) = plan_records([rec], proc, None, progress=False, multi_turn="recipe").lengths
+    assert length == len(ids)
+    with pytest.raises(ValueError, match="numbered across the conversation"):  # the default numbers across turns
+        build_example(rec, proc)
+    with pytest.raises(ValueError, match="multi_turn must be one of conversation, recipe"):
+        build_example(rec, proc, multi_turn="turns")
+
+
+@pytest.mark.parametrize("multi_turn", ["conversation", "recipe"])
+def test_questions_with_placed_tags_are_scored_one_by_one(proc, multi_turn):
+    """Evaluation splits a record into its questions, each with all of the record's images: tags a question places
+    stay where they stand (numbered across the record), the other images are tagged in front of it."""
+    from phi3v_tune.evaluate.runner import split_questions
+
+    a, b = img(40, 40, 1), img(50, 40, 2)
+    second = "and <|image_2|>?" if multi_turn == "conversation" else "and <|image_1|>?"
+    rec = Record("r", None, [Turn("<|image_1|> what?", "x", [a]), Turn(second, "y", [b])])
+    questions = split_questions([rec], multi_turn)
+    assert [q.turns[0].user for q in questions] == ["<|image_2|>\n<|image_1|> what?", "<|image_1|>\nand <|image_2|>?"]
+    for q in questions:
+        ex = build_example(q, proc, for_generation=True)
+        prompt = proc.tokenizer.apply_chat_template(
+            [{"role": "user", "content": q.turns[0].user}], tokenize=False, add_generation_prompt=True
+        )
+        ref = proc(text=prompt, images=[a, b])
+        assert ex["input_ids"].tolist() == ref["input_ids"][0].tolist()
+        assert torch.equal(ex["pixel_values"], ref["pixel_values"])

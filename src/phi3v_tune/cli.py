@@ -33,7 +33,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .data import validate_path
 
     report = validate_path(
-        args.data, image_dir=args.image_dir, split=args.split, max_image_pixels=args.max_image_pixels
+        args.data,
+        image_dir=args.image_dir,
+        split=args.split,
+        max_image_pixels=args.max_image_pixels,
+        multi_turn=args.multi_turn,
     )
     print(report.format())
     return 0 if report.ok else 1
@@ -92,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=178956970,
         help="report images with more pixels than this (default: 178956970)",
+    )
+    p.add_argument(
+        "--multi-turn",
+        default="conversation",
+        choices=["conversation", "recipe"],
+        help="how image tags in multi-turn samples are numbered: across the conversation (default) or from 1 in "
+        "every turn (the layout train --multi-turn recipe builds)",
     )
     p.set_defaults(func=cmd_validate)
 

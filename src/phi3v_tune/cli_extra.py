@@ -75,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
     if problems:
         raise DataError(problems)
-    records = split_questions(records)
+    records = split_questions(records, args.multi_turn)
     rank, world = _init_distributed()
     model, processor = _load(args)
     value, rows = evaluate_records(
@@ -157,6 +157,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split of a HF data set (default: test)")
     p.add_argument("--metric", required=True, choices=["anls", "accuracy"], help="anls (DocVQA) or accuracy")
     p.add_argument("--output", help="predictions jsonl (default: MODEL/predictions-METRIC.jsonl)")
+    p.add_argument(
+        "--multi-turn",
+        default="conversation",
+        choices=["conversation", "recipe"],
+        help="how image tags placed in multi-turn samples are numbered: across the sample (default) or from 1 in "
+        "every turn (data written for train --multi-turn recipe); every question is scored on its own",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

@@ -47,13 +47,19 @@ def plan_records(
     max_length: int | None,
     video_frames_per_clip: int = 8,
     progress: bool = True,
+    multi_turn: str = "conversation",
 ) -> DataPlan:
     """Token lengths from image headers (no decoding), truncation and refusals, for every record."""
     plan = DataPlan()
     for rec in tqdm(records, desc="planning samples", disable=not progress or len(records) < 500, leave=False):
         try:
             ex = build_example(
-                rec, processor, max_length=max_length, load_pixels=False, video_frames_per_clip=video_frames_per_clip
+                rec,
+                processor,
+                max_length=max_length,
+                load_pixels=False,
+                video_frames_per_clip=video_frames_per_clip,
+                multi_turn=multi_turn,
             )
         except SampleRefused as err:
             plan.refused.append((rec.id, err.reason, str(err)))
@@ -88,8 +94,10 @@ class ConversationDataset(Dataset):
         max_length: int | None = None,
         video_frames_per_clip: int = 8,
         lengths: list[int] | None = None,
+        multi_turn: str = "conversation",
     ):
         self.records = records
+        self.multi_turn = multi_turn
         self.processor = processor
         self.max_length = max_length
         self.video_frames_per_clip = video_frames_per_clip
@@ -104,4 +112,5 @@ class ConversationDataset(Dataset):
             self.processor,
             max_length=self.max_length,
             video_frames_per_clip=self.video_frames_per_clip,
+            multi_turn=self.multi_turn,
         )

@@ -6,7 +6,9 @@ Single-turn records reproduce the original recipe exactly: user content `<|image
 
 Multi-turn records are ONE conversation (images numbered 1..n across it) in which every answer with its `<|end|>\\n`
 is learned, the last one also with `<|endoftext|>`. The text is tokenized in pieces that end at special tokens, which
-gives the same ids as tokenizing the whole conversation with the published processor.
+gives the same ids as tokenizing the whole conversation with the published processor. `multi_turn="recipe"` builds
+the original recipe's layout instead: every turn its own prompt (its own `<s>`, images numbered from 1 again), each
+followed by its answer and `<|endoftext|>`, all concatenated into one sample.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .sources import PathResolver, parse_conversation
 from .video import video_frames
 
 IGNORE_INDEX = -100
+MULTI_TURN = ("conversation", "recipe")
 END = "<|end|>"
 EOS = "<|endoftext|>"
 
@@ -116,6 +119,7 @@ def build_example(
     load_pixels: bool = True,
     video_frames_per_clip: int = 8,
     for_generation: bool = False,
+    multi_turn: str = "conversation",
 ) -> dict[str, Any]:
     """`input_ids`, `labels`, `attention_mask`, `pixel_values`, `image_sizes` (+ `id`, `truncated`) of one record.
 
@@ -123,7 +127,11 @@ def build_example(
     `max_length` truncates only text after the last image; a sample whose images alone exceed it, or that keeps
     no answer token, raises `SampleRefused`. `load_pixels=False` reads image headers only (lengths for planning).
     `for_generation=True` leaves the last answer out and ends with the generation prompt (evaluation).
+    `multi_turn`: "conversation" (default) or "recipe" (see the module docstring; training layouts only, generation
+    prompts are always one conversation).
     """
+    if multi_turn not in MULTI_TURN:
+        raise ValueError(f"multi_turn must be one of {', '.join(MULTI_TURN)}, got {multi_turn!r}")
     if isinstance(record, dict):
         base = Path(image_dir) if image_dir is not None else Path.cwd()
         parsed, problems = parse_conversation(record, "record", PathResolver([base, base / "images"]))
@@ -149,6 +157,9 @@ def build_example(
 
     ids: list[int] = []
     labels: list[int] = []
+    if multi_turn == "recipe" and not for_generation:
+        ids, labels, order = recipe_turns(record, processor, [len(x) for x in images_per_turn], tokens, where)
+        return _finish(record, ids, labels, order, flat, pixel_values, image_sizes, max_length, for_generation)
     pieces = conversation_pieces(record, processor, [len(x) for x in images_per_turn], with_answers=True)
     if for_generation:
         pieces = pieces[:-1]
@@ -159,7 +170,48 @@ def build_example(
             piece_ids = processor.prompt_ids(piece.text, counts, source=where, leading_bos=(i == 0), check_tags=False)
         ids.extend(piece_ids)
         labels.extend(piece_ids if piece.learned else [IGNORE_INDEX] * len(piece_ids))
+    order = [k - 1 for k in appearance_order(ids)]
+    return _finish(record, ids, labels, order, flat, pixel_values, image_sizes, max_length, for_generation)
 
+
+def recipe_turns(
+    record: Record, processor: Phi3VProcessor, per_turn: list[int], tokens: list[int], where: str
+) -> tuple[list[int], list[int], list[int]]:
+    """The recipe's multi-turn layout: (ids, labels, image order). Every turn is its own prompt (leading `<s>`, images
+    numbered from 1, so ids -1, -2, ... recur per turn) followed by `{answer}<|end|>\\n<|endoftext|>`. The image order
+    is each turn's order of appearance, turn after turn (indices into the record's flat image list)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    order: list[int] = []
+    first = 0
+    for t, (turn, n) in enumerate(zip(record.turns, per_turn)):
+        content = user_content(turn, 1, n, f"{record.origin or record.id} conversations[{t}].user")
+        prompt = processor.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        turn_counts = {k + 1: tokens[first + k] for k in range(n)}
+        prompt_ids = processor.prompt_ids(prompt, turn_counts, source=where, leading_bos=True, check_tags=False)
+        answer_ids = processor.tokenizer(turn.assistant + END + "\n" + EOS, add_special_tokens=False)["input_ids"]
+        order.extend(first + k - 1 for k in appearance_order(prompt_ids))
+        ids.extend(prompt_ids + answer_ids)
+        labels.extend([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+        first += n
+    return ids, labels, order
+
+
+def _finish(
+    record: Record,
+    ids: list[int],
+    labels: list[int],
+    order: list[int],
+    flat: list[ImageRef],
+    pixel_values: torch.Tensor | None,
+    image_sizes: torch.Tensor | None,
+    max_length: int | None,
+    for_generation: bool,
+) -> dict[str, Any]:
+    """Truncation (text after the last image only), refusals, tensors; images stored in `order` (appearance)."""
+    where = record.origin or f"id={record.id}"
     truncated = False
     if max_length is not None and len(ids) > max_length:
         image_end = max((i + 1 for i, x in enumerate(ids) if x < 0), default=0)
@@ -189,7 +241,7 @@ def build_example(
     if pixel_values is not None:
         # the model fills image positions in order of appearance: a text that places <|image_2|> before <|image_1|>
         # needs image 2's pixels first (as the processor stores them)
-        index = torch.tensor(appearance_order(ids), dtype=torch.long) - 1
+        index = torch.tensor(order, dtype=torch.long)
         example["pixel_values"] = pixel_values[index]
         example["image_sizes"] = image_sizes[index]
     return example

@@ -32,13 +32,15 @@ def validate_records(
     check_images: bool = True,
     max_image_pixels: int | None = None,
     num_workers: int | None = None,
+    multi_turn: str = "conversation",
 ) -> list[Problem]:
     """Return ``problems`` plus the content problems of ``records``, in file / row order.
 
     Checks: empty answers; empty user text without images or video; duplicate ids (second and later uses);
     ``<|image_k|>`` tags (see ``check_image_tags``); and with ``check_images``: image files that are missing or are
     not files, images PIL cannot fully decode, images over ``max_image_pixels``, and missing video files (videos are
-    not decoded here). Images are decoded on ``num_workers`` threads (default: up to 8).
+    not decoded here). Images are decoded on ``num_workers`` threads (default: up to 8). ``multi_turn="recipe"``:
+    tags are numbered per turn (the recipe's layout), not across the conversation.
     """
     found: list[Problem] = list(problems)
     first_origin: dict[str, str] = {}
@@ -73,19 +75,20 @@ def validate_records(
                         "empty question with no image or video (expected text, images or both)",
                     )
                 )
-        found.extend(check_image_tags(record))
+        found.extend(check_image_tags(record, per_turn=multi_turn == "recipe"))
     if check_images:
         found.extend(_check_media(records, max_image_pixels, num_workers))
     return sort_problems(found)
 
 
-def check_image_tags(record: Record) -> list[Problem]:
+def check_image_tags(record: Record, per_turn: bool = False) -> list[Problem]:
     """Check ``<|image_k|>`` tags in the user texts of a record.
 
     Images are numbered 1..n across the whole conversation in order (a first turn with 2 images owns 1 and 2, a
     second turn with 1 image owns 3). When no turn has tags, that is fine: the prompt builder adds them. When any
     turn has tags, each turn's tags must be exactly the numbers of its own images, each at most once. Video turns
     have frames whose count is known only after decoding, so the video turn and every later turn are not checked.
+    ``per_turn`` (`--multi-turn recipe`): every turn numbers its own images from 1.
     """
     if not any(IMAGE_TAG.search(turn.user) for turn in record.turns):
         return []
@@ -94,6 +97,8 @@ def check_image_tags(record: Record) -> list[Problem]:
     for i, turn in enumerate(record.turns):
         if turn.video:
             break
+        if per_turn:
+            next_number = 1
         owned = list(range(next_number, next_number + len(turn.images)))
         next_number += len(turn.images)
         tags = [int(k) for k in IMAGE_TAG.findall(turn.user)]
@@ -112,8 +117,9 @@ def check_image_tags(record: Record) -> list[Problem]:
             if owned:
                 expected = (
                     f"exactly {_tags(owned)} for this turn's {len(owned)} image{'s' if len(owned) > 1 else ''}, "
-                    "numbered across the whole conversation"
-                )
+                    + ("numbered from 1 in every turn (--multi-turn recipe)" if per_turn else
+                       "numbered across the whole conversation")
+                )  # fmt: skip
             else:
                 expected = "no tags, this turn has no images"
             got = _tags(sorted(set(tags))) if tags else "no tags"
@@ -258,6 +264,7 @@ def validate_path(
     split: str = "train",
     check_images: bool = True,
     max_image_pixels: int | None = None,
+    multi_turn: str = "conversation",
     **load_kwargs,
 ) -> ValidationReport:
     """Read ``data`` with ``load_records`` and check everything; a source that cannot be read at all is reported
@@ -267,7 +274,9 @@ def validate_path(
         records, problems = load_records(data, image_dir=image_dir, split=split, **load_kwargs)
     except DataError as e:
         return ValidationReport(label, 0, 0, 0, list(e.problems))
-    problems = validate_records(records, problems, check_images=check_images, max_image_pixels=max_image_pixels)
+    problems = validate_records(
+        records, problems, check_images=check_images, max_image_pixels=max_image_pixels, multi_turn=multi_turn
+    )
     return ValidationReport(
         data=label,
         num_records=len(records),

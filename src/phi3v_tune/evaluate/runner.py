@@ -11,15 +11,18 @@ from typing import Any
 import torch
 
 from ..data.schema import Record
-from ..processing.processor import Phi3VProcessor
+from ..processing.processor import IMAGE_TAG, Phi3VProcessor, image_tag
 from .generate import generate_answers
 from .metrics import score
 
 
-def split_questions(records: Sequence[Record]) -> list[Record]:
+def split_questions(records: Sequence[Record], multi_turn: str = "conversation") -> list[Record]:
     """One evaluation record per question: a record with k turns becomes k single-turn records with all its images.
 
-    The_cauldron rows (NLVR2, DocVQA) hold several questions about the same images; each one is scored.
+    The_cauldron rows (NLVR2, DocVQA) hold several questions about the same images; each one is scored. A question
+    whose text places image tags keeps them where they stand, numbered across the record (per-turn numbers of
+    `multi_turn="recipe"` are shifted), and the record's other images are tagged in front of it, as untagged
+    questions get all of them.
     """
     out: list[Record] = []
     for rec in records:
@@ -27,9 +30,23 @@ def split_questions(records: Sequence[Record]) -> list[Record]:
             out.append(rec)
             continue
         images = rec.images
+        first = 1  # the conversation-wide number of this turn's first image
         for j, turn in enumerate(rec.turns):
-            out.append(replace(rec, id=f"{rec.id}-q{j}", turns=[replace(turn, images=list(images))], answers=None))
+            user = _tags_across(turn.user, first - 1 if multi_turn == "recipe" else 0, len(images))
+            one = replace(turn, user=user, images=list(images))
+            out.append(replace(rec, id=f"{rec.id}-q{j}", turns=[one], answers=None))
+            first += len(turn.images)
     return out
+
+
+def _tags_across(text: str, shift: int, total: int) -> str:
+    """`text` with its image tags shifted by `shift` and tags for the images it does not place put in front."""
+    if not IMAGE_TAG.search(text):
+        return text
+    text = IMAGE_TAG.sub(lambda m: image_tag(int(m[1]) + shift), text)
+    placed = {int(k) for k in IMAGE_TAG.findall(text)}
+    missing = [k for k in range(1, total + 1) if k not in placed]
+    return "".join(image_tag(k) for k in missing) + "\n" + text if missing else text
 
 
 def golds_of(rec: Record) -> list[str]:

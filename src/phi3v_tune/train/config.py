@@ -50,6 +50,14 @@ class TrainConfig:
     )
     num_crops: int = _f(16, "HD crops per image, 1..16 (the recipe uses 4 for video frames).")
     video_frames: int = _f(8, "Frames sampled from each video given as a turn's 'video'.")
+    multi_turn: str = _f(
+        "conversation",
+        "Layout of a sample with several turns: conversation (one chat, images numbered 1..n across it, every answer "
+        "learned, <|endoftext|> after the last) or recipe (the original recipe's: every turn its own prompt with its "
+        "own <s> and images numbered from 1, each answer followed by <|endoftext|>, concatenated). Single-turn "
+        "samples are the same either way.",
+        choices=("conversation", "recipe"),
+    )
     skip_bad_samples: bool = _f(
         False,
         "Train on the valid samples when the data has problems; the skipped ids and reasons are written to "

@@ -187,7 +187,7 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
     if not cfg.data:
         raise ValueError("--data is required")
     records, problems = load_records(cfg.data, image_dir=cfg.image_dir, split=cfg.split)
-    problems = validate_records(records, problems, max_image_pixels=cfg.max_image_pixels)
+    problems = validate_records(records, problems, max_image_pixels=cfg.max_image_pixels, multi_turn=cfg.multi_turn)
     loaded = {r.origin for r in records}
     bad_origins = {p.origin for p in problems}  # one origin (file:line / row) per bad sample
     input_total = len(records) + len(bad_origins - loaded)
@@ -209,12 +209,16 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
     eval_records: list[Record] = []
     if cfg.eval_data:
         eval_records, eval_problems = load_records(cfg.eval_data, image_dir=cfg.image_dir, split=cfg.split)
-        eval_problems = validate_records(eval_records, eval_problems, max_image_pixels=cfg.max_image_pixels)
+        eval_problems = validate_records(
+            eval_records, eval_problems, max_image_pixels=cfg.max_image_pixels, multi_turn=cfg.multi_turn
+        )
         if eval_problems:
             raise DataError(eval_problems, header=f"{len(eval_problems)} problem(s) in {cfg.eval_data}:")
     elif cfg.eval_holdout > 0:
         eval_records, records = records[: cfg.eval_holdout], records[cfg.eval_holdout :]
-    plan = plan_records(records, processor, cfg.max_length, cfg.video_frames, progress=is_main_process())
+    plan = plan_records(
+        records, processor, cfg.max_length, cfg.video_frames, progress=is_main_process(), multi_turn=cfg.multi_turn
+    )
     say(plan.summary("training data"))
     if plan.refused:
         path = write_refused(plan, output_dir / "refused_samples.tsv")
@@ -226,7 +230,9 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
             )
     eval_plan = None
     if eval_records:
-        eval_plan = plan_records(eval_records, processor, cfg.max_length, cfg.video_frames, progress=False)
+        eval_plan = plan_records(
+            eval_records, processor, cfg.max_length, cfg.video_frames, progress=False, multi_turn=cfg.multi_turn
+        )
         say(eval_plan.summary("evaluation data"))
         if eval_plan.refused:  # same rule as training: a metric over fewer samples than given is not silent
             path = write_refused(eval_plan, output_dir / "refused_eval_samples.tsv")
@@ -342,8 +348,14 @@ def build_trainer(cfg: TrainConfig, data: LoadedData, processor: Phi3VProcessor,
     from .trainer import Phi3VTrainer, ProgressBar
 
     select_sdpa_backend(cfg)
-    train_ds = ConversationDataset(data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths)
-    eval_ds = ConversationDataset(data.eval, processor, cfg.max_length, cfg.video_frames) if data.eval else None
+    train_ds = ConversationDataset(
+        data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths, multi_turn=cfg.multi_turn
+    )
+    eval_ds = (
+        ConversationDataset(data.eval, processor, cfg.max_length, cfg.video_frames, multi_turn=cfg.multi_turn)
+        if data.eval
+        else None
+    )
     train_collator, eval_collator = data_collators(cfg, processor, model)
     trainer = Phi3VTrainer(
         model=model,
@@ -407,7 +419,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         from ..evaluate.runner import split_questions
         from .eval_callback import TaskMetricCallback
 
-        task_metric = TaskMetricCallback(trainer, processor, split_questions(data.eval), cfg)
+        task_metric = TaskMetricCallback(trainer, processor, split_questions(data.eval, cfg.multi_turn), cfg)
         trainer.add_callback(task_metric)
 
     metrics: dict[str, Any] = {}
