@@ -241,9 +241,11 @@ def _finish(
     if pixel_values is not None:
         # the model fills image positions in order of appearance: a text that places <|image_2|> before <|image_1|>
         # needs image 2's pixels first (as the processor stores them)
-        index = torch.tensor(order, dtype=torch.long)
-        example["pixel_values"] = pixel_values[index]
-        example["image_sizes"] = image_sizes[index]
+        if order != list(range(len(order))):  # (no copy of the pixels in the usual case: tags in 1..n order)
+            index = torch.tensor(order, dtype=torch.long)
+            pixel_values, image_sizes = pixel_values[index], image_sizes[index]
+        example["pixel_values"] = pixel_values
+        example["image_sizes"] = image_sizes
     return example
 
 
