@@ -116,12 +116,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data_file, tmp_pa
     straight = tmp_path / "straight"
     run_training(small_config(data_file, straight, max_steps=8))
     first = tmp_path / "resumed"
-    run_training(small_config(data_file, first, max_steps=8, stop_at_step=4))
-    # continue the 4-step run to 8 steps from its checkpoint (same data order, LR schedule and RNG)
+    sliced = run_training(small_config(data_file, first, max_steps=8, stop_at_step=4))
+    # a slice of the run leaves its checkpoint, not a final model that would look finished
     ck = latest_complete(first)
     assert ck is not None and ck.name == "checkpoint-4"
-    (first / "final").rename(first / "final-4")
+    assert sliced["stopped_at_step"] == 4 and not (first / "final").exists()
+    # continue the 4-step run to 8 steps from its checkpoint (same data order, LR schedule and RNG)
     run_training(small_config(data_file, first, max_steps=8, resume="latest"))
+    # the epoch the stop cut in two is reported whole after the resume, as in the uninterrupted run
+    reports = [json.loads(x) for x in (first / "epoch_reports.jsonl").read_text().splitlines()]
+    straight_reports = [json.loads(x) for x in (straight / "epoch_reports.jsonl").read_text().splitlines()]
+    assert [r for r in reports if "stopped_at_step" not in r] == straight_reports
+    assert [r["stopped_at_step"] for r in reports if "stopped_at_step" in r] == [4]
     a, b = weights(straight / "final"), weights(first / "final")
     assert set(a) == set(b)
     for k in a:

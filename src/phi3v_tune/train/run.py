@@ -440,10 +440,19 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         metrics["peak_gpu_memory_gib_per_rank"] = peak
 
     final = out / "final"
-    if cfg.save_checkpoints:
+    # --stop-at-step ended a slice of the run: its checkpoint is what --resume continues; a final model would claim a
+    # finished run
+    stopped = bool(cfg.stop_at_step) and trainer.state.global_step < trainer.state.max_steps
+    if stopped:
+        metrics["stopped_at_step"] = trainer.state.global_step
+        say(
+            f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps} "
+            f"(checkpoint-{trainer.state.global_step}); continue with --resume"
+        )
+    if cfg.save_checkpoints and not stopped:
         save_final(trainer, cfg, final)
     if trainer.is_world_process_zero():
-        if cfg.save_checkpoints:
+        if cfg.save_checkpoints and not stopped:
             processor.save_pretrained(final)
             cfg.save(final / "train_config.yaml")
             if cfg.method in ("lora", "qlora"):

@@ -139,6 +139,9 @@ class Phi3VTrainer(Trainer):
         return self._tree
 
     def train(self, *args, **kwargs):
+        resume = kwargs.get("resume_from_checkpoint")
+        if isinstance(resume, str):
+            self._restore_epoch_progress(resume)
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -250,14 +253,44 @@ class Phi3VTrainer(Trainer):
             ) from err
         fault_injection("kill_in_save", self.state.global_step)  # files written, marker not yet
         self.accelerator.wait_for_everyone()
+        progress = self._gather_epoch_progress()
         if self.is_world_process_zero():
+            import json
             from pathlib import Path
 
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             if self.train_config is not None:
                 self.train_config.save(folder / "train_config.yaml")
+            (folder / EPOCH_PROGRESS).write_text(json.dumps({"epoch": self.state.epoch, **progress}))
             write_marker(folder, self.state.global_step)
         self.accelerator.wait_for_everyone()
+
+    def _gather_epoch_progress(self) -> dict[str, list[str]]:
+        """The samples trained (and skipped as non-finite) so far this epoch, on all ranks (EpochReport's lists)."""
+        seen, bad = list(self.epoch_ids), list(self.epoch_nonfinite)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, (seen, bad))
+            seen = [i for p in parts for i in p[0]]
+            bad = [i for p in parts for i in p[1]]
+        return {"epoch_ids": seen, "epoch_nonfinite": bad}
+
+    def _restore_epoch_progress(self, checkpoint: str) -> None:
+        """A run resumed in the middle of an epoch continues that epoch's accounting (the samples trained before the
+        stop were trained this epoch); from an epoch boundary there is nothing to continue. Rank 0 holds the lists;
+        EpochReport gathers every rank's."""
+        import json
+        import math
+        from pathlib import Path
+
+        path = Path(checkpoint) / EPOCH_PROGRESS
+        if not path.is_file() or not self.is_world_process_zero():
+            return
+        saved = json.loads(path.read_text())
+        epoch = saved.get("epoch") or 0.0
+        if epoch != math.floor(epoch):  # mid-epoch
+            self.epoch_ids[:0] = saved.get("epoch_ids", [])
+            self.epoch_nonfinite[:0] = saved.get("epoch_nonfinite", [])
 
 
 class ProgressBar(TrainerCallback):
@@ -329,6 +362,9 @@ class StopAtStep(TrainerCallback):
             control.should_training_stop = True
 
 
+EPOCH_PROGRESS = "epoch_progress.json"  # in each checkpoint: the epoch's accounting so far (see EpochReport)
+
+
 class EpochReport(TrainerCallback):
     """At the end of every epoch: every input sample accounted for (trained, truncated, refused, invalid, skipped)."""
 
@@ -340,12 +376,8 @@ class EpochReport(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         import json
 
-        seen, bad = list(self.trainer.epoch_ids), list(self.trainer.epoch_nonfinite)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, (seen, bad))
-            seen = [i for p in parts for i in p[0]]
-            bad = [i for p in parts for i in p[1]]
+        progress = self.trainer._gather_epoch_progress()
+        seen, bad = progress["epoch_ids"], progress["epoch_nonfinite"]
         self.trainer.epoch_ids.clear()
         self.trainer.epoch_nonfinite.clear()
         plan = self.data.train_plan
@@ -366,6 +398,9 @@ class EpochReport(TrainerCallback):
             "nonfinite_skipped": len(set(bad)),
             "not_reached_this_epoch": len(kept - set(seen)),
         }
+        stopped = control.should_training_stop and state.global_step < state.max_steps
+        if stopped:  # --stop-at-step: the epoch goes on after --resume, which reports it whole
+            report["stopped_at_step"] = state.global_step
         if self.trainer.is_world_process_zero():
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(report) + "\n")
@@ -373,6 +408,7 @@ class EpochReport(TrainerCallback):
                 f"epoch {report['epoch']:g}: {report['input_samples']} input samples = {report['trained']} trained "
                 f"({report['of_which_truncated']} truncated) + {report['refused']} refused + "
                 f"{report['invalid_skipped']} invalid + {report['nonfinite_skipped']} skipped (non-finite) + "
-                f"{report['not_reached_this_epoch']} not reached + {report['held_out_for_eval']} held out",
+                f"{report['not_reached_this_epoch']} not reached + {report['held_out_for_eval']} held out"
+                + (" (stopped here; the epoch continues on --resume)" if stopped else ""),
                 flush=True,
             )
