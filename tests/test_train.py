@@ -265,3 +265,40 @@ def test_batches_reach_the_gpu_asynchronously_from_pinned_memory(tmp_path, monke
     monkeypatch.setattr(run, "precision", lambda cfg: (False, False))
     args = run.training_arguments(cfg, 1)
     assert args.dataloader_pin_memory is True and args.accelerator_config.non_blocking is True
+
+
+def test_bad_settings_fail_before_anything_loads(tmp_path):
+    """Mistakes that need no model or data are refused by TrainConfig.validate, with what to do instead."""
+    (tmp_path / "afile").write_text("x")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    cases = [
+        (dict(model=str(tmp_path / "missing")), "no such folder"),
+        (dict(model=str(adapter)), "is a LoRA adapter, not a model: merge it first"),
+        (dict(epochs=0), "--epochs must be > 0"),
+        (dict(max_steps=2, stop_at_step=5), "--stop-at-step 5 is not before --max-steps 2"),
+        (dict(learning_rate=-1.0), "--learning-rate must be >= 0"),
+        (dict(method="lora", lora_rank=0), "--lora-rank must be >= 1"),
+        (dict(output_dir=str(tmp_path / "afile")), "is a file, not a folder"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(data="x.jsonl", **settings).validate()
+    for ok in ("tiny", "microsoft/Phi-3.5-vision-instruct", str(tmp_path)):  # hub ids are not local paths
+        TrainConfig(data="x.jsonl", model=ok).validate()
+    with pytest.raises(ValueError, match="no such file"):  # what the machine must have: checked before loading
+        TrainConfig(data="x.jsonl", deepspeed=str(tmp_path / "nope.json")).check_environment()
+
+
+def test_inference_names_a_missing_model_or_adapter_base(tmp_path):
+    from phi3v_tune.train.merge import load_for_inference, merge_adapter
+
+    with pytest.raises(ValueError, match="no such folder"):
+        load_for_inference(tmp_path / "missing")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
+    for call in (lambda: load_for_inference(adapter), lambda: merge_adapter(adapter, tmp_path / "out")):
+        with pytest.raises(ValueError, match=r"the base model that .* records, .*gone: no such folder.*pass --base"):
+            call()

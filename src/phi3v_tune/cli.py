@@ -154,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its own parser (many flags, shared with benchmarks/bench_train.py)
         from .perf.bench import main as bench_main
 
-        bench_main(argv[1:])
-        return 0
+        rows = bench_main(argv[1:])
+        failed = [f"{r.build} {r.method}" for r in rows if r.error]
+        if failed:  # the table shows every row; the exit code says whether all of them ran
+            print(f"error: {len(failed)} bench row(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1 if failed else 0
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()

@@ -503,6 +503,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Extra TrainConfig settings for our rows (repeatable), e.g. --set compile=true.",
     )
     args = ap.parse_args(argv)
+    for flag, given, known in (
+        ("--methods", args.methods, METHODS),
+        ("--workloads", args.workloads, tuple(WORKLOADS)),
+        ("--builds", args.builds, ("plain", "ours")),
+        ("--checkpointing", args.checkpointing, ("no", "yes", "false", "true", "0", "1")),
+    ):
+        unknown = [x for x in given.split(",") if x not in known]
+        if unknown:
+            ap.error(f"{flag}: unknown {', '.join(unknown)} (expected some of {', '.join(known)})")
     if args.warmup < 1 or args.steps < 1:
         ap.error("--warmup and --steps must be at least 1 (the timed window starts after a synchronised warm-up step)")
     return args

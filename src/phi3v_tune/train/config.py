@@ -216,8 +216,22 @@ class TrainConfig:
 
     # ----------------------------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
+        """Every check that needs no model and no data, so a bad command fails in a second, not after loading."""
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.model is not None:
+            check_model_path(self.model, "--model")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError(f"--epochs must be > 0 (or give --max-steps), got {self.epochs:g}")
+        if self.stop_at_step is not None and 0 < self.max_steps <= self.stop_at_step:
+            raise ValueError(f"--stop-at-step {self.stop_at_step} is not before --max-steps {self.max_steps}")
+        if self.learning_rate < 0:
+            raise ValueError(f"--learning-rate must be >= 0, got {self.learning_rate:g}")
+        if self.method in ("lora", "qlora") and self.lora_rank < 1:
+            raise ValueError(f"--lora-rank must be >= 1, got {self.lora_rank}")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"--output-dir {self.output_dir} is a file, not a folder")
+
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are exclusive")
         if self.batch_size < 1 or self.batch_size_per_device < 1:
@@ -275,6 +289,18 @@ class TrainConfig:
                 )
         return self
 
+    def check_environment(self) -> None:
+        """What the settings need from this machine (files, packages), checked before any data or model loads."""
+        if self.deepspeed:
+            if not Path(self.deepspeed).is_file():
+                raise ValueError(f"--deepspeed {self.deepspeed}: no such file (configs/deepspeed/ has zero2.json, ...)")
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ValueError(
+                    "--deepspeed needs the deepspeed package: DS_BUILD_OPS=0 pip install deepspeed (see README)"
+                )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -286,6 +312,22 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def check_model_path(model: str, flag: str) -> None:
+    """A model given as a local path must be a model folder (not missing, not a LoRA adapter to train on top of);
+    hub ids ("org/name") and "tiny" pass."""
+    path = Path(model).expanduser()
+    local = path.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1
+    if model == "tiny" or not local:
+        return
+    if not path.is_dir():
+        raise ValueError(f"{flag} {model}: no such folder (expected a model folder with config.json, or a hub id)")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{flag} {model} is a LoRA adapter, not a model: merge it first (phi3v-tune merge --adapter {model} --out "
+            "DIR) and train from DIR, or train from its base model"
+        )
 
 
 def _base_type(tp: Any) -> Any:

@@ -29,11 +29,21 @@ def load_for_inference(
     model_dir: str | Path, base: str | None = None, dtype: torch.dtype = torch.float32, merge: bool = True, **kwargs
 ) -> Phi3VForCausalLM:
     """A full checkpoint, or base + LoRA adapter (merged unless `merge=False`)."""
+    from .config import check_model_path
+
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ValueError(f"{model_dir}: no such folder (expected a model folder or a LoRA adapter folder)")
     if (model_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_model = Phi3VForCausalLM.from_pretrained(base or adapter_base(model_dir), dtype=dtype, **kwargs)
+        if base is None:
+            base = adapter_base(model_dir)
+            try:
+                check_model_path(base, f"the base model that {model_dir} records,")
+            except ValueError as err:
+                raise ValueError(f"{err}; pass --base") from None
+        base_model = Phi3VForCausalLM.from_pretrained(base, dtype=dtype, **kwargs)
         peft_model = PeftModel.from_pretrained(base_model, str(model_dir))
         return peft_model.merge_and_unload() if merge else peft_model
     return Phi3VForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kwargs)
@@ -43,8 +53,8 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
         raise ValueError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    merged = load_for_inference(adapter, base=base, dtype=torch.float32)  # (checks the recorded base is there)
     base = base or adapter_base(adapter)
-    merged = load_for_inference(adapter, base=base, dtype=torch.float32)
     merged = merged.to(getattr(torch, dtype))
     merged.save_pretrained(out, max_shard_size="5GB")
     source = adapter if (adapter / "tokenizer.json").is_file() else Path(base)

@@ -384,6 +384,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     from .trainer import FaultInjection, StopAtStep
 
     cfg.validate()
+    cfg.check_environment()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
@@ -430,6 +431,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     with collector_restored():
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics["train"] = result.metrics
+    metrics["steps"] = trainer.state.global_step
     metrics["log_history"] = trainer.state.log_history  # per-step loss, lr, throughput (also without checkpoints)
     if trainer.eval_dataset is not None:
         metrics["eval_after"] = trainer.evaluate()
@@ -467,8 +469,25 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         }
         (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
         plot_losses(trainer.state.log_history, out / "loss.png")
+        say(run_summary(metrics, cfg, out))
     leave_process_group(trainer)
     return metrics
+
+
+def run_summary(metrics: dict[str, Any], cfg: TrainConfig, out: Path) -> str:
+    """The lines a finished run ends with: steps and loss, the evaluation before/after, and where everything is."""
+    train = metrics.get("train", {})
+    lines = [f"done: {metrics.get('steps', '?')} steps, train loss {train.get('train_loss', float('nan')):.4f}"]
+    for when in ("eval_before", "eval_after"):
+        if when in metrics and "eval_loss" in metrics[when]:
+            lines.append(f"  eval loss {when.removeprefix('eval_')}: {metrics[when]['eval_loss']:.4f}")
+    for entry in metrics.get("task_metric", []):
+        if entry.get("when") in ("before", "after"):
+            lines.append(f"  {cfg.metric} {entry['when']} (step {entry['step']}): {entry[f'eval_{cfg.metric}']:.4f}")
+    if "final_dir" in metrics:
+        lines.append(f"  final model: {metrics['final_dir']}")
+    lines.append(f"  metrics: {out / 'metrics.json'}; loss plot: {out / 'loss.png'}")
+    return "\n".join(lines)
 
 
 def leave_process_group(trainer) -> None:
