@@ -173,7 +173,11 @@ class TrainConfig:
     )
     save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
     resume: str | None = _f(
-        None, "Resume: 'latest' (the newest complete checkpoint in --output-dir) or a path.", nargs="?", const="latest"
+        None,
+        "Resume: 'latest' (also --resume alone: the newest complete checkpoint in --output-dir; none yet: start at step "
+        "0) or a checkpoint path.",
+        nargs="?",
+        const="latest",
     )
     stop_at_step: int | None = _f(
         None,
