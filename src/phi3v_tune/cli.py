@@ -97,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=178956970,
         help="report images with more pixels than this (default: 178956970)",
     )
+    from .data.examples import MULTI_TURN
+
     p.add_argument(
         "--multi-turn",
         default="conversation",
-        choices=["conversation", "recipe"],
+        choices=MULTI_TURN,
         help="how image tags in multi-turn samples are numbered: across the conversation (default) or from 1 in "
         "every turn (the layout train --multi-turn recipe builds)",
     )

@@ -157,10 +157,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split of a HF data set (default: test)")
     p.add_argument("--metric", required=True, choices=["anls", "accuracy"], help="anls (DocVQA) or accuracy")
     p.add_argument("--output", help="predictions jsonl (default: MODEL/predictions-METRIC.jsonl)")
+    from .data.examples import MULTI_TURN
+
     p.add_argument(
         "--multi-turn",
         default="conversation",
-        choices=["conversation", "recipe"],
+        choices=MULTI_TURN,
         help="how image tags placed in multi-turn samples are numbered: across the sample (default) or from 1 in "
         "every turn (data written for train --multi-turn recipe); every question is scored on its own",
     )

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from ..data.examples import MULTI_TURN
+
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")
 
@@ -56,7 +58,7 @@ class TrainConfig:
         "learned, <|endoftext|> after the last) or recipe (the original recipe's: every turn its own prompt with its "
         "own <s> and images numbered from 1, each answer followed by <|endoftext|>, concatenated). Single-turn "
         "samples are the same either way.",
-        choices=("conversation", "recipe"),
+        choices=MULTI_TURN,
     )
     skip_bad_samples: bool = _f(
         False,
@@ -235,7 +237,6 @@ class TrainConfig:
             raise ValueError(f"--lora-rank must be >= 1, got {self.lora_rank}")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ValueError(f"--output-dir {self.output_dir} is a file, not a folder")
-
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are exclusive")
         if self.batch_size < 1 or self.batch_size_per_device < 1:
