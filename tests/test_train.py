@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -82,6 +84,27 @@ def test_every_flag_has_help():
             assert action.help and len(action.help) > 10, action.dest
     text = parser.format_help()  # rendered as argparse renders it: "~30% slower" stays text, not a format directive
     assert "~30% slower" in text and "option_strings" not in text
+    helps = {a.dest: a.help for a in parser._actions}
+    # every set default is stated, zero ones too (0 == False once hid them), switches as on/off
+    assert helps["lora_dropout"].endswith("(default: 0.0)") and helps["eval_holdout"].endswith("(default: 0)")
+    assert helps["lora_lm_head"].endswith("(default: on)") and helps["cpu"].endswith("(default: off)")
+    for field in dataclasses.fields(TrainConfig):
+        if field.default is not None:
+            assert "default" in helps[field.name], field.name
+
+
+def test_eval_writes_predictions_next_to_a_local_model_else_here(tmp_path, monkeypatch):
+    from phi3v_tune.cli_extra import default_predictions_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    assert default_predictions_path(str(tmp_path / "run"), "anls") == tmp_path / "run" / "predictions-anls.jsonl"
+    # a hub id is no folder here: no microsoft/... tree is made in the working directory
+    assert default_predictions_path("microsoft/Phi-3.5-vision-instruct", "accuracy") == Path(
+        "predictions-accuracy.jsonl"
+    )
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder (root writes anywhere)
+    assert default_predictions_path(str(tmp_path / "run"), "anls") == Path("predictions-anls.jsonl")
 
 
 # --------------------------------------------------------------------------------------------------------------------

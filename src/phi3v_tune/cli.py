@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-per-task", type=int, default=None, help="training samples per task")
     p.add_argument("--eval-per-task", type=int, default=None, help="held-out samples per task")
     p.add_argument("--epochs", type=float, default=None, help="training epochs")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data and model)")
-    p.add_argument("--strict", action="store_true", help="exit with code 1 if a task ends below 90%% accuracy")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data and model; default: 0)")
+    p.add_argument(
+        "--strict", action="store_true", help="exit with code 1 if a task ends below 90%% accuracy (default: exit 0)"
+    )
     p.set_defaults(func=cmd_demo)
 
     from .cli_extra import register

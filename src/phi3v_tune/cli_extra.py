@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -17,8 +18,6 @@ def _dtype(name: str) -> torch.dtype:
 
 def _init_distributed() -> tuple[int, int]:
     """Under torchrun: join the process group (gloo on CPU, nccl on GPUs) so evaluation is sharded."""
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -61,13 +60,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "bfloat16", "float16", "float32"],
         help="weights dtype (default: bf16 on GPUs that support it, else fp32)",
     )
-    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"], help="attention kernels")
+    p.add_argument(
+        "--attn-implementation", default="sdpa", choices=["sdpa", "eager"], help="attention kernels (default: sdpa)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default: 64, as the recipe)")
     p.add_argument("--video-frames", type=int, default=8, help="frames sampled from a turn's video (default: 8)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def default_predictions_path(model: str, metric: str) -> Path:
+    """Next to a local model folder (a trained run keeps its scores with it); here for a hub id or a folder that
+    cannot be written, so eval never makes a `microsoft/...` tree in the working directory or fails at the end."""
+    name = f"predictions-{metric}.jsonl"
+    folder = Path(model)
+    return folder / name if folder.is_dir() and os.access(folder, os.W_OK) else Path(name)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import DataError, load_records
     from .evaluate.runner import evaluate_records, split_questions, write_rows
@@ -87,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         video_frames_per_clip=args.video_frames,
     )
-    out = Path(args.output or Path(args.model) / f"predictions-{args.metric}.jsonl")
+    out = Path(args.output) if args.output else default_predictions_path(args.model, args.metric)
     if rank == 0:
         write_rows(rows, out)
         print(json.dumps({args.metric: value, "samples": len(rows), "predictions": str(out), "processes": world}))
@@ -156,7 +165,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-dir", help="folder that relative image paths are relative to")
     p.add_argument("--split", default="test", help="split of a HF data set (default: test)")
     p.add_argument("--metric", required=True, choices=["anls", "accuracy"], help="anls (DocVQA) or accuracy")
-    p.add_argument("--output", help="predictions jsonl (default: MODEL/predictions-METRIC.jsonl)")
+    p.add_argument(
+        "--output",
+        help="predictions jsonl (default: MODEL/predictions-METRIC.jsonl when MODEL is a local folder you can write "
+        "to, else predictions-METRIC.jsonl here)",
+    )
     from .data.examples import MULTI_TURN
 
     p.add_argument(

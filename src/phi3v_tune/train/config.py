@@ -381,6 +381,16 @@ def recipe(task: str) -> dict[str, Any]:
     return {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in raw.items() if k != "task"}
 
 
+def _default_note(default: Any, help_text: str) -> str:
+    """' (default: X)' for --help, unless the help text already states it; switches read on/off, and `is` checks
+    keep 0 and 0.0 visible (they compare equal to False)."""
+    if default is None or "(default" in help_text:
+        return ""
+    if isinstance(default, bool):
+        return " (default: on)" if default else " (default: off)"
+    return f" (default: {default})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; defaults are suppressed so that only flags given on the command line override."""
     parser.add_argument("--config", help="YAML file with settings (flags given here override it).")
@@ -391,7 +401,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(f.type)
         default = f.default
-        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
+        help_text = f.metadata.get("help", "") + _default_note(default, f.metadata.get("help", ""))
         help_text = help_text.replace("%", "%%")  # argparse formats help with %: a literal "30%" must not be a format
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
