@@ -16,7 +16,7 @@ from phi3v_tune.data.synthetic import demo_split, write_jsonl
 from phi3v_tune.model.tiny import tiny_model
 from phi3v_tune.train.checkpoints import MARKER, latest_complete
 from phi3v_tune.train.config import TrainConfig, add_arguments, resolve
-from phi3v_tune.train.run import run_training
+from phi3v_tune.train.run import run_summary, run_training
 from phi3v_tune.train.strategies import apply_strategy, count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_strategies_train_the_right_parameters(tiny_tokenizer, method):
 # --------------------------------------------------------------------------------------------------------------------
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data_file, tmp_path):
     straight = tmp_path / "straight"
-    run_training(small_config(data_file, straight, max_steps=8))
+    straight_metrics = run_training(small_config(data_file, straight, max_steps=8))
     first = tmp_path / "resumed"
     sliced = run_training(small_config(data_file, first, max_steps=8, stop_at_step=4))
     # a slice of the run leaves its checkpoint, not a final model that would look finished
@@ -145,7 +145,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data_file, tmp_pa
     assert ck is not None and ck.name == "checkpoint-4"
     assert sliced["stopped_at_step"] == 4 and not (first / "final").exists()
     # continue the 4-step run to 8 steps from its checkpoint (same data order, LR schedule and RNG)
-    run_training(small_config(data_file, first, max_steps=8, resume="latest"))
+    resumed_metrics = run_training(small_config(data_file, first, max_steps=8, resume="latest"))
+    # the closing summary reports the whole run's loss, also after a resume (steps 1 -> 8, as uninterrupted)
+    summary = run_summary(resumed_metrics, small_config(data_file, first), first).splitlines()[0]
+    assert summary == run_summary(straight_metrics, small_config(data_file, first), first).splitlines()[0]
+    assert (
+        summary.startswith("done: 8 steps, train loss ") and "(step 1) ->" in summary and summary.endswith("(step 8)")
+    )
     # the epoch the stop cut in two is reported whole after the resume, as in the uninterrupted run
     reports = [json.loads(x) for x in (first / "epoch_reports.jsonl").read_text().splitlines()]
     straight_reports = [json.loads(x) for x in (straight / "epoch_reports.jsonl").read_text().splitlines()]

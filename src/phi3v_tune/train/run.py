@@ -476,8 +476,15 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
 def run_summary(metrics: dict[str, Any], cfg: TrainConfig, out: Path) -> str:
     """The lines a finished run ends with: steps and loss, the evaluation before/after, and where everything is."""
-    train = metrics.get("train", {})
-    lines = [f"done: {metrics.get('steps', '?')} steps, train loss {train.get('train_loss', float('nan')):.4f}"]
+    # the logged losses, not the Trainer's train_loss: the log history is restored on --resume, while train_loss sums
+    # only the resumed part's losses (and divides by every step)
+    logged = [(e["step"], e["loss"]) for e in metrics.get("log_history", []) if "loss" in e and "step" in e]
+    if logged:
+        (first_step, first), (last_step, last) = logged[0], logged[-1]
+        loss = f"train loss {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step})"
+    else:
+        loss = f"train loss {metrics.get('train', {}).get('train_loss', float('nan')):.4f}"
+    lines = [f"done: {metrics.get('steps', '?')} steps, {loss}"]
     for when in ("eval_before", "eval_after"):
         if when in metrics and "eval_loss" in metrics[when]:
             lines.append(f"  eval loss {when.removeprefix('eval_')}: {metrics[when]['eval_loss']:.4f}")
