@@ -173,6 +173,19 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data_file, tmp_pa
     assert metrics["data"]["train_samples"] == 9
 
 
+def test_task_metric_keeps_the_loss_curve_whole_and_a_stop_is_not_evaluated_twice(data_file, tmp_path):
+    evaluated = dict(eval_holdout=2, metric="accuracy", eval_steps=2, eval_max_new_tokens=2, save_checkpoints=False)
+    metrics = run_training(small_config(data_file, tmp_path / "a", max_steps=3, logging_steps=2, **evaluated))
+    # step 2's loss is logged although the metric is logged at that step too; step 3 (off the grid) ends the curve
+    assert [e["step"] for e in metrics["log_history"] if "loss" in e] == [1, 2, 3]  # the first step is always logged
+    assert [(e["step"], e["when"]) for e in metrics["task_metric"]] == [(0, "before"), (2, "during"), (3, "after")]
+    stop = tmp_path / "b"
+    run_training(small_config(data_file, stop, max_steps=4, stop_at_step=2, **{**evaluated, "save_checkpoints": True}))
+    entries = [json.loads(x) for x in (stop / "eval_metrics.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["when"]) for e in entries] == [(0, "before"), (2, "during"), (2, "after")]
+    assert entries[1]["eval_accuracy"] == entries[2]["eval_accuracy"]
+
+
 def test_incomplete_checkpoints_are_never_resumed_and_limit_keeps_newest(data_file, tmp_path):
     out = tmp_path / "run"
     run_training(small_config(data_file, out, max_steps=6, save_steps=2, save_total_limit=2))

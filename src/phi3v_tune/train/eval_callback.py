@@ -34,14 +34,24 @@ class TaskMetricCallback(TrainerCallback):
             video_frames_per_clip=self.cfg.video_frames,
             progress=self.cfg.progress,
         )
+        if self.trainer.is_world_process_zero():
+            write_rows(rows, self.out / "eval_predictions" / f"step-{step}.jsonl")
+        self.record(step, label, value)
+        return value
+
+    def record(self, step: int, label: str, value: float) -> None:
+        """History, `eval_metrics.jsonl` and the Trainer's log (progress bar, tensorboard)."""
         entry = {"step": step, "when": label, f"eval_{self.cfg.metric}": value}
         self.history.append(entry)
         if self.trainer.is_world_process_zero():
-            write_rows(rows, self.out / "eval_predictions" / f"step-{step}.jsonl")
             with open(self.out / "eval_metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
+        # Trainer.log clears control.should_log (its on_log handler does): called from on_step_end, that dropped
+        # the training loss the Trainer was about to log for this very step
+        control = self.trainer.control
+        keep = control.should_log
         self.trainer.log({f"eval_{self.cfg.metric}": value})
-        return value
+        control.should_log = keep
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
@@ -56,4 +66,9 @@ class TaskMetricCallback(TrainerCallback):
             gc.collect()  # generation's leftovers in reference cycles (automatic collection is off: --gc-interval)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.run(model, state.global_step, "after")
+        last = self.history[-1] if self.history else None
+        if last is not None and last["step"] == state.global_step and last["when"] == "during":
+            # a run stopped (--stop-at-step, early stop) right after an evaluation: the same weights, not generated twice
+            self.record(state.global_step, "after", last[f"eval_{self.cfg.metric}"])
+        else:
+            self.run(model, state.global_step, "after")

@@ -410,7 +410,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, data, processor, model, world)
     if cfg.stop_at_step:
         trainer.add_callback(StopAtStep(cfg.stop_at_step))
-    from .trainer import EpochReport
+    from .trainer import EpochReport, LogFinalStep
+
+    trainer.add_callback(LogFinalStep())  # after StopAtStep: it reads the stop that one sets
 
     trainer.add_callback(EpochReport(trainer, data, out / "epoch_reports.jsonl"))
     if os.environ.get("PHI3V_FAULT_INJECT"):

@@ -316,6 +316,8 @@ class ProgressBar(TrainerCallback):
         for key, name, fmt in (
             ("loss", "loss", "{:.4f}"),
             ("eval_loss", "eval_loss", "{:.4f}"),
+            ("eval_anls", "anls", "{:.4f}"),
+            ("eval_accuracy", "accuracy", "{:.4f}"),
             ("learning_rate", "lr", "{:.2e}"),
             ("train_samples_per_second", "samples/s", "{:.2f}"),
             ("train_tokens_per_second", "tok/s", "{:.0f}"),
@@ -360,6 +362,15 @@ class StopAtStep(TrainerCallback):
         if state.global_step >= self.step:
             control.should_save = True
             control.should_training_stop = True
+
+
+class LogFinalStep(TrainerCallback):
+    """Log the loss at the run's last step (also a --stop-at-step stop) even off the --logging-steps grid, so the
+    loss curve and the closing summary end where training did."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps or control.should_training_stop:
+            control.should_log = True
 
 
 EPOCH_PROGRESS = "epoch_progress.json"  # in each checkpoint: the epoch's accounting so far (see EpochReport)
