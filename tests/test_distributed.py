@@ -253,3 +253,35 @@ def test_two_nodes_emulated_on_loopback_train_like_one_node(dist_data, tmp_path)
 
     assert len(losses(tmp_path / "one")) == 3
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-6)
+
+
+def test_fsdp2_evaluation_runs_the_vision_tower_on_a_rank_without_images(tmp_path):
+    """FSDP2 shards every CLIP layer, so all ranks must run the tower together; inside the root's forward the
+    tower's own weights are plain gathered Parameters, which once hid the sharding: the rank without an image
+    skipped CLIP and the collectives mismatched (a hang on NCCL). Both ranks finish, with one-process losses."""
+    from phi3v_tune.model.tiny import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint(tmp_path / "tiny", seed=2, num_crops=1)
+    image = tmp_path / "dot.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    data = tmp_path / "two.jsonl"
+    lines = [
+        {"id": "with-image", "conversations": [{"images": [str(image)], "user": "Colour?", "assistant": "red"}]},
+        {"id": "text-only", "conversations": [{"user": "Say hi.", "assistant": "hi"}]},
+    ]
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    done = subprocess.run(
+        [*torchrun(2, 29547), str(REPO / "tests" / "fsdp2_forward.py"), str(model), str(data)],
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = sorted((json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in rows] == [0, 1]
+    assert [r["vision_calls"] for r in rows] == [1, 1]
+    for r in rows:  # the text-only rank's dummy crop adds exactly nothing
+        assert abs(r["sharded"] - r["alone"]) < 1e-5, r

@@ -183,9 +183,14 @@ class Phi3VModel(Phi3Model):
         first = next(self.vision_embed_tokens.parameters(), None)
         if first is None:
             return False
+        if hasattr(first, "ds_id"):
+            return True
+        # FSDP2: inside the root's forward the tower's own weights are already gathered into plain Parameters, so
+        # the mark to look for is a sharded submodule (every CLIP layer is one), not a DTensor weight
+        from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
 
-        return hasattr(first, "ds_id") or isinstance(first, DTensor)
+        return isinstance(first, DTensor) or any(isinstance(m, FSDPModule) for m in self.vision_embed_tokens.modules())
 
     def embed(
         self,
