@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,12 +49,33 @@ def _train(model: Path, data: Path, out: Path, config: str, port: int, nproc: in
     return subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=400)
 
 
-def test_zero2_run_ends_cleanly(ds_data, tmp_path):
-    model, data, _ = ds_data
-    proc = _train(model, data, tmp_path / "z2", "zero2.json", 29761, 2, "--max-steps", "2", "--no-save-checkpoints")
+EVALUATED = ("--eval-steps", "1", "--metric", "accuracy", "--eval-max-new-tokens", "2")
+
+
+def test_zero2_run_with_evaluation_ends_cleanly(ds_data, tmp_path):
+    """The loss before training is evaluated once the engine exists (an engine first built for evaluation is an
+    inference engine, which ZeRO-2 refuses), then during and after, with the task metric by generation."""
+    model, data, mixed = ds_data
+    out = tmp_path / "z2"
+    proc = _train(model, data, out, "zero2.json", 29761, 2, "--max-steps", "2", "--no-save-checkpoints",
+                  "--eval-data", str(mixed), *EVALUATED)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "z2" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert torch.isfinite(torch.tensor(metrics["train"]["train_loss"]))
+    assert metrics["eval_before"]["step"] == 0 and metrics["eval_after"]["eval_loss"] > 0
+    assert [e["when"] for e in metrics["task_metric"]] == ["before", "during", "after"]
+
+
+def test_deepspeed_without_a_launcher_runs_as_one_process(ds_data, tmp_path):
+    """`phi3v-tune train --deepspeed zero2.json` alone: no torchrun, no MPI."""
+    model, data, _ = ds_data
+    cmd = [sys.executable, "-m", "phi3v_tune", "train", *TINY_CPU_FLAGS, "--model", str(model), "--data", str(data),
+           "--batch-size", "1", "--max-steps", "1", "--output-dir", str(tmp_path / "one"), "--no-save-checkpoints",
+           "--deepspeed", str(REPO / "configs" / "deepspeed" / "zero2.json")]  # fmt: skip
+    env = {k: v for k, v in cpu_env().items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["steps"] == 1
 
 
 def test_zero3_consolidated_final_model_and_resume(ds_data, tmp_path):
@@ -77,9 +99,11 @@ def test_zero3_consolidated_final_model_and_resume(ds_data, tmp_path):
 
 
 def test_zero3_text_only_samples_on_some_ranks_do_not_hang(ds_data, tmp_path):
+    """Training and evaluation (loss and generation) with some ranks holding text-only samples."""
     model, _, mixed = ds_data
     out = tmp_path / "mixed"
-    proc = _train(model, mixed, out, "zero3.json", 29765, 2, "--max-steps", "2", "--no-save-checkpoints")
+    proc = _train(model, mixed, out, "zero3.json", 29765, 2, "--max-steps", "2", "--no-save-checkpoints",
+                  "--eval-data", str(mixed), *EVALUATED)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]  # (a hang would end in the 400 s timeout instead)
     report = json.loads((out / "epoch_reports.jsonl").read_text().splitlines()[0])
     assert report["trained"] == 4  # 2 steps x 2 ranks: the image sample and the three text-only ones

@@ -285,3 +285,27 @@ def test_fsdp2_evaluation_runs_the_vision_tower_on_a_rank_without_images(tmp_pat
     assert [r["vision_calls"] for r in rows] == [1, 1]
     for r in rows:  # the text-only rank's dummy crop adds exactly nothing
         assert abs(r["sharded"] - r["alone"]) < 1e-5, r
+
+
+def test_a_nan_loss_on_one_rank_stops_or_skips_on_every_rank(dist_data, tmp_path):
+    """Only rank 1 sees the NaN: both ranks stop with the sample named (no rank left waiting in a collective until
+    the timeout), or with --skip-nonfinite both skip that batch and finish."""
+    train, _ = dist_data
+    base = [str(REPO / "tests" / "nan_on_one_rank.py"), "train", *TINY_CPU_FLAGS, "--data", str(train), "--method",
+            "full", "--batch-size", "2", "--batch-size-per-device", "1", "--max-steps", "2", "--warmup-steps", "0",
+            "--no-save-checkpoints"]  # fmt: skip
+
+    def run(*extra: str, port: int) -> subprocess.CompletedProcess:
+        cmd = [*torchrun(2, port), *base, "--output-dir", str(tmp_path / str(port)), *extra]
+        return subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+
+    stopped = run(port=29548)
+    text = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0
+    assert text.count("non-finite loss (nan) at step 1; samples in the batch: t") == 2, text[-3000:]  # both ranks
+    skipped = run("--skip-nonfinite", "1", port=29549)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "warning: non-finite loss at step 1 (samples: t" in skipped.stdout  # rank 0 reports rank 1's batch
+    report = json.loads((tmp_path / "29549" / "epoch_reports.jsonl").read_text().splitlines()[0])
+    assert report["nonfinite_skipped"] == 2  # both ranks' samples of that step were not trained on

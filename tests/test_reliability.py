@@ -252,7 +252,8 @@ def test_evaluation_samples_that_do_not_fit_stop_the_run_unless_skipped(data_fil
     # max_length 400: the two-image 'compare' samples (~680 tokens of images) cannot be evaluated
     with pytest.raises(DataError, match=r"3 evaluation sample\(s\) cannot be evaluated.*refused_eval_samples.tsv"):
         run_training(small_config(train, out, max_steps=1, max_length=400, eval_data=str(data_file)))
-    refused = (out / "refused_eval_samples.tsv").read_text().splitlines()
+    header, *refused = (out / "refused_eval_samples.tsv").read_text().splitlines()
+    assert header == "id\treason\tmessage"
     assert sorted(r.split("\t")[:2] for r in refused) == [
         [f"compare-00000{i}", "images_exceed_max_length"] for i in range(3)
     ]

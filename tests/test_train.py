@@ -333,6 +333,22 @@ def test_bad_settings_fail_before_anything_loads(tmp_path):
         TrainConfig(data="x.jsonl", deepspeed=str(tmp_path / "nope.json")).check_environment()
 
 
+def test_sharded_runs_refuse_what_they_cannot_do(monkeypatch):
+    """FSDP/ZeRO-3 conflicts fail at once, also when FSDP comes from `accelerate launch --config_file fsdp2.yaml`."""
+    zero3 = str(REPO / "configs" / "deepspeed" / "zero3.json")
+    with pytest.raises(ValueError, match="--skip-nonfinite cannot be combined with ZeRO-3"):
+        TrainConfig(data="x.jsonl", deepspeed=zero3, skip_nonfinite=2).check_environment()
+    with pytest.raises(ValueError, match="--skip-nonfinite cannot be combined with FSDP"):
+        TrainConfig(data="x.jsonl", fsdp=True, skip_nonfinite=2).validate()
+    with pytest.raises(ValueError, match="on the CPU accelerate would quietly train plain DDP"):
+        TrainConfig(data="x.jsonl", fsdp=True, cpu=True).validate()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="does not shard 4-bit"):
+        TrainConfig(data="x.jsonl", method="qlora").validate()
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    TrainConfig(data="x.jsonl", method="qlora").validate()
+
+
 def test_inference_names_a_missing_model_or_adapter_base(tmp_path):
     from phi3v_tune.train.merge import load_for_inference, merge_adapter
 

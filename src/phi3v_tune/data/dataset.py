@@ -79,6 +79,7 @@ def write_refused(plan: DataPlan, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
+        f.write("id\treason\tmessage\n")
         for rid, reason, message in plan.refused:
             f.write(f"{rid}\t{reason}\t{message}\n")
     return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,8 +244,19 @@ class TrainConfig:
             raise ValueError("batch sizes must be >= 1")
         if self.fsdp and self.deepspeed:
             raise ValueError("--fsdp and --deepspeed are exclusive (two ways of sharding the same model)")
-        if self.fsdp and self.method == "qlora":
+        fsdp = fsdp_on(self)
+        if fsdp and self.method == "qlora":
             raise ValueError("--fsdp does not shard 4-bit (qlora) weights; use --method lora or plain torchrun")
+        if fsdp and self.cpu:
+            raise ValueError(
+                "--fsdp shards over GPUs; on the CPU accelerate would quietly train plain DDP instead (drop --fsdp or "
+                "--cpu)"
+            )
+        if fsdp and self.skip_nonfinite > 0:
+            raise ValueError(
+                "--skip-nonfinite cannot be combined with FSDP: a skipped batch's zero loss needs whole weights on "
+                "every rank, which FSDP shards (use --skip-nonfinite 0, or DDP / ZeRO-2)"
+            )
         if self.gc_interval < 0:
             raise ValueError(f"--gc-interval must be >= 0 (0: automatic collection), got {self.gc_interval}")
         if self.optimizer_in_backward:
@@ -256,7 +268,7 @@ class TrainConfig:
                     self.batch_size != self.batch_size_per_device
                 ),
                 "no --deepspeed or --fsdp (their gradient reduction comes after the updates)": bool(
-                    self.deepspeed or self.fsdp
+                    self.deepspeed or fsdp
                 ),
                 "no --fp16 (a scaled loss must be checked before any update)": self.fp16,
                 "--skip-nonfinite 0 (a skipped batch would already have updated the weights)": self.skip_nonfinite > 0,
@@ -282,7 +294,7 @@ class TrainConfig:
         if self.master_weights == "bf16-sr":
             if self.fp16:
                 raise ValueError("--master-weights bf16-sr trains in bf16; it cannot be combined with --fp16")
-            if self.fsdp:
+            if fsdp:
                 raise ValueError(
                     "--master-weights bf16-sr cannot be combined with --fsdp: FSDP2 shards the weights and keeps "
                     "fp32 master weights in its own mixed precision (use --master-weights fp32 or auto)"
@@ -299,6 +311,11 @@ class TrainConfig:
         if self.deepspeed:
             if not Path(self.deepspeed).is_file():
                 raise ValueError(f"--deepspeed {self.deepspeed}: no such file (configs/deepspeed/ has zero2.json, ...)")
+            if zero_stage(self.deepspeed) == 3 and self.skip_nonfinite > 0:
+                raise ValueError(
+                    "--skip-nonfinite cannot be combined with ZeRO-3: a skipped batch's zero loss needs whole weights "
+                    "on every rank, which ZeRO-3 partitions (use --skip-nonfinite 0, or zero2.json)"
+                )
             import importlib.util
 
             if importlib.util.find_spec("deepspeed") is None:
@@ -317,6 +334,24 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def fsdp_on(cfg: TrainConfig) -> bool:
+    """--fsdp, or `accelerate launch` with an FSDP config (which says so in the environment)."""
+    return bool(cfg.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def zero_stage(deepspeed: str | None) -> int | None:
+    """The ZeRO stage a DeepSpeed JSON config asks for (None without --deepspeed or a readable stage)."""
+    if not deepspeed or not Path(deepspeed).is_file():
+        return None
+    import json
+
+    try:
+        stage = json.loads(Path(deepspeed).read_text()).get("zero_optimization", {}).get("stage")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"--deepspeed {deepspeed}: not a DeepSpeed JSON config ({err})") from err
+    return stage if isinstance(stage, int) else None
 
 
 def check_model_path(model: str, flag: str) -> None:

@@ -20,7 +20,7 @@ from ..model.modeling import Phi3VForCausalLM
 from ..model.packed_attention import ATTN_NAME as PACKED_ATTENTION
 from ..processing.processor import Phi3VProcessor
 from .checkpoints import quarantine_incomplete, resolve_resume, write_marker
-from .config import TrainConfig
+from .config import TrainConfig, fsdp_on
 from .distributed import (
     check_complete,
     check_resume_world_size,
@@ -142,11 +142,6 @@ def compile_on(cfg: TrainConfig) -> bool:
     return cfg.method != "qlora" or cfg.gradient_checkpointing
 
 
-def fsdp_on(cfg: TrainConfig) -> bool:
-    """--fsdp, or `accelerate launch` with an FSDP config (which says so in the environment)."""
-    return bool(cfg.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-
-
 def load_model(cfg: TrainConfig, folder: str) -> Phi3VForCausalLM:
     bf16, fp16 = precision(cfg)
     kwargs: dict[str, Any] = {"attn_implementation": attention_implementation(cfg)}
@@ -202,8 +197,9 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
         if is_main_process():
             skipped.parent.mkdir(parents=True, exist_ok=True)
             with open(skipped, "w", encoding="utf-8") as f:
-                for p in problems:
-                    f.write(f"{p.id}\t{p.origin}\t{p.field}\t{p.message}\n")
+                f.write("id\torigin\tfield\tproblem\n")
+                for p in problems:  # a line that did not parse has no id: its origin (file:line) names it
+                    f.write(f"{p.id if p.id is not None else '-'}\t{p.origin}\t{p.field}\t{p.message}\n")
         say(f"skipping {len(bad_origins)} sample(s) with {len(problems)} problem(s); listed in {skipped}")
         records = [r for r in records if r.origin not in bad_origins]
     eval_records: list[Record] = []
@@ -221,7 +217,9 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
     )
     say(plan.summary("training data"))
     if plan.refused:
-        path = write_refused(plan, output_dir / "refused_samples.tsv")
+        path = output_dir / "refused_samples.tsv"
+        if is_main_process():  # every rank knows the list; one writes it (a shared folder is written once)
+            write_refused(plan, path)
         if not cfg.skip_bad_samples:
             raise DataError(
                 [],
@@ -235,7 +233,9 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
         )
         say(eval_plan.summary("evaluation data"))
         if eval_plan.refused:  # same rule as training: a metric over fewer samples than given is not silent
-            path = write_refused(eval_plan, output_dir / "refused_eval_samples.tsv")
+            path = output_dir / "refused_eval_samples.tsv"
+            if is_main_process():
+                write_refused(eval_plan, path)
             if not cfg.skip_bad_samples:
                 raise DataError(
                     [],
@@ -377,6 +377,20 @@ def build_trainer(cfg: TrainConfig, data: LoadedData, processor: Phi3VProcessor,
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def single_process_engine(cfg: TrainConfig) -> None:
+    """`phi3v-tune train --deepspeed ...` started without a launcher: DeepSpeed would look for MPI to learn its
+    rank (and fail without mpi4py); give it the one-process group torchrun would have given."""
+    if cfg.deepspeed and "WORLD_SIZE" not in os.environ:
+        import socket
+
+        with socket.socket() as s:  # a free port for the process group's store
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        for key, value in {**defaults, "MASTER_PORT": str(port)}.items():
+            os.environ.setdefault(key, value)
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train as `cfg` says; returns the final metrics (also written to OUTPUT_DIR/metrics.json)."""
     from transformers import set_seed
@@ -385,6 +399,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     cfg.validate()
     cfg.check_environment()
+    single_process_engine(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
@@ -426,8 +441,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         trainer.add_callback(task_metric)
 
     metrics: dict[str, Any] = {}
-    if trainer.eval_dataset is not None and cfg.eval_steps is not None and resume_from is None:
-        metrics["eval_before"] = trainer.evaluate()
+    # the loss before training: evaluated by the Trainer once its engine is set up (a DeepSpeed engine built for
+    # evaluation first is an inference engine: ZeRO-2 refuses it, ZeRO-3 then fails in the first backward)
+    trainer.args.eval_on_start = trainer.eval_dataset is not None and cfg.eval_steps is not None and not resume_from
     from .gc_control import collector_restored
 
     with collector_restored():
@@ -435,6 +451,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     metrics["train"] = result.metrics
     metrics["steps"] = trainer.state.global_step
     metrics["log_history"] = trainer.state.log_history  # per-step loss, lr, throughput (also without checkpoints)
+    if trainer.args.eval_on_start:
+        metrics["eval_before"] = next(e for e in trainer.state.log_history if "eval_loss" in e)
     if trainer.eval_dataset is not None:
         metrics["eval_after"] = trainer.evaluate()
     if task_metric is not None:

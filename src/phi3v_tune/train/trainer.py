@@ -185,15 +185,33 @@ class Phi3VTrainer(Trainer):
         )
         if model.training:
             loss = result[0] if isinstance(result, tuple) else result
-            if not bool(torch.isfinite(loss.detach()).all()):
+            if not self._finite_on_every_rank(loss):
                 loss = self._nonfinite(model, loss)
                 result = (loss, *result[1:]) if isinstance(result, tuple) else loss
         return result
 
+    @staticmethod
+    def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+        """One answer for all ranks (a small all-reduce; the host waits for the loss here anyway): a rank that
+        stopped or skipped alone would leave the others waiting in the next collective until the timeout."""
+        finite = torch.isfinite(loss.detach()).all()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = finite.to(torch.int32).reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            return bool(flag)
+        return bool(finite)
+
     def _nonfinite(self, model, loss: torch.Tensor) -> torch.Tensor:
-        """Stop with the step and sample ids, or (within --skip-nonfinite) replace the batch by a zero loss."""
+        """Stop with the step and sample ids, or (within --skip-nonfinite) replace the batch by a zero loss; every
+        rank takes the same branch (see _finite_on_every_rank), and the message names every rank's samples."""
         step = self.state.global_step + 1
-        ids = ", ".join(map(str, self.last_batch_ids)) or "unknown"
+        bad = [(str(float(loss.detach())), list(map(str, self.last_batch_ids)))]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, bad[0])
+            bad = [p for p in parts if p[0] in ("nan", "inf", "-inf")] or parts
+        loss_text = ", ".join(sorted({value for value, _ in bad}))
+        ids = ", ".join(i for _, batch in bad for i in batch) or "unknown"
         allowed = self.train_config.skip_nonfinite if self.train_config is not None else 0
         self.nonfinite_skipped = getattr(self, "nonfinite_skipped", 0)
         if self.nonfinite_skipped >= allowed:
@@ -201,7 +219,7 @@ class Phi3VTrainer(Trainer):
 
             last = latest_complete(self.args.output_dir)
             raise FloatingPointError(
-                f"non-finite loss ({float(loss.detach())}) at step {step}; samples in the batch: {ids}. "
+                f"non-finite loss ({loss_text}) at step {step}; samples in the batch: {ids}. "
                 f"Last good checkpoint: {last or 'none yet'}. Check those samples, lower the learning rate, or pass "
                 f"--skip-nonfinite N to skip up to N such batches."
             )
