@@ -272,6 +272,36 @@ def test_eval_and_predict_clis(tmp_path, capsys):
     assert [r["id"] for r in rows] == ["100", "101", "102"]
 
 
+def test_predict_answers_unlabelled_questions_and_checks_images_before_loading(tmp_path, capsys):
+    from phi3v_tune.model.tiny import save_tiny_checkpoint
+
+    img(3).save(tmp_path / "a.png")
+    questions = tmp_path / "q.jsonl"  # no "assistant": questions to answer, not training data
+    questions.write_text(
+        json.dumps({"id": "q1", "conversations": [{"images": ["a.png"], "user": "Colour?"}]}) + "\n"
+        + json.dumps({"id": "q2", "conversations": [{"user": "Say hi."}]}) + "\n"
+    )  # fmt: skip
+    model = save_tiny_checkpoint(tmp_path / "tiny", seed=1, num_crops=1)
+    out = tmp_path / "answers.jsonl"
+    argv = ["predict", "--model", str(model), "--data", str(questions), "--max-new-tokens", "2", "--output", str(out)]
+    assert cli(argv) == 0
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["q1", "q2"]
+    # a missing image is reported before any model loads (the model path here does not even exist)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(
+        json.dumps({"id": "q3", "conversations": [{"images": ["gone.png"], "user": "Colour?", "assistant": "red"}]})
+        + "\n"
+    )
+    for command in (["predict"], ["eval", "--metric", "accuracy"]):
+        capsys.readouterr()
+        assert cli([*command, "--model", str(tmp_path / "no-model"), "--data", str(broken)]) == 2
+        assert "broken.jsonl:1 id=q3 conversations[0].images[0]: not found" in capsys.readouterr().err
+    # a training file still needs its answers
+    from phi3v_tune.data import load_records
+
+    assert "missing (expected a string)" in str(load_records(questions)[1][0].message)
+
+
 def test_validate_cli_reports_every_problem(tmp_path):
     (tmp_path / "d.jsonl").write_text(
         '{"id": "a", "conversations": [{"user": "q", "assistant": ""}]}\n'

@@ -66,12 +66,13 @@ def test_sigkill_at_five_points_then_resume_equals_an_uninterrupted_run(data_fil
 
     env = cpu_env()
 
-    def train(out: Path, port: int, fault: str | None = None, resume: bool = False) -> int:
+    def train(out: Path, port: int, fault: str | None = None, resume: bool = False, *extra: str) -> int:
         cmd = [*torchrun(2, port), "-m", "phi3v_tune", "train", *TINY_CPU_FLAGS, "--data", str(data_file),
                "--output-dir", str(out), "--max-steps", "6", "--batch-size", "2", "--batch-size-per-device", "1",
                "--save-steps", "2", "--seed", "3", "--learning-rate", "1e-3", "--warmup-steps", "1"]  # fmt: skip
         if resume:
             cmd.append("--resume")
+        cmd += extra
         run_env = {**env, "PHI3V_FAULT_INJECT": fault} if fault else env
         proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300)
         if proc.returncode and not fault:
@@ -85,13 +86,17 @@ def test_sigkill_at_five_points_then_resume_equals_an_uninterrupted_run(data_fil
         ["kill_at_step:1", "kill_in_save:2", "kill_at_step:3", "kill_in_save:4", "kill_at_step:5"]
     ):
         out = tmp_path / f"killed-{i}"
-        assert train(out, 29621 + 2 * i, fault=fault) != 0  # the run died
+        # with --save-total-limit 1, the previous checkpoint is deleted only once the new one is complete
+        limit = ("--save-total-limit", "1") if fault == "kill_in_save:4" else ()
+        assert train(out, 29621 + 2 * i, fault, False, *limit) != 0  # the run died
         assert not (out / "final").exists()
         if fault.startswith("kill_in_save"):
             step = int(fault.split(":")[1])
             assert (out / f"checkpoint-{step}").is_dir()
             assert not (out / f"checkpoint-{step}" / "checkpoint_complete.json").exists()
-        assert train(out, 29622 + 2 * i, resume=True) == 0
+            if limit:
+                assert (out / "checkpoint-2" / "checkpoint_complete.json").is_file()
+        assert train(out, 29622 + 2 * i, None, True, *limit) == 0
         if fault.startswith("kill_in_save"):
             assert list(out.glob("incomplete-checkpoint-*"))  # never resumed from
         got = _weights(out / "final")

@@ -349,11 +349,15 @@ def test_sharded_runs_refuse_what_they_cannot_do(monkeypatch):
     TrainConfig(data="x.jsonl", method="qlora").validate()
 
 
-def test_inference_names_a_missing_model_or_adapter_base(tmp_path):
+def test_inference_names_a_missing_model_or_adapter_base(tmp_path, monkeypatch):
     from phi3v_tune.train.merge import load_for_inference, merge_adapter
 
     with pytest.raises(ValueError, match="no such folder"):
         load_for_inference(tmp_path / "missing")
+    # a hub id is tried on the hub (eval/predict --model microsoft/...); offline it says so instead of "no folder"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="phi3v-test/none: could not load it from the Hugging Face hub"):
+        load_for_inference("phi3v-test/none")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))

@@ -43,15 +43,22 @@ def _load(args) -> tuple:
 
     model_dir = Path(args.model)
     model = load_for_inference(
-        model_dir, base=args.base, dtype=_dtype(args.dtype), attn_implementation=args.attn_implementation
+        args.model, base=args.base, dtype=_dtype(args.dtype), attn_implementation=args.attn_implementation
     )
-    proc_dir = model_dir if (model_dir / "tokenizer.json").is_file() else Path(args.base or adapter_base(model_dir))
+    if not model_dir.is_dir():  # a hub id: its processor files come with it
+        proc_dir = args.model
+    elif (model_dir / "tokenizer.json").is_file():
+        proc_dir = model_dir
+    else:
+        proc_dir = Path(args.base or adapter_base(model_dir))
     processor = Phi3VProcessor.from_pretrained(proc_dir, num_crops=args.num_crops)
     return model.to(_device()).eval(), processor
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a full checkpoint folder, or a LoRA adapter folder")
+    p.add_argument(
+        "--model", required=True, help="a full checkpoint folder, a LoRA adapter folder, or a hub id (with a network)"
+    )
     p.add_argument("--base", help="base model folder for a LoRA adapter (default: the one it records)")
     p.add_argument("--num-crops", type=int, default=None, help="HD crops per image (default: the model folder's)")
     p.add_argument(
@@ -78,10 +85,12 @@ def default_predictions_path(model: str, metric: str) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import DataError, load_records
+    from .data import DataError, load_records, validate_records
     from .evaluate.runner import evaluate_records, split_questions, write_rows
 
     records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
+    # every problem (missing or broken images included) before the model loads, not mid-way through generation
+    problems = validate_records(records, problems, multi_turn=args.multi_turn)
     if problems:
         raise DataError(problems)
     records = split_questions(records, args.multi_turn)
@@ -107,18 +116,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import DataError, Record, Turn, load_records
+    from .data import DataError, Record, Turn, load_records, validate_records
     from .evaluate.generate import generate_answers
     from .evaluate.runner import write_rows
 
     if bool(args.data) == bool(args.prompt):
         raise ValueError("give either --prompt (with --image/--video) or --data")
     if args.data:
-        records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
-        if problems:
-            raise DataError(problems)
+        records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split, answers_optional=True)
     else:
-        records = [Record("prompt", None, [Turn(args.prompt, "", list(args.image or []), video=args.video)])]
+        turn = Turn(args.prompt, "", list(args.image or []), video=args.video)
+        records = [Record("prompt", None, [turn], origin="--prompt")]
+        problems = []
+    problems = validate_records(records, problems, answers_required=False)
+    if problems:
+        raise DataError(problems)
     model, processor = _load(args)
     answers = generate_answers(
         model,

@@ -18,6 +18,7 @@ the_cauldron schema (``images: [image]``, ``texts: [{user, assistant, source}]``
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import os
@@ -33,6 +34,9 @@ from .schema import DataError, ImageRef, Problem, Record, Turn
 PathLike = str | os.PathLike
 
 _TURN_KEYS = ("user", "assistant", "images", "image", "video")
+#: True while `load_records(..., answers_optional=True)` reads (predict on unlabelled data): a turn without
+#: "assistant" reads as an empty answer instead of a problem
+_ANSWERS_OPTIONAL: contextvars.ContextVar[bool] = contextvars.ContextVar("answers_optional", default=False)
 # a record's own fields; other top-level keys are metadata and pass, except media-like ones (images belong to a turn)
 _RECORD_KEYS = ("id", "source", "answers", "conversations")
 _MEDIA_WORDS = ("image", "img", "video", "frame", "picture", "photo")
@@ -230,6 +234,9 @@ def _parse_turn(
         value = obj.get(key)
         if isinstance(value, str):
             texts[key] = value
+            continue
+        if key == "assistant" and value is None and _ANSWERS_OPTIONAL.get():
+            texts[key] = ""
             continue
         ok = False
         if key in obj and value is not None:
@@ -667,12 +674,20 @@ def load_records(
     *,
     name: str | None = None,
     cache_dir: PathLike | None = None,
+    answers_optional: bool = False,
 ) -> tuple[list[Record], list[Problem]]:
     """Read any supported source: a ``.jsonl`` / ``.json`` file, a dataset folder or file, or a Hub id.
 
     ``data`` may also be a list of sources, read in order. Bad samples become ``Problem``s; ``DataError`` is raised
     only when a whole source cannot be read (missing file, unknown table schema, Hub unreachable).
+    ``answers_optional``: turns may leave out "assistant" (questions to predict answers for).
     """
+    if answers_optional:
+        token = _ANSWERS_OPTIONAL.set(True)
+        try:
+            return load_records(data, image_dir, split, name=name, cache_dir=cache_dir)
+        finally:
+            _ANSWERS_OPTIONAL.reset(token)
     if isinstance(data, (list, tuple)):
         records: list[Record] = []
         problems: list[Problem] = []

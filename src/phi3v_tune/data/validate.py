@@ -33,6 +33,7 @@ def validate_records(
     max_image_pixels: int | None = None,
     num_workers: int | None = None,
     multi_turn: str = "conversation",
+    answers_required: bool = True,
 ) -> list[Problem]:
     """Return ``problems`` plus the content problems of ``records``, in file / row order.
 
@@ -40,7 +41,8 @@ def validate_records(
     ``<|image_k|>`` tags (see ``check_image_tags``); and with ``check_images``: image files that are missing or are
     not files, images PIL cannot fully decode, images over ``max_image_pixels``, and missing video files (videos are
     not decoded here). Images are decoded on ``num_workers`` threads (default: up to 8). ``multi_turn="recipe"``:
-    tags are numbered per turn (the recipe's layout), not across the conversation.
+    tags are numbered per turn (the recipe's layout), not across the conversation. ``answers_required=False``
+    (questions to predict answers for) lets answers be empty.
     """
     found: list[Problem] = list(problems)
     first_origin: dict[str, str] = {}
@@ -57,7 +59,7 @@ def validate_records(
         else:
             first_origin[record.id] = record.origin
         for i, turn in enumerate(record.turns):
-            if not turn.assistant.strip():
+            if answers_required and not turn.assistant.strip():
                 found.append(
                     Problem(
                         record.origin,

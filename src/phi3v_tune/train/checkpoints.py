@@ -67,6 +67,20 @@ def quarantine_incomplete(output_dir: str | Path) -> list[Path]:
     return moved
 
 
+def rotate(output_dir: str | Path, keep: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond the newest `keep`; called only after the newest one is marked
+    complete, so a crash while a checkpoint is written always leaves the previous complete one."""
+    import shutil
+
+    if not keep or keep < 1:
+        return []
+    done = [p for _, p in checkpoints(output_dir) if is_complete(p)]
+    gone = done[:-keep]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     """`None` -> no resume; 'latest' -> newest complete checkpoint, or a fresh start when there is none yet (so a
     job script can always pass --resume); a path -> checked."""
@@ -79,6 +93,12 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
         return found
     path = Path(resume)
     if not path.is_dir():
+        renamed = sorted(path.parent.glob(f"incomplete-{path.name}-*")) if CHECKPOINT.match(path.name) else []
+        if renamed:  # quarantine_incomplete ran at this start
+            raise ValueError(
+                f"--resume {path}: that checkpoint was not fully written (renamed {renamed[-1].name}, never resumed "
+                f"from); resume from an earlier one, or pass --resume to take the newest complete checkpoint"
+            )
         raise FileNotFoundError(f"--resume {path}: no such folder")
     if not is_complete(path):
         raise ValueError(f"--resume {path}: the checkpoint is incomplete (no {MARKER}); it was not fully written")

@@ -354,12 +354,18 @@ def zero_stage(deepspeed: str | None) -> int | None:
     return stage if isinstance(stage, int) else None
 
 
+def is_hub_id(model: str) -> bool:
+    """ "org/name" that is no local path (nothing there, no leading / . ~, at most one slash)."""
+    path = Path(model).expanduser()
+    local = path.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1
+    return not local and model != "tiny"
+
+
 def check_model_path(model: str, flag: str) -> None:
     """A model given as a local path must be a model folder (not missing, not a LoRA adapter to train on top of);
     hub ids ("org/name") and "tiny" pass."""
     path = Path(model).expanduser()
-    local = path.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1
-    if model == "tiny" or not local:
+    if model == "tiny" or is_hub_id(model):
         return
     if not path.is_dir():
         raise ValueError(f"{flag} {model}: no such folder (expected a model folder with config.json, or a hub id)")

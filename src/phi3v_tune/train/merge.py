@@ -29,11 +29,13 @@ def load_for_inference(
     model_dir: str | Path, base: str | None = None, dtype: torch.dtype = torch.float32, merge: bool = True, **kwargs
 ) -> Phi3VForCausalLM:
     """A full checkpoint, or base + LoRA adapter (merged unless `merge=False`)."""
-    from .config import check_model_path
+    from .config import check_model_path, is_hub_id
 
+    if not Path(model_dir).is_dir() and is_hub_id(str(model_dir)):
+        return load_hub_model(str(model_dir), dtype=dtype, **kwargs)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise ValueError(f"{model_dir}: no such folder (expected a model folder or a LoRA adapter folder)")
+        raise ValueError(f"{model_dir}: no such folder (expected a model folder, a LoRA adapter folder or a hub id)")
     if (model_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -47,6 +49,14 @@ def load_for_inference(
         peft_model = PeftModel.from_pretrained(base_model, str(model_dir))
         return peft_model.merge_and_unload() if merge else peft_model
     return Phi3VForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kwargs)
+
+
+def load_hub_model(name: str, dtype: torch.dtype, **kwargs) -> Phi3VForCausalLM:
+    """A published model by hub id (downloaded once into the Hugging Face cache)."""
+    try:
+        return Phi3VForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except OSError as err:
+        raise ValueError(f"{name}: could not load it from the Hugging Face hub ({err}); pass a local folder") from None
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16") -> Path:

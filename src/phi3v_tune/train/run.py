@@ -304,7 +304,7 @@ def training_arguments(cfg: TrainConfig, world_size: int):
         fp16=fp16,
         save_strategy="steps" if cfg.save_checkpoints else "no",
         save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=None,  # rotated by Phi3VTrainer once the new checkpoint is marked complete
         logging_strategy="steps",
         logging_steps=cfg.logging_steps,
         logging_first_step=True,

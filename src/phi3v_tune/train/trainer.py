@@ -281,6 +281,10 @@ class Phi3VTrainer(Trainer):
                 self.train_config.save(folder / "train_config.yaml")
             (folder / EPOCH_PROGRESS).write_text(json.dumps({"epoch": self.state.epoch, **progress}))
             write_marker(folder, self.state.global_step)
+            if self.train_config is not None:
+                from .checkpoints import rotate
+
+                rotate(folder.parent, self.train_config.save_total_limit)
         self.accelerator.wait_for_everyone()
 
     def _gather_epoch_progress(self) -> dict[str, list[str]]:
