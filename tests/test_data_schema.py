@@ -215,8 +215,16 @@ def test_missing_video_is_reported(tmp_path):
     r = rec("v", Turn("what happens?", "a", video=str(video)))
     problems = validate_records([r])
     assert [(p.field, p.message) for p in problems] == [("conversations[0].video", f"not found: {video}")]
-    video.write_bytes(b"\x00" * 10)  # not decoded here
+    video.write_bytes(b"\x00" * 10)  # not decoded by training's check (planning decodes every video once)
     assert validate_records([r]) == []
+    # `phi3v-tune validate` decodes it: an unreadable video is a located problem there, not only at training
+    (problem,) = validate_records([r], decode_videos=True)
+    assert problem.field == "conversations[0].video" and problem.message.startswith(f"video '{video}': cannot decode")
+    pytest.importorskip("av")
+    from test_convert import make_video
+
+    make_video(video, 4)
+    assert validate_records([r], decode_videos=True) == []
 
 
 def test_many_images_use_progress_and_threads(tmp_path):

@@ -138,6 +138,20 @@ def test_hateful_memes_recipe_holds_out_the_first_rows(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["data"]["train_samples"] == 4
 
 
+def test_eval_split_reads_another_split_of_the_evaluation_data(tmp_path):
+    """Train on a data set's `train` split and evaluate on another one's `validation` split."""
+    train = cauldron_table(tmp_path / "train", 3, 1, 1, ["yes", "no"])
+    rows = datasets.load_from_disk(str(cauldron_table(tmp_path / "rows", 2, 1, 1, ["no"])))
+    evaluation = tmp_path / "val"
+    datasets.DatasetDict({"validation": rows}).save_to_disk(str(evaluation))
+    out = tmp_path / "run"
+    argv = ["train", "--task", "hateful_memes", "--data", str(train), "--eval-data", str(evaluation), "--output-dir",
+            str(out), *COMMON]  # fmt: skip
+    assert cli(argv) == 2  # the default: --split (train) for both, and this one has no train split
+    assert cli([*argv, "--eval-split", "validation"]) == 0
+    check_metric_log(out, "accuracy", 2)
+
+
 def test_nlvr2_recipe_keeps_both_images_and_every_question(tmp_path):
     data = cauldron_table(tmp_path / "nlvr2", 5, 2, 3, ["True", "False"])
     out = tmp_path / "run"

@@ -186,6 +186,16 @@ def test_task_metric_keeps_the_loss_curve_whole_and_a_stop_is_not_evaluated_twic
     assert entries[1]["eval_accuracy"] == entries[2]["eval_accuracy"]
 
 
+def test_a_metric_without_evaluation_data_is_said(data_file, tmp_path, capsys):
+    metrics = run_training(
+        small_config(data_file, tmp_path / "r", max_steps=1, metric="anls", eval_steps=1, save_checkpoints=False)
+    )
+    assert "there is no evaluation data (--eval-data or --eval-holdout): this run evaluates nothing" in (
+        capsys.readouterr().out
+    )
+    assert "task_metric" not in metrics and "eval_after" not in metrics
+
+
 def test_incomplete_checkpoints_are_never_resumed_and_limit_keeps_newest(data_file, tmp_path):
     out = tmp_path / "run"
     run_training(small_config(data_file, out, max_steps=6, save_steps=2, save_total_limit=2))

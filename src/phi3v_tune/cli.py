@@ -124,18 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_merge)
 
+    from .demo import DEFAULTS as DEMO_DEFAULTS
+
     p = sub.add_parser(
         "demo",
         help="the quick-start demo: fine-tune a tiny model on synthetic data (CPU, minutes)",
-        description="Generates a synthetic multi-task data set (colour, shape, two-image comparison, "
-        "8-frame motion video), trains a tiny randomly initialised Phi-3-vision on it and "
-        "prints accuracy before and after on a held-out split. Writes the checkpoint, "
-        "metrics.json and loss.png to --output-dir.",
+        description="Generates a synthetic multi-task data set (the colour of a shape in one image; which of two "
+        "images shows the bigger shape; the colour a dot ends with in an 8-frame video) as a conversations jsonl "
+        "with PNG files, trains a tiny randomly initialised Phi-3-vision on it and prints accuracy before and after "
+        "on a held-out split. Writes the data, the final checkpoint, demo_metrics.json, predictions.jsonl, "
+        "loss.png and tensorboard logs to --output-dir.",
     )
     p.add_argument("--output-dir", default="outputs/demo", help="where everything goes (default: outputs/demo)")
-    p.add_argument("--train-per-task", type=int, default=None, help="training samples per task")
-    p.add_argument("--eval-per-task", type=int, default=None, help="held-out samples per task")
-    p.add_argument("--epochs", type=float, default=None, help="training epochs")
+    p.add_argument(
+        "--train-per-task",
+        type=int,
+        default=None,
+        help=f"training samples per task (default: {DEMO_DEFAULTS['train_per_task']})",
+    )
+    p.add_argument(
+        "--eval-per-task",
+        type=int,
+        default=None,
+        help=f"held-out samples per task (default: {DEMO_DEFAULTS['eval_per_task']})",
+    )
+    p.add_argument("--epochs", type=float, default=None, help=f"training epochs (default: {DEMO_DEFAULTS['epochs']})")
     p.add_argument("--seed", type=int, default=0, help="random seed (data and model; default: 0)")
     p.add_argument(
         "--strict", action="store_true", help="exit with code 1 if a task ends below 90%% accuracy (default: exit 0)"

@@ -1,4 +1,5 @@
-"""The quick-start demo: a tiny random Phi-3-vision learns four synthetic visual tasks on a CPU in a few minutes.
+"""The quick-start demo: a tiny random Phi-3-vision learns three synthetic visual tasks (one image, two images,
+an 8-frame video) on a CPU in a few minutes.
 
 It exercises the real path end to end: a conversations jsonl with image files (written under the output folder so
 you can look at the format), the validator, the HF-Trainer loop with checkpoints, batched greedy generation and the

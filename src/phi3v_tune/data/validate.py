@@ -34,6 +34,7 @@ def validate_records(
     num_workers: int | None = None,
     multi_turn: str = "conversation",
     answers_required: bool = True,
+    decode_videos: bool = False,
 ) -> list[Problem]:
     """Return ``problems`` plus the content problems of ``records``, in file / row order.
 
@@ -42,7 +43,8 @@ def validate_records(
     not files, images PIL cannot fully decode, images over ``max_image_pixels``, and missing video files (videos are
     not decoded here). Images are decoded on ``num_workers`` threads (default: up to 8). ``multi_turn="recipe"``:
     tags are numbered per turn (the recipe's layout), not across the conversation. ``answers_required=False``
-    (questions to predict answers for) lets answers be empty.
+    (questions to predict answers for) lets answers be empty. ``decode_videos`` also decodes every video (what
+    `phi3v-tune validate` does; training leaves it to planning, which decodes each video once anyway).
     """
     found: list[Problem] = list(problems)
     first_origin: dict[str, str] = {}
@@ -79,7 +81,7 @@ def validate_records(
                 )
         found.extend(check_image_tags(record, per_turn=multi_turn == "recipe"))
     if check_images:
-        found.extend(_check_media(records, max_image_pixels, num_workers))
+        found.extend(_check_media(records, max_image_pixels, num_workers, decode_videos))
     return sort_problems(found)
 
 
@@ -181,7 +183,9 @@ def _check_pixels(size: tuple[int, int], max_image_pixels: int | None) -> None:
         raise _TooLarge(f"{width}x{height} = {width * height} pixels, more than max_image_pixels={max_image_pixels}")
 
 
-def _check_media(records: Sequence[Record], max_image_pixels: int | None, num_workers: int | None) -> list[Problem]:
+def _check_media(
+    records: Sequence[Record], max_image_pixels: int | None, num_workers: int | None, decode_videos: bool = False
+) -> list[Problem]:
     # Each distinct file is decoded once, however many samples share it.
     jobs: dict[object, ImageRef] = {}
     uses: list[tuple[Record, str, object]] = []
@@ -212,6 +216,9 @@ def _check_media(records: Sequence[Record], max_image_pixels: int | None, num_wo
         bar.close()
 
     problems = [Problem(record.origin, record.id, where, results[key]) for record, where, key in uses if results[key]]
+    readable = sorted({video for _, _, video in videos if os.path.isfile(video)}) if decode_videos else []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        decoded = dict(zip(readable, pool.map(_check_video, readable)))
     for record, where, video in videos:
         if not os.path.isfile(video):
             problems.append(
@@ -222,7 +229,20 @@ def _check_media(records: Sequence[Record], max_image_pixels: int | None, num_wo
                     f"{'not a file' if os.path.exists(video) else 'not found'}: {video}",
                 )
             )
+        elif decoded.get(video):
+            problems.append(Problem(record.origin, record.id, where, decoded[video]))
     return problems
+
+
+def _check_video(path: str) -> str | None:
+    """None if PyAV decodes frames from it, else why not."""
+    from .video import sample_frames
+
+    try:
+        sample_frames(path, 1)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 @dataclass
@@ -277,7 +297,12 @@ def validate_path(
     except DataError as e:
         return ValidationReport(label, 0, 0, 0, list(e.problems))
     problems = validate_records(
-        records, problems, check_images=check_images, max_image_pixels=max_image_pixels, multi_turn=multi_turn
+        records,
+        problems,
+        check_images=check_images,
+        max_image_pixels=max_image_pixels,
+        multi_turn=multi_turn,
+        decode_videos=check_images,
     )
     return ValidationReport(
         data=label,

@@ -45,7 +45,11 @@ class TrainConfig:
     image_dir: str | None = _f(
         None, "Folder that relative image paths are relative to (default: the jsonl's folder, then images/ below it)."
     )
-    split: str = _f("train", "Split to read from a Hugging Face data set.")
+    split: str = _f("train", "Split to read from a Hugging Face data set (or SPLIT.jsonl in a data folder).")
+    eval_split: str | None = _f(
+        None,
+        "Split to read from --eval-data when it is a data set with splits, e.g. validation (default: --split).",
+    )
     max_length: int | None = _f(
         None,
         "Truncate samples to this many tokens (text after the last image only; samples "

@@ -177,6 +177,11 @@ def prepare_model(cfg: TrainConfig, base: str):
     return model
 
 
+def _longer(plan: DataPlan) -> str:
+    """'raise --max-length, ' when a refusal is about length (an unreadable video is not)."""
+    return "raise --max-length, " if any(reason != "invalid" for _, reason, _ in plan.refused) else ""
+
+
 def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> LoadedData:
     """Load and check everything up front; stop with the full report unless --skip-bad-samples."""
     if not cfg.data:
@@ -204,7 +209,9 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
         records = [r for r in records if r.origin not in bad_origins]
     eval_records: list[Record] = []
     if cfg.eval_data:
-        eval_records, eval_problems = load_records(cfg.eval_data, image_dir=cfg.image_dir, split=cfg.split)
+        eval_records, eval_problems = load_records(
+            cfg.eval_data, image_dir=cfg.image_dir, split=cfg.eval_split or cfg.split
+        )
         eval_problems = validate_records(
             eval_records, eval_problems, max_image_pixels=cfg.max_image_pixels, multi_turn=cfg.multi_turn
         )
@@ -224,7 +231,7 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
             raise DataError(
                 [],
                 header=f"{len(plan.refused)} sample(s) cannot be trained on as they are (listed in "
-                f"{path}); fix them, raise --max-length, or pass --skip-bad-samples",
+                f"{path}); fix them, {_longer(plan)}or pass --skip-bad-samples",
             )
     eval_plan = None
     if eval_records:
@@ -240,7 +247,7 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
                 raise DataError(
                     [],
                     header=f"{len(eval_plan.refused)} evaluation sample(s) cannot be evaluated as they are (listed "
-                    f"in {path}); fix them, raise --max-length, or pass --skip-bad-samples to evaluate without them",
+                    f"in {path}); fix them, {_longer(eval_plan)}or pass --skip-bad-samples to evaluate without them",
                 )
     if not plan.kept:
         raise DataError([], header="no trainable samples left")
@@ -417,6 +424,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     processor = Phi3VProcessor.from_pretrained(base, num_crops=cfg.num_crops)
     processor.image_processor.max_image_pixels = cfg.max_image_pixels
     data = read_data(cfg, processor, out)
+    if (cfg.metric or cfg.eval_steps) and not data.eval:
+        say(
+            "warning: --metric/--eval-steps are set but there is no evaluation data (--eval-data or --eval-holdout): "
+            "this run evaluates nothing"
+        )
     if is_main_process():
         cfg.save(out / "train_config.yaml")
 
