@@ -344,6 +344,8 @@ def test_bad_settings_fail_before_anything_loads(tmp_path):
         TrainConfig(data="x.jsonl", model=ok).validate()
     with pytest.raises(ValueError, match="no such file"):  # what the machine must have: checked before loading
         TrainConfig(data="x.jsonl", deepspeed=str(tmp_path / "nope.json")).check_environment()
+    with pytest.raises(ValueError, match="--method qlora needs a CUDA GPU"):  # before planning any data
+        TrainConfig(data="x.jsonl", method="qlora", cpu=True).check_environment()
 
 
 def test_sharded_runs_refuse_what_they_cannot_do(monkeypatch):

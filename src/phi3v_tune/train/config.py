@@ -312,6 +312,15 @@ class TrainConfig:
 
     def check_environment(self) -> None:
         """What the settings need from this machine (files, packages), checked before any data or model loads."""
+        import importlib.util
+
+        if self.method == "qlora":
+            import torch
+
+            if self.cpu or not torch.cuda.is_available():
+                raise ValueError("--method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use lora on the CPU")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError("--method qlora needs bitsandbytes: pip install 'phi3v-tune[qlora]'")
         if self.deepspeed:
             if not Path(self.deepspeed).is_file():
                 raise ValueError(f"--deepspeed {self.deepspeed}: no such file (configs/deepspeed/ has zero2.json, ...)")
@@ -320,8 +329,6 @@ class TrainConfig:
                     "--skip-nonfinite cannot be combined with ZeRO-3: a skipped batch's zero loss needs whole weights "
                     "on every rank, which ZeRO-3 partitions (use --skip-nonfinite 0, or zero2.json)"
                 )
-            import importlib.util
-
             if importlib.util.find_spec("deepspeed") is None:
                 raise ValueError(
                     "--deepspeed needs the deepspeed package: DS_BUILD_OPS=0 pip install deepspeed (see README)"
