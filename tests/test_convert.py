@@ -12,7 +12,7 @@ from PIL import Image
 av = pytest.importorskip("av")
 
 from phi3v_tune.data.convert import convert_cauldron, convert_ucf101  # noqa: E402
-from phi3v_tune.data.video import frame_indices, sample_frames  # noqa: E402
+from phi3v_tune.data.video import count_frames, frame_indices, sample_frames  # noqa: E402
 
 
 def make_video(path, n_frames: int, size=(48, 32)) -> None:
@@ -86,6 +86,7 @@ def test_video_frames_in_a_turn_are_sampled(tmp_path):
     frames = sample_frames(tmp_path / "clip.avi", 8)
     assert len(frames) == 8
     assert [round(float(np.asarray(f).mean()) / 12) for f in frames] == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert count_frames(tmp_path / "clip.avi") == 16  # what validate decodes, keeping no frame
 
 
 def test_cauldron_table_to_jsonl(tmp_path):

@@ -273,18 +273,20 @@ def test_fsdp2_evaluation_runs_the_vision_tower_on_a_rank_without_images(tmp_pat
     ]
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     done = subprocess.run(
-        [*torchrun(2, 29547), str(REPO / "tests" / "fsdp2_forward.py"), str(model), str(data)],
+        [*torchrun(2, 29547), str(REPO / "tests" / "fsdp2_forward.py"), str(model), str(data), str(tmp_path)],
         env=cpu_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = sorted((json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")), key=lambda r: r["rank"])
+    rows = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in rows] == [0, 1]
     assert [r["vision_calls"] for r in rows] == [1, 1]
     for r in rows:  # the text-only rank's dummy crop adds exactly nothing
         assert abs(r["sharded"] - r["alone"]) < 1e-5, r
+    # generating: CLIP runs for the prompt on both ranks (images / dummy crop), then no more for the decode steps
+    assert [r["generation_clip_runs"] for r in rows] == [1, 1]
 
 
 def test_a_nan_loss_on_one_rank_stops_or_skips_on_every_rank(dist_data, tmp_path):

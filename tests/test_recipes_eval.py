@@ -300,6 +300,23 @@ def test_predict_answers_unlabelled_questions_and_checks_images_before_loading(t
     argv = ["predict", "--model", str(model), "--data", str(questions), "--max-new-tokens", "2", "--output", str(out)]
     assert cli(argv) == 0
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["q1", "q2"]
+    # a DocVQA-style test split withholds its answers
+    table = datasets.Dataset.from_dict(
+        {"questionId": ["7", "8"], "image": [img(5), img(6)], "query": [{"en": "Total?"}] * 2, "answers": [None] * 2},
+        features=datasets.Features(
+            {
+                "questionId": datasets.Value("string"),
+                "image": datasets.Image(),
+                "query": {"en": datasets.Value("string")},
+                "answers": datasets.Sequence(datasets.Value("string")),
+            }
+        ),
+    )
+    table.save_to_disk(str(tmp_path / "docvqa-test"))
+    argv = ["predict", "--model", str(model), "--data", str(tmp_path / "docvqa-test"), "--max-new-tokens", "2",
+            "--output", str(out)]  # fmt: skip
+    assert cli(argv) == 0
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["7", "8"]
     # a missing image is reported before any model loads (the model path here does not even exist)
     broken = tmp_path / "broken.jsonl"
     broken.write_text(

@@ -196,6 +196,19 @@ def test_a_metric_without_evaluation_data_is_said(data_file, tmp_path, capsys):
     assert "task_metric" not in metrics and "eval_after" not in metrics
 
 
+def test_rotation_after_resuming_an_earlier_checkpoint_keeps_the_new_branch(data_file, tmp_path):
+    out = tmp_path / "run"
+    run_training(small_config(data_file, out, max_steps=8, save_steps=4, save_total_limit=2))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    # back to step 4 with other settings: checkpoint-8 is the abandoned run's; the new checkpoint-6 is what counts
+    resumed = small_config(data_file, out, max_steps=8, save_steps=2, save_total_limit=1, stop_at_step=6)
+    resumed.resume = str(out / "checkpoint-4")
+    resumed.learning_rate = 1e-4
+    run_training(resumed)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert latest_complete(out) == out / "checkpoint-6"
+
+
 def test_incomplete_checkpoints_are_never_resumed_and_limit_keeps_newest(data_file, tmp_path):
     out = tmp_path / "run"
     run_training(small_config(data_file, out, max_steps=6, save_steps=2, save_total_limit=2))
@@ -357,6 +370,10 @@ def test_sharded_runs_refuse_what_they_cannot_do(monkeypatch):
         TrainConfig(data="x.jsonl", fsdp=True, skip_nonfinite=2).validate()
     with pytest.raises(ValueError, match="on the CPU accelerate would quietly train plain DDP"):
         TrainConfig(data="x.jsonl", fsdp=True, cpu=True).validate()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")  # accelerate launch with a ZeRO-3 config
+    with pytest.raises(ValueError, match="--skip-nonfinite cannot be combined with ZeRO-3"):
+        TrainConfig(data="x.jsonl", skip_nonfinite=1).check_environment()
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="does not shard 4-bit"):
         TrainConfig(data="x.jsonl", method="qlora").validate()
@@ -370,9 +387,16 @@ def test_inference_names_a_missing_model_or_adapter_base(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no such folder"):
         load_for_inference(tmp_path / "missing")
     # a hub id is tried on the hub (eval/predict --model microsoft/...); offline it says so instead of "no folder"
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="phi3v-test/none: could not load it from the Hugging Face hub"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: no network wait
+    with pytest.raises(ValueError, match="phi3v-test/none: no such local folder, and it could not be loaded from"):
         load_for_inference("phi3v-test/none")
+    (tmp_path / "run").mkdir()  # a mistyped path under an existing folder is not looked up on the hub
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="run/final: no such folder"):
+        load_for_inference("run/final")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))

@@ -236,10 +236,10 @@ def _check_media(
 
 def _check_video(path: str) -> str | None:
     """None if PyAV decodes frames from it, else why not."""
-    from .video import sample_frames
+    from .video import count_frames
 
     try:
-        sample_frames(path, 1)
+        count_frames(path)
     except ValueError as err:
         return str(err)
     return None

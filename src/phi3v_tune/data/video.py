@@ -40,6 +40,22 @@ def sample_frames(path: str | Path, num_frames: int = 8) -> list[Image.Image]:
     return [frames[i] for i in frame_indices(len(frames), num_frames)]
 
 
+def count_frames(path: str | Path) -> int:
+    """Decode the whole stream and count its frames without keeping them (what `validate` needs: a long clip's
+    frames as RGB images would take gigabytes)."""
+    import av
+
+    path = Path(path)
+    try:
+        with av.open(str(path)) as container:
+            count = sum(1 for _ in container.decode(container.streams.video[0]))
+    except Exception as err:  # PyAV raises many types for unreadable files
+        raise ValueError(f"video '{path}': cannot decode ({type(err).__name__}: {err})") from err
+    if not count:
+        raise ValueError(f"video '{path}': no frames could be decoded")
+    return count
+
+
 @lru_cache(maxsize=32)
 def cached_frames(path: str, num_frames: int, mtime: float) -> tuple[Image.Image, ...]:
     """Per-process cache of sampled frames (keyed by modification time, so an edited file is decoded again)."""

@@ -166,31 +166,41 @@ class Phi3VModel(Phi3Model):
     def enable_input_require_grads(self) -> None:
         hook_token_embeddings(self)
 
-    def vision_every_step(self) -> bool:
-        """Whether a batch without images must still run the vision tower (on one dummy crop).
+    def vision_on_this_step(self, has_images: bool, device: torch.device) -> bool:
+        """Whether this forward runs the vision tower: on its images, or, for a batch without any, on one dummy crop.
 
         Distributed engines expect every rank to take part in the same collectives and gradient reductions. Under DDP
         with `find_unused_parameters=False`, a rank whose batch has no image would leave the vision weights without
         gradients (error at the next step); under ZeRO-3 / FSDP each layer's forward gathers its shards from every
         rank, so a rank skipping CLIP while another runs it hangs - frozen weights included, and in evaluation too
-        (generation with `synced_gpus`). So: always while training under torch.distributed, and in any mode when the
-        vision weights are sharded (ZeRO-3 partitioned parameters carry `ds_id`; FSDP2 makes them DTensors).
+        (generation with `synced_gpus`). So: always while training under torch.distributed; in evaluation with
+        sharded vision weights, whenever any rank has images (one small all-reduce decides: the decode steps of
+        generation, where no rank has any, skip the tower everywhere); otherwise only for images.
         """
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return False
+            return has_images
         if self.training:
             return True
+        if not self.vision_sharded():
+            return has_images
+        flag = torch.tensor([int(has_images)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def vision_sharded(self) -> bool:
+        """The vision weights are sharded over ranks: ZeRO-3 partitioned parameters carry `ds_id`; FSDP2 shards the
+        CLIP layers (inside the root's forward the tower's own weights are already gathered into plain Parameters,
+        so the mark is a sharded layer, not a DTensor weight)."""
         first = next(self.vision_embed_tokens.parameters(), None)
         if first is None:
             return False
         if hasattr(first, "ds_id"):
             return True
-        # FSDP2: inside the root's forward the tower's own weights are already gathered into plain Parameters, so
-        # the mark to look for is a sharded submodule (every CLIP layer is one), not a DTensor weight
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
 
-        return isinstance(first, DTensor) or any(isinstance(m, FSDPModule) for m in self.vision_embed_tokens.modules())
+        layers = self.vision_embed_tokens.img_processor.vision_model.encoder.layers
+        return isinstance(first, DTensor) or any(isinstance(m, FSDPModule) for m in (self.vision_embed_tokens, *layers))
 
     def embed(
         self,
@@ -207,8 +217,10 @@ class Phi3VModel(Phi3Model):
         image_mask = input_ids < 0
         embeds = self.embed_tokens(input_ids.clamp(min=0))
         known = image_token_count is not None and pixel_values is not None
-        if not (image_token_count > 0 if known else bool(image_mask.any())):
-            if self.vision_every_step():
+        has_images = image_token_count > 0 if known else bool(image_mask.any())
+        run_vision = self.vision_on_this_step(has_images, input_ids.device)
+        if not has_images:
+            if run_vision:
                 # zero-valued, but in the graph: every vision weight takes part in forward and backward
                 dummy = self.vision_embed_tokens.dummy_forward(input_ids.device).float().sum()  # fp32: no fp16 inf
                 return embeds + (0.0 * dummy).to(embeds.dtype)

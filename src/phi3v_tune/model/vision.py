@@ -107,7 +107,7 @@ class Phi3VImageEmbedding(nn.Module):
 
     def dummy_forward(self, device: torch.device) -> torch.Tensor:
         """The features of one black 336x336 image (global view + one sub-crop), for batches without images that
-        must still run every vision weight (see `Phi3VModel.vision_every_step`)."""
+        must still run every vision weight (see `Phi3VModel.vision_on_this_step`)."""
         pixels = torch.zeros(1, 2, 3, CROP_SIZE, CROP_SIZE, device=device)
         sizes = torch.tensor([[CROP_SIZE, CROP_SIZE]])  # read on the host (crop counts): no GPU round trip
         return self(pixels, sizes)

@@ -51,8 +51,10 @@ def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_complete(output_dir: str | Path) -> Path | None:
+    """The most recently completed checkpoint (after a resume from an earlier one, the new branch's, not a
+    higher-numbered leftover of the abandoned run)."""
     done = [p for _, p in checkpoints(output_dir) if is_complete(p)]
-    return done[-1] if done else None
+    return max(done, key=marked_at) if done else None
 
 
 def quarantine_incomplete(output_dir: str | Path) -> list[Path]:
@@ -67,15 +69,30 @@ def quarantine_incomplete(output_dir: str | Path) -> list[Path]:
     return moved
 
 
-def rotate(output_dir: str | Path, keep: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond the newest `keep`; called only after the newest one is marked
-    complete, so a crash while a checkpoint is written always leaves the previous complete one."""
+def marked_at(folder: Path) -> float:
+    """When the checkpoint was completed (its marker's time; the marker file's mtime if that is unreadable)."""
+    marker = folder / MARKER
+    try:
+        return float(json.loads(marker.read_text())["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return marker.stat().st_mtime
+
+
+def rotate(newest: str | Path, keep: int | None) -> list[Path]:
+    """Keep `newest` (just marked complete) and the most recently completed others, `keep` in all; delete the rest.
+
+    Called only after `newest` is marked, so a crash while a checkpoint is written always leaves the previous
+    complete one. Ordered by completion time, not step: after a resume from an earlier checkpoint the folder may
+    still hold higher-numbered checkpoints of the abandoned run, and those are the ones to go.
+    """
     import shutil
 
+    newest = Path(newest)
     if not keep or keep < 1:
         return []
-    done = [p for _, p in checkpoints(output_dir) if is_complete(p)]
-    gone = done[:-keep]
+    others = [p for _, p in checkpoints(newest.parent) if is_complete(p) and p.name != newest.name]
+    others.sort(key=marked_at)
+    gone = others[: max(0, len(others) - (keep - 1))]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone

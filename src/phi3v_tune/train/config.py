@@ -321,14 +321,14 @@ class TrainConfig:
                 raise ValueError("--method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use lora on the CPU")
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise ValueError("--method qlora needs bitsandbytes: pip install 'phi3v-tune[qlora]'")
+        if zero_stage(self.deepspeed) == 3 and self.skip_nonfinite > 0:
+            raise ValueError(
+                "--skip-nonfinite cannot be combined with ZeRO-3: a skipped batch's zero loss needs whole weights "
+                "on every rank, which ZeRO-3 partitions (use --skip-nonfinite 0, or zero2.json)"
+            )
         if self.deepspeed:
             if not Path(self.deepspeed).is_file():
                 raise ValueError(f"--deepspeed {self.deepspeed}: no such file (configs/deepspeed/ has zero2.json, ...)")
-            if zero_stage(self.deepspeed) == 3 and self.skip_nonfinite > 0:
-                raise ValueError(
-                    "--skip-nonfinite cannot be combined with ZeRO-3: a skipped batch's zero loss needs whole weights "
-                    "on every rank, which ZeRO-3 partitions (use --skip-nonfinite 0, or zero2.json)"
-                )
             if importlib.util.find_spec("deepspeed") is None:
                 raise ValueError(
                     "--deepspeed needs the deepspeed package: DS_BUILD_OPS=0 pip install deepspeed (see README)"
@@ -353,8 +353,12 @@ def fsdp_on(cfg: TrainConfig) -> bool:
 
 
 def zero_stage(deepspeed: str | None) -> int | None:
-    """The ZeRO stage a DeepSpeed JSON config asks for (None without --deepspeed or a readable stage)."""
-    if not deepspeed or not Path(deepspeed).is_file():
+    """The ZeRO stage a DeepSpeed JSON config asks for, or `accelerate launch` with a DeepSpeed config (which says
+    so in the environment); None without either, or without a readable stage."""
+    if not deepspeed:
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+        return int(stage) if stage.isdigit() else None
+    if not Path(deepspeed).is_file():
         return None
     import json
 
@@ -366,9 +370,11 @@ def zero_stage(deepspeed: str | None) -> int | None:
 
 
 def is_hub_id(model: str) -> bool:
-    """ "org/name" that is no local path (nothing there, no leading / . ~, at most one slash)."""
+    """An "org/name" that is no local path: nothing there, no leading / . ~, at most one slash, and no local
+    folder named like the org (`run/final` with a `run/` folder here is a mistyped path, not a hub id)."""
     path = Path(model).expanduser()
     local = path.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1
+    local = local or ("/" in model and path.parent.is_dir())
     return not local and model != "tiny"
 
 

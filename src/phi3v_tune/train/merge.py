@@ -56,7 +56,10 @@ def load_hub_model(name: str, dtype: torch.dtype, **kwargs) -> Phi3VForCausalLM:
     try:
         return Phi3VForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except OSError as err:
-        raise ValueError(f"{name}: could not load it from the Hugging Face hub ({err}); pass a local folder") from None
+        raise ValueError(
+            f"{name}: no such local folder, and it could not be loaded from the Hugging Face hub ({err}); pass a "
+            "local model folder"
+        ) from None
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16") -> Path:

@@ -387,6 +387,9 @@ def build_trainer(cfg: TrainConfig, data: LoadedData, processor: Phi3VProcessor,
 def single_process_engine(cfg: TrainConfig) -> None:
     """`phi3v-tune train --deepspeed ...` started without a launcher: DeepSpeed would look for MPI to learn its
     rank (and fail without mpi4py); give it the one-process group torchrun would have given."""
+    mpi_or_slurm = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")  # launchers DeepSpeed finds ranks from
+    if any(int(os.environ.get(key, "1") or 1) > 1 for key in mpi_or_slurm):
+        return
     if cfg.deepspeed and "WORLD_SIZE" not in os.environ:
         import socket
 

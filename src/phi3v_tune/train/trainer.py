@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .checkpoints import write_marker
+from .checkpoints import MARKER, write_marker
 
 
 class Phi3VTrainingArguments(TrainingArguments):
@@ -275,6 +275,14 @@ class Phi3VTrainer(Trainer):
             del model.save_pretrained  # the class's method again
 
     def _save_checkpoint(self, model, trial) -> None:
+        from pathlib import Path
+
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.is_world_process_zero():
+            # the same step saved again after a resume from an earlier checkpoint: the old marker goes first, so a
+            # crash while the new files are written cannot leave a folder that looks complete
+            (folder / MARKER).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
         try:
             super()._save_checkpoint(model, trial)
         except OSError as err:
@@ -291,9 +299,7 @@ class Phi3VTrainer(Trainer):
         progress = self._gather_epoch_progress()
         if self.is_world_process_zero():
             import json
-            from pathlib import Path
 
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             if self.train_config is not None:
                 self.train_config.save(folder / "train_config.yaml")
             (folder / EPOCH_PROGRESS).write_text(json.dumps({"epoch": self.state.epoch, **progress}))
@@ -301,7 +307,7 @@ class Phi3VTrainer(Trainer):
             if self.train_config is not None:
                 from .checkpoints import rotate
 
-                rotate(folder.parent, self.train_config.save_total_limit)
+                rotate(folder, self.train_config.save_total_limit)
         self.accelerator.wait_for_everyone()
 
     def _gather_epoch_progress(self) -> dict[str, list[str]]:
