@@ -172,3 +172,32 @@ def test_optimizer_in_backward_on_gpu_equals_the_ordinary_step(tiny_tokenizer):
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_lora_run_with_evaluation_on_gpu(tmp_path):
+    """The default GPU path (bf16, compiled layers, bf16-sr adapters) with the loss evaluated before training by the
+    Trainer, the task metric before / during / after, and adapter-only checkpoints."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from phi3v_tune.data.synthetic import demo_split, write_jsonl
+    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.train.run import run_training
+
+    train, _ = demo_split(4, 0, seed=1, tasks=("colour",), as_png=True)
+    data = write_jsonl(train, tmp_path / "data")
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(data), model="tiny", num_crops=1, output_dir=str(out), max_steps=3, batch_size=1,
+                      method="lora", lora_rank=4, learning_rate=1e-2, warmup_steps=0, report_to="none",
+                      num_workers=0, progress=False, eval_holdout=2, metric="accuracy", eval_steps=2,
+                      eval_max_new_tokens=3, logging_steps=2, save_steps=2)  # fmt: skip
+    metrics = run_training(cfg)
+    assert metrics["eval_before"]["step"] == 0 and np.isfinite(metrics["eval_after"]["eval_loss"])
+    assert [(e["step"], e["when"]) for e in metrics["task_metric"]] == [(0, "before"), (2, "during"), (3, "after")]
+    assert [e["step"] for e in metrics["log_history"] if "loss" in e] == [1, 2, 3]
+    for folder in (out / "checkpoint-2", out / "final"):
+        keys = load_file(folder / "adapter_model.safetensors").keys()
+        assert keys and all("lora_" in k for k in keys), folder
+    assert len((out / "eval_metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
