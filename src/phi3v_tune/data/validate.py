@@ -206,19 +206,19 @@ def _check_media(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(keys), desc="checking images", unit="img", disable=not sys.stderr.isatty())
+    readable = sorted({video for _, _, video in videos if os.path.isfile(video)}) if decode_videos else []
     results: dict[object, str | None] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
+        decoding = pool.map(_check_video, readable)  # submitted now: videos decode alongside the images
         for key, result in zip(keys, pool.map(lambda k: check_image(jobs[k], max_image_pixels), keys)):
             results[key] = result
             if bar is not None:
                 bar.update(1)
+        decoded = dict(zip(readable, decoding))
     if bar is not None:
         bar.close()
 
     problems = [Problem(record.origin, record.id, where, results[key]) for record, where, key in uses if results[key]]
-    readable = sorted({video for _, _, video in videos if os.path.isfile(video)}) if decode_videos else []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = dict(zip(readable, pool.map(_check_video, readable)))
     for record, where, video in videos:
         if not os.path.isfile(video):
             problems.append(

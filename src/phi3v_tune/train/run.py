@@ -387,18 +387,19 @@ def build_trainer(cfg: TrainConfig, data: LoadedData, processor: Phi3VProcessor,
 def single_process_engine(cfg: TrainConfig) -> None:
     """`phi3v-tune train --deepspeed ...` started without a launcher: DeepSpeed would look for MPI to learn its
     rank (and fail without mpi4py); give it the one-process group torchrun would have given."""
+    if not cfg.deepspeed or "WORLD_SIZE" in os.environ:
+        return
     mpi_or_slurm = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")  # launchers DeepSpeed finds ranks from
     if any(int(os.environ.get(key, "1") or 1) > 1 for key in mpi_or_slurm):
         return
-    if cfg.deepspeed and "WORLD_SIZE" not in os.environ:
-        import socket
+    import socket
 
-        with socket.socket() as s:  # a free port for the process group's store
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-        for key, value in {**defaults, "MASTER_PORT": str(port)}.items():
-            os.environ.setdefault(key, value)
+    with socket.socket() as s:  # a free port for the process group's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**defaults, "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
 
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
