@@ -404,7 +404,7 @@ def test_docvqa_save_to_disk_and_parquet(tmp_path):
         records = load_hf_dataset(source, split="validation", cache_dir=tmp_path / "cache")
         assert [r.id for r in records] == ["101", "102"]
         assert [len(r.turns) for r in records] == [1, 1]
-        assert records[0].turns[0].user == "What is the date?"
+        assert records[0].turns[0].user == "What is the date?\nAnswer briefly."  # the recipe's DocVQA prompt
         assert records[0].turns[0].assistant == "1 May 1990"
         assert records[0].answers == ["1 May 1990", "May 1, 1990"] and records[1].answers == ["J. Smith"]
         assert [load_image(r.images[0]).size for r in records] == [(40, 30), (20, 20)]

@@ -43,6 +43,38 @@ def test_single_turn_equals_the_original_recipe(proc):
     assert ex["pixel_values"].shape == (2, 2, 3, 336, 336)
 
 
+def test_docvqa_row_gets_the_recipes_docvqa_prompt(proc, tmp_path):
+    """A DocVQA mini-split row (image, query.en, answers) trains and is asked as the recipe's DocVQA script does:
+    user content `<|image_1|>\\n{question}\\nAnswer briefly.`, answer = the first gold answer."""
+    import datasets
+
+    from phi3v_tune.data import load_records
+
+    page = img(60, 80, 3)
+    features = datasets.Features(
+        {"image": datasets.Image(), "query": {"en": datasets.Value("string")}, "answers": [datasets.Value("string")]}
+    )
+    table = datasets.Dataset.from_dict(
+        {"image": [page], "query": [{"en": "What is the date?"}], "answers": [["1 May", "May 1"]]}, features=features
+    )
+    table.save_to_disk(str(tmp_path / "docvqa"))
+    records, problems = load_records(tmp_path / "docvqa", split="train")
+    assert problems == []
+    ex = build_example(records[0], proc)
+    prompt = proc.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<|image_1|>\nWhat is the date?\nAnswer briefly."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    prompt_ids = proc(text=prompt, images=[page])["input_ids"][0].tolist()
+    answer_ids = proc.tokenizer("1 May<|end|>\n<|endoftext|>", add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"].tolist() == prompt_ids + answer_ids
+    assert ex["labels"].tolist() == [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    asked = build_example(records[0], proc, for_generation=True)
+    assert asked["input_ids"].tolist() == prompt_ids
+    assert records[0].answers == ["1 May", "May 1"]  # every gold answer is scored by ANLS
+
+
 def test_three_turn_two_image_conversation_learns_every_answer(proc):
     rec = Record(
         "conv",

@@ -107,6 +107,9 @@ def processor(max_image_pixels: int):
 
     proc = Phi3VProcessor.from_tokenizer(build_tiny_tokenizer(), num_crops=NUM_CROPS)
     proc.image_processor.max_image_pixels = max_image_pixels  # what train/run.py does with cfg.max_image_pixels
+    # --apply-exif-orientation: header-only planning must then rotate too (the default, off, is the published
+    # processor's behaviour, tested in test_image_processor.py)
+    proc.image_processor.apply_exif_orientation = True
     return proc
 
 

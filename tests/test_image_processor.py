@@ -221,12 +221,26 @@ def test_batch_and_single_and_empty():
     assert empty["num_img_tokens"] == []
 
 
-@pytest.mark.parametrize("bad", [0, 17, 2.5, -1, True, "4", None])
+@pytest.mark.parametrize("bad", [0, 2.5, -1, True, "4", None])
 def test_num_crops_validation(bad):
     with pytest.raises(ValueError, match="num_crops"):
         Phi3VImageProcessor(num_crops=bad)
     with pytest.raises(ValueError, match="num_crops"):
         hd_size(100, 100, bad)
+
+
+@pytest.mark.parametrize(
+    "n, size", [(17, [1008, 1680]), (20, [1008, 2016]), (25, [1008, 2016]), (32, [1344, 2688]), (36, [1344, 2688])]
+)
+def test_more_than_16_crops_are_accepted_as_the_published_processor_does(n, size):
+    """The recipe refuses num_crops > 16 (so does `train`), but the published processor computes them; so do we."""
+    proc = Phi3VImageProcessor(num_crops=n)
+    out = proc([noise(1000, 500)])
+    assert out["image_sizes"].tolist() == [size] and list(hd_size(1000, 500, n)) == size
+    assert out["pixel_values"].shape == (1, n + 1, 3, 336, 336)
+    h, w = size[0] // 336, size[1] // 336
+    assert out["num_img_tokens"] == [(h * w + 1) * 144 + 1 + (h + 1) * 12]
+    assert proc.calc_num_image_tokens_from_image_size(1000, 500) == out["num_img_tokens"][0]
 
 
 def test_other_validation():
@@ -348,6 +362,25 @@ def test_high_bit_depth_is_scaled_not_clipped(tmp_path):
     assert np.asarray(load_image(Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32), mode="F")))[0, 0, 0] == 128
 
 
+def test_exif_orientation_ignored_by_default_as_the_published_processor(tmp_path):
+    """The published processor does not read the EXIF tag: neither do we unless asked (the model must see at training
+    what inference with the published processor shows it)."""
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, :20] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rot.jpg"
+    Image.fromarray(arr).save(path, exif=exif, quality=95)
+    assert load_image(path).size == (40, 20)
+    with Image.open(path) as opened:
+        assert Phi3VImageProcessor(num_crops=4)([opened])["image_sizes"].tolist() == [list(hd_size(40, 20, 4))]
+    rotating = Phi3VImageProcessor(num_crops=4, apply_exif_orientation=True)
+    assert rotating([path])["image_sizes"].tolist() == [list(hd_size(20, 40, 4))]
+    rotating.save_pretrained(tmp_path / "saved")  # the choice travels with the model
+    assert Phi3VImageProcessor.from_pretrained(tmp_path / "saved").apply_exif_orientation is True
+    assert "apply_exif_orientation" not in Phi3VImageProcessor().to_dict()
+
+
 def test_exif_orientation_applied(tmp_path):
     arr = np.zeros((20, 40, 3), dtype=np.uint8)
     arr[:, :20] = (255, 0, 0)  # left half red
@@ -356,12 +389,12 @@ def test_exif_orientation_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise for display
     path = tmp_path / "rot.jpg"
     Image.fromarray(arr).save(path, exif=exif, quality=95)
-    out = load_image(path)
+    out = load_image(path, apply_exif_orientation=True)
     assert out.size == (20, 40)  # width x height swapped
     px = np.asarray(out).astype(int)
     assert px[5, 10, 0] > 200 and px[5, 10, 2] < 60  # the left (red) half is now on top
     assert px[35, 10, 2] > 200 and px[35, 10, 0] < 60
-    assert Phi3VImageProcessor()([path])["image_sizes"].tolist() == [list(hd_size(20, 40))]
+    assert Phi3VImageProcessor(apply_exif_orientation=True)([path])["image_sizes"].tolist() == [list(hd_size(20, 40))]
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -403,7 +436,8 @@ def test_zero_size_image():
         Phi3VImageProcessor()([Image.new("RGB", (10, 0))])
 
 
-def test_animated_gif_first_frame(tmp_path):
+def test_animated_gif_first_frame_of_a_file_current_frame_of_an_image(tmp_path):
+    """A file gives its first frame; an opened image the frame the caller chose (the published processor's rule)."""
     frames = [Image.new("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
@@ -412,7 +446,8 @@ def test_animated_gif_first_frame(tmp_path):
     assert tuple(np.asarray(load_image(path))[4, 4]) == (255, 0, 0)
     with Image.open(path) as opened:
         opened.seek(2)
-        assert tuple(np.asarray(load_image(opened))[4, 4]) == (255, 0, 0)
+        assert tuple(np.asarray(load_image(opened))[4, 4]) == (0, 0, 255)
+        assert opened.tell() == 2
 
 
 def test_decompression_bomb_guard(tmp_path, monkeypatch):
@@ -433,3 +468,29 @@ def test_decompression_bomb_guard(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="decompression bomb"):
         load_image(path, max_image_pixels=1000)
     assert load_image(path, max_image_pixels=None).size == (40, 30)  # caller accepted the size: no error
+
+
+def test_modes_convert_as_transformers_convert_to_rgb():
+    """An "A" band or a transparency key is composited onto white; premultiplied RGBa is converted as Pillow does."""
+    rgba = Image.new("RGBA", (2, 1))
+    rgba.putpixel((0, 0), (200, 100, 50, 128))
+    rgba.putpixel((1, 0), (10, 20, 30, 0))
+    premultiplied = rgba.convert("RGBa")
+    assert np.asarray(load_image(premultiplied)).tolist() == np.asarray(premultiplied.convert("RGB")).tolist()
+    assert np.asarray(load_image(rgba))[0, 1].tolist() == [255, 255, 255]  # fully transparent -> white
+    keyed = Image.new("RGB", (2, 1), (1, 2, 3))
+    keyed.putpixel((1, 0), (9, 9, 9))
+    keyed.info["transparency"] = (1, 2, 3)
+    assert np.asarray(load_image(keyed)).tolist() == [[[255, 255, 255], [9, 9, 9]]]
+
+
+def test_numpy_arrays_are_images():
+    arr = np.random.RandomState(0).randint(0, 256, (30, 50, 3), dtype=np.uint8)
+    proc = Phi3VImageProcessor(num_crops=4)
+    assert torch.equal(proc(arr)["pixel_values"], proc([Image.fromarray(arr)])["pixel_values"])
+    assert proc.calc_num_image_tokens([arr, Image.fromarray(arr[:, :20])]) == [
+        proc.num_tokens_for_size(50, 30),
+        proc.num_tokens_for_size(20, 30),
+    ]
+    with pytest.raises(ValueError, match="shape"):
+        load_image(np.zeros((2, 2, 7), dtype=np.uint8))

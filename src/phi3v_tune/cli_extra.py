@@ -52,6 +52,8 @@ def _load(args) -> tuple:
     else:
         proc_dir = Path(args.base or adapter_base(model_dir))
     processor = Phi3VProcessor.from_pretrained(proc_dir, num_crops=args.num_crops)
+    if args.apply_exif_orientation:
+        processor.image_processor.apply_exif_orientation = True
     return model.to(_device()).eval(), processor
 
 
@@ -61,6 +63,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--base", help="base model folder for a LoRA adapter (default: the one it records)")
     p.add_argument("--num-crops", type=int, default=None, help="HD crops per image (default: the model folder's)")
+    p.add_argument(
+        "--apply-exif-orientation",
+        action="store_true",
+        help="rotate photos by their EXIF orientation tag (default: as the model folder's processor says; off "
+        "unless the model was trained with it, as the published processor ignores the tag)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",

@@ -55,16 +55,17 @@ def _exif_swaps(img: Image.Image) -> bool:
         return False
 
 
-def image_size(ref: ImageRef) -> tuple[int, int]:
-    """(width, height) as the image will be seen (EXIF rotation applied) from the header, without decoding pixels."""
+def image_size(ref: ImageRef, exif_orientation: bool = False) -> tuple[int, int]:
+    """(width, height) as the image will be seen from the header, without decoding pixels; `exif_orientation`: as
+    rotated by its EXIF tag (the image processor's `apply_exif_orientation`)."""
     if isinstance(ref, Image.Image):
         w, h = ref.size
-        return (h, w) if _exif_swaps(ref) else (w, h)
+        return (h, w) if exif_orientation and _exif_swaps(ref) else (w, h)
     src: Any = io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else ref
     try:
         with Image.open(src) as img:
             w, h = img.size
-            return (h, w) if _exif_swaps(img) else (w, h)
+            return (h, w) if exif_orientation and _exif_swaps(img) else (w, h)
     except FileNotFoundError as err:
         raise ValueError(f"image '{ref}': file not found") from err
     except Exception as err:
@@ -151,7 +152,7 @@ def build_example(
     else:
         tokens = []
         for img in flat:
-            w, h = image_size(img)
+            w, h = image_size(img, ip.apply_exif_orientation)
             tokens.append(num_image_tokens(*ip.hd_size(w, h)))
     counts = {k + 1: n for k, n in enumerate(tokens)}
 

@@ -637,6 +637,10 @@ def _row_cauldron(row: dict, origin: str, default_id: str, resolve: PathResolver
     return Record(id=rid, source=source, turns=turns, origin=origin), []
 
 
+#: Appended to every DocVQA question, as the original recipe's DocVQA script does (training and evaluation).
+DOCVQA_INSTRUCTION = "\nAnswer briefly."
+
+
 def _row_docvqa(row: dict, origin: str, default_id: str, resolve: PathResolver):
     rid = _row_id(row, default_id)
     problems: list[Problem] = []
@@ -664,7 +668,8 @@ def _row_docvqa(row: dict, origin: str, default_id: str, resolve: PathResolver):
     if problems:
         return None, problems
     source = row.get("source") if isinstance(row.get("source"), str) else None
-    turn = Turn(user=query, assistant=answers[0], images=images)
+    # the recipe's DocVQA prompt, in training and evaluation: "<|image_1|>\n{question}\nAnswer briefly."
+    turn = Turn(user=query + DOCVQA_INSTRUCTION, assistant=answers[0], images=images)
     return Record(id=rid, source=source, turns=[turn], origin=origin, answers=list(answers)), []
 
 

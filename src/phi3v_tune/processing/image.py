@@ -45,7 +45,7 @@ MAX_NUM_CROPS = 16
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # Pillow's historical error threshold (2 * 89478485)
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
-ImageInput = Image.Image | str | os.PathLike | bytes | bytearray | memoryview
+ImageInput = Image.Image | np.ndarray | str | os.PathLike | bytes | bytearray | memoryview
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -56,11 +56,12 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def _check_num_crops(num_crops: Any) -> int:
-    """Reject anything but an int in 1..16: the model was trained with at most 16 crops (+1 global view)."""
+    """An integer >= 1. The model was trained with at most 16 crops (the recipe refuses more); like the published
+    processor, larger values are accepted here (longer sequences, untested by the publisher); training refuses them."""
     if isinstance(num_crops, bool) or not isinstance(num_crops, numbers.Integral):
-        raise ValueError(f"num_crops must be an integer in 1..{MAX_NUM_CROPS}, got {num_crops!r}")
-    if not 1 <= int(num_crops) <= MAX_NUM_CROPS:
-        raise ValueError(f"num_crops must be in 1..{MAX_NUM_CROPS}, got {num_crops}")
+        raise ValueError(f"num_crops must be an integer >= 1 (the model was trained with 1..16), got {num_crops!r}")
+    if int(num_crops) < 1:
+        raise ValueError(f"num_crops must be >= 1 (the model was trained with 1..{MAX_NUM_CROPS}), got {num_crops}")
     return int(num_crops)
 
 
@@ -170,16 +171,17 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any mode to RGB; transparency is composited onto white (what the published transformers code does)."""
-    if img.mode == "RGB":
-        return img
+    """Convert any mode to RGB as transformers' ``convert_to_rgb`` (which the published processor calls) does: an alpha
+    band ("A"; not the premultiplied "a" of RGBa/La) or a transparency key is composited onto white, everything else
+    is Pillow's conversion. One difference on purpose: 16/32-bit and float greyscale are scaled, not clipped."""
     if img.mode in _HIGH_DEPTH_MODES:
         img = _high_depth_to_l(img)
-    bands = img.getbands()
-    if "A" in bands or "a" in bands or img.info.get("transparency") is not None:
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode == "RGB":
+        return img
     return img.convert("RGB")
 
 
@@ -193,16 +195,27 @@ def load_image(
     image: ImageInput,
     source: str = "image",
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    apply_exif_orientation: bool = True,
+    apply_exif_orientation: bool = False,
 ) -> Image.Image:
-    """Open/decode an image fully and return it as an upright RGB PIL image, or raise ``ValueError`` naming ``source``.
+    """Open/decode an image fully and return it as an RGB PIL image, or raise ``ValueError`` naming ``source``.
 
     Decoding everything here (``load()``) means a truncated or corrupt file fails at this line with its name in the
-    message, not deep inside a data-loader worker. EXIF orientation is applied so that phone photos are upright, the
-    first frame of an animation is used, and ``max_image_pixels`` rejects decompression bombs before decoding
-    (``None`` disables this check; Pillow's own hard limit, ``PIL.Image.MAX_IMAGE_PIXELS * 2``, still applies).
+    message, not deep inside a data-loader worker. The current frame of an animation is used (the first, for a file).
+    ``max_image_pixels`` rejects decompression bombs before decoding (``None`` disables this check; Pillow's own hard
+    limit, ``PIL.Image.MAX_IMAGE_PIXELS * 2``, still applies). ``apply_exif_orientation=True`` rotates photos as a
+    viewer shows them; off by default, as the published processor ignores the EXIF tag (and so does inference with
+    it), and a model should be trained on images as it will be shown them. A numpy array (H x W, or H x W x 3/4 of
+    uint8) is taken as ``PIL.Image.fromarray`` reads it.
     """
     what = _describe(image, source)
+    if isinstance(image, np.ndarray):
+        try:
+            image = Image.fromarray(image)
+        except Exception as err:
+            raise ValueError(
+                f"{what}: cannot read an array of shape {image.shape} and dtype {image.dtype} as an image "
+                f"(expected H x W or H x W x 3/4 uint8) ({type(err).__name__}: {err})"
+            ) from err
     if isinstance(image, Image.Image):
         return _finish(image, what, max_image_pixels, apply_exif_orientation)
 
@@ -219,7 +232,7 @@ def load_image(
             raise ValueError(f"{what}: empty bytes, not an image")
         opener = io.BytesIO(data)
     else:
-        raise TypeError(f"{source}: expected a PIL image, a path or bytes, got {type(image).__name__}")
+        raise TypeError(f"{source}: expected a PIL image, a numpy array, a path or bytes, got {type(image).__name__}")
 
     try:
         with warnings.catch_warnings():
@@ -251,8 +264,6 @@ def _finish(img: Image.Image, what: str, max_image_pixels: int | None, apply_exi
             "(possible decompression bomb; raise max_image_pixels or set it to None to accept it)"
         )
     try:
-        if getattr(img, "n_frames", 1) > 1 and img.tell() != 0:
-            img.seek(0)
         img.load()
     except Exception as err:
         raise ValueError(f"{what}: corrupt or truncated image data ({type(err).__name__}: {err})") from err
@@ -284,7 +295,7 @@ class Phi3VImageProcessor:
     """
 
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-    apply_exif_orientation: bool = True
+    apply_exif_orientation: bool = False
 
     def __init__(
         self,
@@ -294,7 +305,10 @@ class Phi3VImageProcessor:
         num_img_tokens: int = TOKENS_PER_CROP,
         *,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        apply_exif_orientation: bool = False,
+        **_published: Any,
     ) -> None:
+        """``**_published``: other keys of a published ``preprocessor_config.json`` (e.g. ``processor_class``)."""
         self.num_crops = _check_num_crops(num_crops)
         self.image_mean = self._check_triplet("image_mean", image_mean)
         self.image_std = self._check_triplet("image_std", image_std)
@@ -305,6 +319,7 @@ class Phi3VImageProcessor:
             raise ValueError(f"num_img_tokens must be {TOKENS_PER_CROP} for Phi-3(.5)-vision, got {num_img_tokens!r}")
         self.num_img_tokens = TOKENS_PER_CROP
         self.max_image_pixels = max_image_pixels
+        self.apply_exif_orientation = bool(apply_exif_orientation)
         self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
 
@@ -340,15 +355,16 @@ class Phi3VImageProcessor:
                 raise ValueError(f"cannot read {path}: {err}") from err
             if not isinstance(config, dict):
                 raise ValueError(f"{path}: expected a JSON object")
-            for key in ("num_crops", "image_mean", "image_std", "num_img_tokens"):
+            for key in ("num_crops", "image_mean", "image_std", "num_img_tokens", "apply_exif_orientation"):
                 if key in config:
                     kwargs[key] = config[key]
         kwargs.update(overrides)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """Config keys in the published format, so the publisher's remote code can still read a saved folder."""
-        return {
+        """Config keys in the published format, so the publisher's remote code can still read a saved folder (it
+        passes an extra key such as ``apply_exif_orientation``, written only when on, to its ``**kwargs``)."""
+        out: dict[str, Any] = {
             "num_crops": self.num_crops,
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
@@ -356,6 +372,9 @@ class Phi3VImageProcessor:
             "image_processor_type": "Phi3VImageProcessor",
             "processor_class": "Phi3VProcessor",
         }
+        if self.apply_exif_orientation:
+            out["apply_exif_orientation"] = True
+        return out
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write ``preprocessor_config.json`` into ``folder`` (created if needed) and return its path."""
@@ -378,6 +397,17 @@ class Phi3VImageProcessor:
     def num_tokens_for_size(self, width: int, height: int) -> int:
         """Token count for an original image of ``width`` x ``height`` (header-only, no decoding)."""
         return num_image_tokens(*self.hd_size(width, height))
+
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
+        """The published processor's name for ``num_tokens_for_size``."""
+        return self.num_tokens_for_size(width, height)
+
+    def calc_num_image_tokens(self, images: ImageInput | Sequence[ImageInput]) -> list[int]:
+        """Token count of each image (the published processor's method; reads the images, computes no pixels)."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        sizes = [self.load_image(image, source=f"image {i}").size for i, image in enumerate(images)]
+        return [self.num_tokens_for_size(w, h) for w, h in sizes]
 
     def _crops_into(self, image: Image.Image, out: torch.Tensor) -> tuple[int, int, int]:
         """Write the global view and the tiles of one RGB image into `out` (its crop slots, in order); returns
@@ -409,7 +439,7 @@ class Phi3VImageProcessor:
             raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
         if images is None:
             images = []
-        elif isinstance(images, (Image.Image, str, os.PathLike, bytes, bytearray, memoryview)):
+        elif isinstance(images, (Image.Image, np.ndarray, str, os.PathLike, bytes, bytearray, memoryview)):
             images = [images]
         images = list(images)
 

@@ -2,8 +2,8 @@
 
 The prompt is split at the `<|image_k|>` tags; each text chunk is tokenized with a leading `<s>` (so a `<s>` follows
 every image); image k becomes `num_tokens(k)` copies of the id `-k`. Unlike the published processor, several
-prompts can be processed at once with left or right padding, and mistakes raise a `ValueError` that says what is
-wrong instead of an assertion.
+prompts can be processed at once with left or right padding, and mistakes raise an `ImageTagError` that says what is
+wrong (a `ValueError`, and an `AssertionError` as the published processor's bare assertions are).
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ from .tokenizer import load_tokenizer, stop_token_ids
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 
 
+class ImageTagError(ValueError, AssertionError):
+    """Image tags that do not match the images. Also an ``AssertionError``: what the published processor raises, so
+    code written against it keeps catching the same thing."""
+
+
 def image_tag(k: int) -> str:
     return f"<|image_{k}|>"
 
@@ -32,10 +37,10 @@ def image_tag_order(text: str, source: str = "prompt") -> list[int]:
     seen: set[int] = set()
     for k in order:
         if k in seen:
-            raise ValueError(f"{source}: image tag {image_tag(k)} appears more than once")
+            raise ImageTagError(f"{source}: image tag {image_tag(k)} appears more than once")
         seen.add(k)
     if sorted(order) != list(range(1, len(order) + 1)):
-        raise ValueError(
+        raise ImageTagError(
             f"{source}: image tags must be numbered 1..n without gaps, got {', '.join(image_tag(k) for k in order)}"
         )
     return order
@@ -80,6 +85,14 @@ class Phi3VProcessor:
     def stop_token_ids(self) -> list[int]:
         return stop_token_ids(self.tokenizer)
 
+    def calc_num_image_tokens(self, images: Any) -> list[int]:
+        """Token count of each image (the published processor's method)."""
+        return self.image_processor.calc_num_image_tokens(images)
+
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
+        """Token count of a `width` x `height` image (the published processor's method)."""
+        return self.image_processor.calc_num_image_tokens_from_image_size(width, height)
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -107,7 +120,7 @@ class Phi3VProcessor:
         order = image_tag_order(text, source) if check_tags else [int(m) for m in IMAGE_TAG.findall(text)]
         counts = num_tokens if isinstance(num_tokens, dict) else {k + 1: n for k, n in enumerate(num_tokens)}
         if check_tags and len(order) != len(counts):
-            raise ValueError(
+            raise ImageTagError(
                 f"{source}: the prompt has {len(order)} image tag(s) but {len(counts)} image(s) were given"
             )
         chunks = IMAGE_TAG.split(text)[::2]  # split() also returns the captured numbers at odd positions
@@ -120,7 +133,7 @@ class Phi3VProcessor:
             if i < len(order):
                 k = order[i]
                 if k not in counts:
-                    raise ValueError(f"{source}: image tag {image_tag(k)} has no image")
+                    raise ImageTagError(f"{source}: image tag {image_tag(k)} has no image")
                 ids.extend([-k] * counts[k])
         return ids
 
@@ -138,7 +151,7 @@ class Phi3VProcessor:
 
         `images`: for one prompt, a list of its images (or one image); for a batch, either one list per prompt or a
         flat list consumed prompt by prompt (each prompt takes as many images as it has tags).
-        Images are PIL images, paths or bytes.
+        Images are PIL images, numpy arrays, paths or bytes.
         """
         texts = [text] if isinstance(text, str) else list(text)
         per_prompt = self._split_images(texts, images)
@@ -177,14 +190,14 @@ class Phi3VProcessor:
         else:
             if len(images) != sum(needed):
                 where = "the prompt has" if len(texts) == 1 else "the prompts have"
-                raise ValueError(f"{where} {sum(needed)} image tag(s) but {len(images)} image(s) were given")
+                raise ImageTagError(f"{where} {sum(needed)} image tag(s) but {len(images)} image(s) were given")
             groups, start = [], 0
             for n in needed:
                 groups.append(list(images[start : start + n]))
                 start += n
         for b, (n, g) in enumerate(zip(needed, groups)):
             if n != len(g):
-                raise ValueError(f"prompt {b} has {n} image tag(s) but {len(g)} image(s) were given")
+                raise ImageTagError(f"prompt {b} has {n} image tag(s) but {len(g)} image(s) were given")
         return groups
 
     def pad(self, rows: list[list[int]], padding_side: str | None = None) -> dict[str, torch.Tensor]:

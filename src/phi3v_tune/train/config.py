@@ -72,6 +72,12 @@ class TrainConfig:
         "refused_eval_samples.tsv for evaluation data). Default: stop and report.",
     )
     max_image_pixels: int | None = _f(178956970, "Refuse images with more pixels than this (decompression bombs).")
+    apply_exif_orientation: bool = _f(
+        False,
+        "Rotate photos by their EXIF orientation tag, as image viewers show them. Off by default: the published "
+        "processor ignores the tag (so does inference with it), and a model should be trained on images as it will "
+        "see them. Saved with the model's processor, so eval and predict follow it.",
+    )
     # -- model and method --------------------------------------------------------------------------------------------
     model: str | None = _f(
         None,
