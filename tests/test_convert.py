@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 av = pytest.importorskip("av")
 
+from phi3v_tune.data import load_records  # noqa: E402
 from phi3v_tune.data.convert import convert_cauldron, convert_ucf101  # noqa: E402
 from phi3v_tune.data.video import count_frames, frame_indices, sample_frames  # noqa: E402
 
@@ -48,27 +50,57 @@ def test_frame_indices_are_the_recipes():
     assert frame_indices(20, 8) == [0, 2, 5, 7, 10, 12, 15, 17]
     assert frame_indices(13, 8) == list(np.arange(0, 13, 13 / 8).astype(int))
     assert frame_indices(5, 8) == [0, 0, 1, 1, 2, 3, 3, 4]
+    # the recipe's converter keeps each decoded frame once: a short video gives fewer frames
+    assert frame_indices(5, 8, distinct=True) == [0, 1, 2, 3, 4]
+    assert frame_indices(1, 8, distinct=True) == [0]
+    assert frame_indices(20, 8, distinct=True) == frame_indices(20, 8)
 
 
 def test_ucf101_layout_ids_questions_and_frames(ucf_tree, tmp_path):
     out = tmp_path / "out"
     files = convert_ucf101(ucf_tree, out, num_frames=8)
-    assert sorted(f.name for f in files) == ["test.jsonl", "train.jsonl"]
-    lines = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert [f.name for f in files] == ["ucf101_train.jsonl", "ucf101_test.jsonl"]  # the recipe's file names
+    lines = [json.loads(x) for x in (out / "ucf101_train.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == [f"train-{i:010d}" for i in range(4)]
+    # one counter over all videos, split after split (the recipe's enumerate over train + val + test)
+    test_ids = [json.loads(x)["id"] for x in (out / "ucf101_test.jsonl").read_text().splitlines()]
+    assert test_ids == [f"test-{i:010d}" for i in range(4, 8)]
     # classes sorted; videos sorted within a class
     assert [x["conversations"][0]["assistant"] for x in lines] == ["ApplyEyeMakeup"] * 2 + ["Basketball"] * 2
     first = lines[0]
     assert first["source"] == "ucf101"
     turn = first["conversations"][0]
     assert turn["user"] == "Classify the video into one of the following classes: ApplyEyeMakeup, Basketball."
-    assert turn["images"] == [f"images/train/ApplyEyeMakeup/v_a_ApplyEyeMakeup.{k}.jpg" for k in range(8)]
+    # paths relative to images/, as the recipe writes them (its loader joins them to DATA/images)
+    assert turn["images"] == [f"train/ApplyEyeMakeup/v_a_ApplyEyeMakeup.{k}.jpg" for k in range(8)]
     # frame k of a 13-frame video is frame arange(0, 13, 13/8)[k]; not resized
     for k, rel in enumerate(turn["images"]):
-        assert Image.open(out / rel).size == (48, 32)
-        assert grey_index(out / rel) == frame_indices(13, 8)[k]
+        assert Image.open(out / "images" / rel).size == (48, 32)
+        assert grey_index(out / "images" / rel) == frame_indices(13, 8)[k]
     bball = lines[2]["conversations"][0]["images"]
-    assert [grey_index(out / r) for r in bball] == [0, 2, 5, 7, 10, 12, 15, 17]
+    assert [grey_index(out / "images" / r) for r in bball] == [0, 2, 5, 7, 10, 12, 15, 17]
+    # our reader takes the folder (ucf101_{split}.jsonl) and finds the frames below images/
+    records, problems = load_records(out, split="test")
+    assert problems == [] and [r.id for r in records] == test_ids
+    assert Path(records[0].images[0]) == out / "images" / "test" / "ApplyEyeMakeup" / "v_a_ApplyEyeMakeup.0.jpg"
+
+
+def test_ucf101_classes_from_every_split_and_short_videos(tmp_path):
+    """The class list is one for all splits (folders holding videos); a video of 5 frames gives 5 frames."""
+    root = tmp_path / "ucf"
+    make_video(root / "train" / "Archery" / "v_1.avi", 9)
+    make_video(root / "train" / "Zumba" / "v_2.avi", 5)
+    make_video(root / "val" / "Archery" / "v_3.avi", 9)
+    (root / "train" / "Empty").mkdir()
+    out = tmp_path / "out"
+    convert_ucf101(root, out)
+    train = [json.loads(x) for x in (out / "ucf101_train.jsonl").read_text().splitlines()]
+    (val,) = [json.loads(x) for x in (out / "ucf101_val.jsonl").read_text().splitlines()]
+    question = "Classify the video into one of the following classes: Archery, Zumba."
+    assert {line["conversations"][0]["user"] for line in train + [val]} == {question}
+    assert val["id"] == "val-0000000002"
+    short = train[1]["conversations"][0]["images"]
+    assert [grey_index(out / "images" / r) for r in short] == [0, 1, 2, 3, 4]
 
 
 def test_ucf101_from_tar_and_num_frames(ucf_tree, tmp_path):
@@ -77,8 +109,8 @@ def test_ucf101_from_tar_and_num_frames(ucf_tree, tmp_path):
         tar.add(ucf_tree, arcname="UCF101_subset")
     out = tmp_path / "from_tar"
     convert_ucf101(archive, out, num_frames=4)
-    line = json.loads((out / "test.jsonl").read_text().splitlines()[3])
-    assert line["id"] == "test-0000000003" and len(line["conversations"][0]["images"]) == 4
+    line = json.loads((out / "ucf101_test.jsonl").read_text().splitlines()[3])
+    assert line["id"] == "test-0000000007" and len(line["conversations"][0]["images"]) == 4
 
 
 def test_video_frames_in_a_turn_are_sampled(tmp_path):
@@ -160,6 +192,6 @@ def test_a_wrong_frame_count_in_the_header_does_not_change_the_frames(tmp_path):
     with av.open(str(path)) as container:
         assert container.streams.video[0].frames == 3  # the header now lies
     convert_ucf101(root, tmp_path / "out")
-    line = json.loads((tmp_path / "out" / "train.jsonl").read_text())
-    got = [grey_index(tmp_path / "out" / r) for r in line["conversations"][0]["images"]]
+    line = json.loads((tmp_path / "out" / "ucf101_train.jsonl").read_text())
+    got = [grey_index(tmp_path / "out" / "images" / r) for r in line["conversations"][0]["images"]]
     assert got == [0, 2, 5, 7, 10, 12, 15, 17]  # indices from the 20 decoded frames

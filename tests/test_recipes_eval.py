@@ -180,9 +180,9 @@ def test_ucf101_recipe_on_converted_videos(tmp_path):
                 "--task",
                 "ucf101",
                 "--data",
-                str(tmp_path / "conv" / "train.jsonl"),
+                str(tmp_path / "conv"),  # ucf101_train.jsonl
                 "--eval-data",
-                str(tmp_path / "conv" / "test.jsonl"),
+                str(tmp_path / "conv" / "ucf101_test.jsonl"),
                 "--output-dir",
                 str(out),
                 *COMMON,

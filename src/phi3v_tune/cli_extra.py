@@ -221,7 +221,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "convert",
         help="convert a data set to the conversations jsonl (ucf101 videos, the_cauldron)",
         description="ucf101: {split}/{class}/*.avi (or UCF101_subset.tar.gz) -> 8 frames per video as "
-        "JPEG + {split}.jsonl, exactly as the original recipe. cauldron: any the_cauldron-"
+        "images/{split}/{class}/{video}.{k}.jpg + ucf101_{split}.jsonl, the original recipe's layout (ids counted "
+        "across train, val, test; one class list for all splits). cauldron: any the_cauldron-"
         "style table -> {split}.jsonl + image files.",
     )
     p.add_argument("kind", choices=["ucf101", "cauldron"], help="what to convert")

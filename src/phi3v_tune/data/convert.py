@@ -34,11 +34,24 @@ def _ucf_root(src: Path, tmp: Path) -> Path:
     return src
 
 
-def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = 8) -> list[Path]:
-    """`{split}/{class}/*.avi` -> `images/{split}/{class}/{stem}.{k}.jpg` + `{split}.jsonl`, as the original recipe.
+RECIPE_SPLITS = ("train", "val", "test")  # the recipe's order: ids count across the splits in this order
 
-    Frames at `arange(0, total, total/num_frames).astype(int)` (total counted by decoding), RGB, not resized.
-    Classes are the sorted folder names; ids are `{split}-{i:010d}` in class order, then sorted file names.
+
+def _split_order(names: list[str]) -> list[str]:
+    """train, val, test first (the recipe's order), then any other split folder, sorted."""
+    return [n for n in RECIPE_SPLITS if n in names] + sorted(n for n in names if n not in RECIPE_SPLITS)
+
+
+def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = 8) -> list[Path]:
+    """`{split}/{class}/*.avi` -> `images/{split}/{class}/{stem}.{k}.jpg` + `ucf101_{split}.jsonl`, as the recipe.
+
+    The layout is the original recipe's `convert_ucf101.py`, so its data loaders and ours both read the output:
+    - frames at `arange(0, total, total/num_frames).astype(int)` (total counted by decoding), each frame once (a video
+      shorter than `num_frames` gives fewer), RGB, not resized;
+    - one class list for every split: the sorted names of the class folders that hold videos, in any split;
+    - ids `{split}-{i:010d}` with one counter over all videos, split after split (train, val, test, then others),
+      class after class, file names sorted;
+    - image paths in the jsonl relative to `images/` (`train/Archery/v_x.0.jpg`), files `ucf101_{split}.jsonl`.
     """
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -46,24 +59,32 @@ def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = 8) -> lis
     written: list[Path] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = _ucf_root(src, Path(tmp))
-        splits = sorted(p for p in root.iterdir() if p.is_dir())
-        if not splits:
+        split_names = _split_order([p.name for p in root.iterdir() if p.is_dir()])
+        if not split_names:
             raise ValueError(f"{root}: expected split folders ({{split}}/{{class}}/*.avi)")
-        for split_dir in splits:
-            split = split_dir.name
-            classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-            videos = [
-                (c, v) for c in classes for v in sorted((split_dir / c).iterdir()) if v.suffix.lower() in VIDEO_SUFFIXES
+        videos_of: dict[str, list[tuple[str, Path]]] = {}
+        for split in split_names:
+            classes = sorted(p.name for p in (root / split).iterdir() if p.is_dir())
+            videos_of[split] = [
+                (c, v)
+                for c in classes
+                for v in sorted((root / split / c).iterdir())
+                if v.is_file() and v.suffix.lower() in VIDEO_SUFFIXES
             ]
-            question = "Classify the video into one of the following classes: " + ", ".join(classes) + "."
+        labels = sorted({label for videos in videos_of.values() for label, _ in videos})
+        if not labels:
+            raise ValueError(f"{root}: no videos ({', '.join(VIDEO_SUFFIXES)}) in {{split}}/{{class}}/ folders")
+        question = "Classify the video into one of the following classes: " + ", ".join(labels) + "."
+        i = 0
+        for split in split_names:
             lines = []
-            for i, (label, video) in enumerate(tqdm(videos, desc=f"ucf101 {split}", leave=False)):
+            for label, video in tqdm(videos_of[split], desc=f"ucf101 {split}", leave=False):
                 paths = []
-                for k, frame in enumerate(sample_frames(video, num_frames)):  # counted by decoding
-                    rel = Path("images") / split / label / f"{video.stem}.{k}.jpg"
-                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                    frame.save(out / rel)
-                    paths.append(str(rel))
+                for k, frame in enumerate(sample_frames(video, num_frames, distinct=True)):  # counted by decoding
+                    rel = f"{split}/{label}/{video.stem}.{k}.jpg"
+                    (out / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+                    frame.save(out / "images" / rel)
+                    paths.append(rel)
                 lines.append(
                     {
                         "id": f"{split}-{i:010d}",
@@ -71,7 +92,10 @@ def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = 8) -> lis
                         "conversations": [{"images": paths, "user": question, "assistant": label}],
                     }
                 )
-            target = out / f"{split}.jsonl"
+                i += 1
+            if not lines:
+                continue
+            target = out / f"ucf101_{split}.jsonl"
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "w", encoding="utf-8") as f:
                 for line in lines:

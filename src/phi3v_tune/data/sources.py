@@ -711,9 +711,22 @@ def load_records(
         reader = read_jsonl if suffix == ".jsonl" else read_json
         return reader(path, image_dir)
     if path.is_dir() and not _has_table_files(path):
-        # a folder of the user's own data: {split}.jsonl (or .json) with its images
-        for candidate in (path / f"{split}.jsonl", path / f"{split}.json"):
+        # a folder of the user's own data: {split}.jsonl (or .json) with its images, or the one NAME_{split}.jsonl
+        # (the recipe's converted UCF-101: ucf101_train.jsonl, ucf101_val.jsonl, ...)
+        prefixed = sorted(path.glob(f"*_{split}.jsonl"))
+        for candidate in (path / f"{split}.jsonl", path / f"{split}.json", *prefixed[:1]):
             if candidate.is_file():
+                if len(prefixed) > 1 and candidate == prefixed[0]:
+                    raise DataError(
+                        Problem(
+                            str(path),
+                            None,
+                            "",
+                            f"several files for split '{split}': "
+                            + ", ".join(p.name for p in prefixed)
+                            + "; name one of them as --data",
+                        )
+                    )
                 return load_records(candidate, image_dir, split)
     return read_hf_dataset(data, split, image_dir, name=name, cache_dir=cache_dir)
 

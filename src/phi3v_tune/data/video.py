@@ -9,11 +9,13 @@ import numpy as np
 from PIL import Image
 
 
-def frame_indices(total: int, num_frames: int) -> list[int]:
-    """`arange(0, total, total / num_frames).astype(int)`: the recipe's sampling (fewer if the video is shorter)."""
+def frame_indices(total: int, num_frames: int, distinct: bool = False) -> list[int]:
+    """`arange(0, total, total / num_frames).astype(int)`: the recipe's sampling. A video shorter than `num_frames`
+    repeats indices; `distinct=True` keeps each frame once, as the recipe's converter decodes them (fewer frames)."""
     if total <= 0:
         return []
-    return [int(i) for i in np.arange(0, total, total / num_frames).astype(int)][:num_frames]
+    indices = [int(i) for i in np.arange(0, total, total / num_frames).astype(int)][:num_frames]
+    return list(dict.fromkeys(indices)) if distinct else indices
 
 
 def _decode_all(path: Path) -> list[Image.Image]:
@@ -24,8 +26,8 @@ def _decode_all(path: Path) -> list[Image.Image]:
         return [frame.to_image().convert("RGB") for frame in container.decode(stream)]
 
 
-def sample_frames(path: str | Path, num_frames: int = 8) -> list[Image.Image]:
-    """Decode `num_frames` RGB frames at the recipe's indices (not resized).
+def sample_frames(path: str | Path, num_frames: int = 8, distinct: bool = False) -> list[Image.Image]:
+    """Decode `num_frames` RGB frames at the recipe's indices (not resized); `distinct`: see `frame_indices`.
 
     The whole stream is decoded once and the frame count taken from what was decoded, so videos whose header
     frame count is missing or wrong still give the right frames.
@@ -37,7 +39,7 @@ def sample_frames(path: str | Path, num_frames: int = 8) -> list[Image.Image]:
         raise ValueError(f"video '{path}': cannot decode ({type(err).__name__}: {err})") from err
     if not frames:
         raise ValueError(f"video '{path}': no frames could be decoded")
-    return [frames[i] for i in frame_indices(len(frames), num_frames)]
+    return [frames[i] for i in frame_indices(len(frames), num_frames, distinct)]
 
 
 def count_frames(path: str | Path) -> int:
