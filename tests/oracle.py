@@ -228,15 +228,17 @@ def _rotate_half(x):
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def rope_cos_sin(config: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """su/longrope cos and sin for positions 0..n-1 of a sequence whose total length is n -> each (n, head_dim)."""
+def rope_cos_sin(config: dict, n: int, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """su/longrope cos and sin for positions 0..n-1 -> each (n, head_dim); the factor set is chosen from the total
+    key length `total` (default n: the sequence alone)."""
+    total = n if total is None else total
     d = config["hidden_size"] // config["num_attention_heads"]
     theta = float(config.get("rope_theta", 10000.0))
     orig = config.get("original_max_position_embeddings")
     rs = config.get("rope_scaling")
     if rs is not None:
         assert rs.get("type", rs.get("rope_type")) in ("su", "longrope"), rs
-        factors = rs["long_factor"] if n > orig else rs["short_factor"]
+        factors = rs["long_factor"] if total > orig else rs["short_factor"]
         factors = torch.tensor(factors, dtype=torch.float32)
         assert factors.shape[0] == d // 2
         scaling = rope_scaling_factor(config["max_position_embeddings"], orig)
@@ -251,14 +253,14 @@ def rope_cos_sin(config: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return emb.cos() * scaling, emb.sin() * scaling
 
 
-def decoder_logits(sd: dict, config: dict, x: torch.Tensor) -> torch.Tensor:
-    """One sample's input embeddings (n, hidden) -> logits (n, vocab)."""
+def decoder_logits(sd: dict, config: dict, x: torch.Tensor, rope_total: int | None = None) -> torch.Tensor:
+    """One sample's input embeddings (n, hidden) -> logits (n, vocab); `rope_total`: see `rope_cos_sin`."""
     n, D = x.shape
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     d = D // heads
     eps = config["rms_norm_eps"]
-    cos, sin = rope_cos_sin(config, n)
+    cos, sin = rope_cos_sin(config, n, rope_total)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
 
     for i in range(config["num_hidden_layers"]):
@@ -307,8 +309,13 @@ def reference_logits(
     attention_mask: torch.Tensor | None,
     pixel_values: torch.Tensor | None,
     image_sizes: torch.Tensor | None,
+    per_sample_rope: bool = True,
 ) -> torch.Tensor:
-    """Float32 logits (B, L, vocab) of the Phi-3.5-vision forward pass; padded positions get 0."""
+    """Float32 logits (B, L, vocab) of the Phi-3.5-vision forward pass; padded positions get 0.
+
+    `per_sample_rope=False`: the su-RoPE factor set of every sample is chosen from the padded length L (the published
+    model's rule for a padded batch: one set per forward pass from its key length); True: from each sample's own
+    length (the batch computes what each sample computes alone)."""
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in state_dict.items() if torch.is_floating_point(v)}
     input_ids = input_ids.detach().cpu().long()
     B, L = input_ids.shape
@@ -340,7 +347,7 @@ def reference_logits(
             x[start : start + length] = tokens
             next_image += 1
 
-        out[b, keep] = decoder_logits(sd, config, x)
+        out[b, keep] = decoder_logits(sd, config, x, None if per_sample_rope else L)
 
     n_images = 0 if pixel_values is None else pixel_values.shape[0]
     assert next_image == n_images, f"{n_images} images given, {next_image} used"

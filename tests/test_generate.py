@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from phi3v_tune.model.modeling import rope_per_sample
 from phi3v_tune.model.tiny import tiny_model
 
 
@@ -38,14 +39,18 @@ def chat(p, text):
     return p.apply_chat_template([{"role": "user", "content": text}])
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("original_max", [4096, 24])
-def test_generate_with_cache_equals_full_forward_greedy(tiny_tokenizer, tiny_processor, original_max):
+def test_generate_with_cache_equals_full_forward_greedy(tiny_tokenizer, tiny_processor, original_max, per_sample):
+    """Published rule (the cache is dropped once, when the padded length passes the switch) and per sample (dropped
+    whenever one more sample's own length passes it: our evaluation's setting)."""
     model = tiny_model(tiny_tokenizer, seed=11, original_max_position_embeddings=original_max)
     texts = [chat(tiny_processor, "The quick brown fox jumps"), chat(tiny_processor, "up")]
     inputs = tiny_processor(text=texts, padding=True, padding_side="left")
     steps = 20
-    expected = greedy_without_cache(model, inputs, steps)
-    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None, min_new_tokens=steps)
+    with rope_per_sample(model, per_sample):
+        expected = greedy_without_cache(model, inputs, steps)
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None, min_new_tokens=steps)
     got = out[:, inputs["input_ids"].shape[1] :]
     if original_max == 24:  # the run crosses the switch point: the cache is dropped and everything recomputed
         lengths = inputs["attention_mask"].sum(-1)

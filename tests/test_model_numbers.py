@@ -8,6 +8,7 @@ import torch
 from oracle import reference_logits, reference_loss
 from PIL import Image
 
+from phi3v_tune.model.modeling import rope_per_sample
 from phi3v_tune.model.tiny import tiny_model
 
 TOL = 1e-4
@@ -26,8 +27,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float((a[m] - b[m]).norm() / b[m].norm())
 
 
-def check_against_oracle(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
+def check_against_oracle(model, inputs, per_sample: bool = False) -> torch.Tensor:
+    """`per_sample`: under `rope_per_sample` (our training and evaluation); else the published one-set-per-pass rule."""
+    with torch.no_grad(), rope_per_sample(model, per_sample):
         logits = model(**inputs).logits
     ref = reference_logits(
         model.state_dict(),
@@ -36,6 +38,7 @@ def check_against_oracle(model, inputs) -> torch.Tensor:
         inputs["attention_mask"],
         inputs.get("pixel_values"),
         inputs.get("image_sizes"),
+        per_sample_rope=per_sample,
     )
     assert rel_err(logits, ref, inputs["attention_mask"]) < TOL
     return logits
@@ -83,8 +86,9 @@ def test_text_only_matches_oracle(model, tiny_processor):
     check_against_oracle(model, inputs)
 
 
-def test_su_rope_switches_per_sample_at_original_max(tiny_tokenizer, tiny_processor):
-    """Below/above `original_max_position_embeddings` each sample uses its own factor set, as run alone."""
+def test_su_rope_one_set_per_pass_or_per_sample(tiny_tokenizer, tiny_processor):
+    """Published rule: one factor set per forward pass from the padded length (the short row of a batch padded past
+    `original_max_position_embeddings` takes the long set); under `rope_per_sample` each sample uses its own."""
     small = tiny_model(tiny_tokenizer, seed=2, original_max_position_embeddings=24)
     short = tiny_processor(text=chat(tiny_processor, "up"))  # well under 24 tokens
     long = tiny_processor(text=chat(tiny_processor, "The quick brown fox jumps over the lazy dog. " * 3))
@@ -96,6 +100,15 @@ def test_su_rope_switches_per_sample_at_original_max(tiny_tokenizer, tiny_proces
     )
     for inputs in (short, long, batch):
         check_against_oracle(small, inputs)
+        check_against_oracle(small, inputs, per_sample=True)
+    published = check_against_oracle(small, batch)
+    own = check_against_oracle(small, batch, per_sample=True)
+    row = batch["attention_mask"][0].bool()  # the short row: long factors by the published rule, short on its own
+    assert not torch.allclose(published[0][row], own[0][row], atol=1e-4)
+    with torch.no_grad():
+        alone = small(**short).logits[0]
+    torch.testing.assert_close(own[0][row], alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(published[1], own[1], rtol=1e-4, atol=1e-5)  # the long row: long either way
     # a prefix's logits depend on the total length once it exceeds the switch point (published behaviour)
     n = short["input_ids"].shape[1]
     with torch.no_grad():
@@ -115,6 +128,7 @@ def test_image_batch_crossing_switch_matches_oracle(tiny_tokenizer, tiny_process
     lengths = batch["attention_mask"].sum(-1).tolist()
     assert lengths[0] > 600 > lengths[1]
     check_against_oracle(model, batch)
+    check_against_oracle(model, batch, per_sample=True)
 
 
 def test_loss_is_shifted_cross_entropy_ignoring_minus_100(model, tiny_processor):
@@ -124,10 +138,18 @@ def test_loss_is_shifted_cross_entropy_ignoring_minus_100(model, tiny_processor)
     labels = inputs["input_ids"].clone()
     labels[labels < 0] = -100
     labels[:, : labels.shape[1] - 5] = -100
+    model.eval()
     with torch.no_grad():
         out = model(**inputs, labels=labels)
-        logits = model(**inputs).logits  # the loss path returns no logits (model/loss.py)
-    assert out.logits is None
+        logits = model(**inputs).logits
+        lean = model(**inputs, labels=labels, return_logits=False)  # what training asks for (model/loss.py)
+    # as the published model: with labels, float32 logits come back too (in eval mode; training never reads them)
+    assert out.logits.dtype == torch.float32 and torch.equal(out.logits, logits)
+    assert lean.logits is None and float(lean.loss) == float(out.loss)
+    model.train()
+    with torch.no_grad():
+        assert model(**inputs, labels=labels).logits is None
+    model.eval()
     ref = reference_loss(logits.float(), labels)
     manual = torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100)
     assert abs(float(out.loss) - float(ref)) < 1e-5
@@ -246,3 +268,23 @@ def test_language_model_called_alone_picks_the_factor_set_by_length(tiny_tokeniz
             hidden = small.model(input_ids=ids).last_hidden_state
             torch.testing.assert_close(small.lm_head(hidden), small(input_ids=ids).logits, rtol=0, atol=1e-6)
     assert ids.shape[1] > 24
+
+
+def test_published_call_conventions(model, tiny_processor):
+    """What code written against the published model does: positional (input_ids, attention_mask), the base model
+    called with pixel_values, and a strict load of a state dict carrying the `vision_embed_tokens.wte` alias."""
+    texts = [chat(tiny_processor, "<|image_1|>\nWhat colour?"), chat(tiny_processor, "Just text, a little longer.")]
+    batch = tiny_processor(text=texts, images=[[rand_image(400, 300, 9)], []], padding=True, padding_side="left")
+    ids, mask, px, sizes = batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_sizes"]
+    model.eval()
+    with torch.no_grad():
+        by_name = model(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=sizes).logits
+        by_position = model(ids, mask, None, None, None, px, sizes).logits
+        hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=sizes).last_hidden_state
+    assert by_name.dtype == torch.float32 and torch.equal(by_name, by_position)
+    real = mask.bool()
+    torch.testing.assert_close(model.lm_head(hidden).float()[real], by_name[real], rtol=0, atol=1e-6)
+    state = dict(model.state_dict())
+    state["model.vision_embed_tokens.wte.weight"] = state["model.embed_tokens.weight"]
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys

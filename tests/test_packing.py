@@ -11,8 +11,9 @@ from PIL import Image
 from phi3v_tune.data.collate import Collator
 from phi3v_tune.data.packing import PackingCollator, plan_rows
 from phi3v_tune.model import packed_attention
+from phi3v_tune.model.modeling import set_rope_per_sample
 from phi3v_tune.model.packed_attention import ATTN_NAME, packed_attention_forward
-from phi3v_tune.model.tiny import tiny_model
+from phi3v_tune.model.tiny import tiny_model as _tiny_model
 
 SWITCH = 64  # a small original_max_position_embeddings: samples above it use the long su-RoPE factors
 
@@ -84,6 +85,14 @@ def assert_same(a: tuple, b: tuple) -> None:
 def label_count(batch: dict) -> int:
     """What HF Trainer divides by (num_items_in_batch): label tokens after the shift."""
     return int(batch["labels"][..., 1:].ne(-100).sum())
+
+
+def tiny_model(*args, **kwargs):
+    """Training's setting (Phi3VTrainer): a padded batch's samples take the factor sets of their own lengths, which
+    is what packed rows compute."""
+    m = _tiny_model(*args, **kwargs)
+    set_rope_per_sample(m)
+    return m
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ..data.collate import Collator
 from ..data.examples import build_example
 from ..data.schema import Record
+from ..model.modeling import rope_per_sample
 from ..processing.processor import Phi3VProcessor
 
 
@@ -46,13 +47,14 @@ def generate_answers(
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            out = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stop,
-                pad_token_id=processor.tokenizer.pad_token_id,
-            )
+            with rope_per_sample(model):  # a prompt's answer never depends on what it is batched with
+                out = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stop,
+                    pad_token_id=processor.tokenizer.pad_token_id,
+                )
             new = out[:, inputs["input_ids"].shape[1] :]
             answers.extend(processor.tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:

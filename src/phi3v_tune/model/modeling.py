@@ -4,18 +4,22 @@ Module tree and parameter names mirror the published checkpoint:
 `model.embed_tokens`, `model.layers.*` (transformers' `Phi3DecoderLayer`), `model.norm`,
 `model.vision_embed_tokens.*` (CLIP + separators + projector), `lm_head`.
 
-Semantics chosen where the published code is ambiguous for batches: a padded batch computes exactly what each of its
-samples computes alone (positions come from the attention mask, and the su-RoPE short/long factor set is picked per
-sample from that sample's total key length, short while <= `original_max_position_embeddings`, long beyond).
-Packed rows (`cu_seq_lens_q`, see `data.packing`) compute the same: positions restart per sample, the factor set is
-chosen per sample from its length, and attention stays inside each sample (`packed_attention`).
+The su-RoPE short/long factor set, as the published model: ONE set per forward pass, from its total key length
+(cache + padded input length): short while <= `original_max_position_embeddings`, long beyond. So in a padded batch
+whose longest row passes 4096 tokens every row takes the long set. Our training and evaluation instead run with
+`rope_per_sample(model)`: each sample takes the set of its own length, so a padded batch computes exactly what each of
+its samples computes alone (what the recipe computes at batch size 1), whatever it is batched with. Positions come
+from the attention mask either way (the same logits at real tokens: RoPE is relative). Packed rows (`cu_seq_lens_q`,
+see `data.packing`) are always per sample: positions restart per sample, the factor set is chosen per sample from its
+length, and attention stays inside each sample (`packed_attention`).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -34,12 +38,13 @@ CACHE_ARG = "cache" if "cache" in inspect.signature(Phi3ForCausalLM.forward).par
 
 
 class Phi3VSuScaledRotaryEmbedding(nn.Module):
-    """su / longrope RoPE with the factor set chosen per sample from its total key length.
+    """su / longrope RoPE with the factor set chosen from the total key length.
 
     transformers' `longrope` picks one set for the whole batch from `max(position_ids) + 1`; the published model picks
-    it from the key length. Both agree for a single unpadded sequence; this module makes a padded batch behave like
-    its samples run one by one. The model sets `use_long` (bool per row, or per token for packed rows, or one Python
-    bool when no row is padded) right before the language model runs.
+    it from the key length (cache + padded input). Both agree for a single unpadded sequence. The model sets
+    `use_long` (one Python bool for the batch; with `per_sample` a bool per row, or per token for packed rows) right
+    before the language model runs. `per_sample` (see `rope_per_sample`) makes a padded batch behave like its samples
+    run one by one.
     """
 
     def __init__(self, config: Phi3VConfig):
@@ -49,6 +54,7 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
         self.register_buffer("short_inv_freq", short, persistent=False)
         self.register_buffer("long_inv_freq", long, persistent=False)
         self.use_long: torch.Tensor | bool | None = None
+        self.per_sample = False
 
     @staticmethod
     def compute(config: Phi3VConfig) -> tuple[torch.Tensor, torch.Tensor, int | None, float]:
@@ -96,8 +102,9 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
         use_long = self.use_long
         if use_long is None and self.original_max is not None:
             # the language model called on its own (`model.model(...)`), not through Phi3VForCausalLM, which sets the
-            # flag: each row's key length is its last position + 1 (positions count only real tokens)
-            use_long = position_ids.amax(-1) + 1 > self.original_max
+            # flag: the key length is the last position + 1 (per row with `per_sample`: positions count real tokens)
+            last = position_ids.amax(-1) if self.per_sample else position_ids.amax()
+            use_long = last + 1 > self.original_max
         if isinstance(use_long, bool):  # one set for the whole batch, known on the host: no select on the GPU
             inv_freq = self.long_inv_freq if use_long and self.original_max is not None else self.short_inv_freq
             freqs = pos * inv_freq.float()
@@ -112,6 +119,29 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(x.dtype), sin.to(x.dtype)
+
+
+@contextmanager
+def rope_per_sample(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Within the block, every sample of a padded batch takes the su-RoPE factor set of its own length (instead of the
+    published one set per forward pass from the padded length): batching then never changes a sample's result.
+    Reaches the model inside PEFT, DDP, DeepSpeed or compile wrappers."""
+    rotaries = [m for m in model.modules() if isinstance(m, Phi3VSuScaledRotaryEmbedding)]
+    before = [r.per_sample for r in rotaries]
+    for r in rotaries:
+        r.per_sample = on
+    try:
+        yield
+    finally:
+        for r, b in zip(rotaries, before):
+            r.per_sample = b
+
+
+def set_rope_per_sample(model: nn.Module, on: bool = True) -> None:
+    """`rope_per_sample` for the model's lifetime (training runs)."""
+    for m in model.modules():
+        if isinstance(m, Phi3VSuScaledRotaryEmbedding):
+            m.per_sample = on
 
 
 class Phi3VPreTrainedModel(Phi3PreTrainedModel):
@@ -130,6 +160,12 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             nn.init.normal_(module.sub_GN, std=self.config.initializer_range)
         elif isinstance(module, Phi3VSuScaledRotaryEmbedding):
             module.reset_buffers()
+
+
+def _drop_wte_alias(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Some re-saved checkpoints (and the publisher's module's own `state_dict()`) carry `vision_embed_tokens.wte`, an
+    alias of the word embeddings: accept it in a strict `load_state_dict` too, never require it."""
+    state_dict.pop(prefix + "wte.weight", None)
 
 
 def hook_token_embeddings(model: nn.Module) -> None:
@@ -161,7 +197,34 @@ class Phi3VModel(Phi3Model):
         super().__init__(config)
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
         self.rotary_emb = Phi3VSuScaledRotaryEmbedding(config)
+        self.vision_embed_tokens.register_load_state_dict_pre_hook(_drop_wte_alias)
         self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: ImageSizes | None = None,
+        image_token_count: int | None = None,
+        **kwargs,
+    ):
+        """The published base model's call: `input_ids` may hold image positions (ids `-k`) filled from
+        `pixel_values`/`image_sizes`; returns the last hidden states (and the cache)."""
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_token_count)
+        if past_key_values is not None:
+            kwargs[CACHE_ARG] = past_key_values
+        return super().forward(
+            input_ids=None,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
 
     def enable_input_require_grads(self) -> None:
         hook_token_embeddings(self)
@@ -234,11 +297,15 @@ class Phi3VModel(Phi3Model):
                 f"input_ids hold {n_positions} image positions but the {len(size_list(image_sizes))} images give "
                 f"{features.shape[0]} tokens: the prompt and images do not belong together (same num_crops?)"
             )
-        return embeds.masked_scatter(image_mask[..., None], features)
+        embeds = embeds.masked_scatter(image_mask[..., None], features)
+        if self.config.embd_pdrop and self.training:  # the published image embedding's dropout (0.0 as published)
+            embeds = nn.functional.dropout(embeds, p=self.config.embd_pdrop, training=True)
+        return embeds
 
 
 class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
-    """Phi-3.5-vision for causal LM: `forward(input_ids, pixel_values, image_sizes, attention_mask, labels)`."""
+    """Phi-3.5-vision for causal LM: `forward(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+    pixel_values, image_sizes, labels, use_cache)`, the published model's argument order."""
 
     _tied_weights_keys = {}
     loss_chunk_size: int = DEFAULT_CHUNK  # labelled positions per lm_head + cross-entropy chunk (model/loss.py)
@@ -274,24 +341,28 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_sizes: ImageSizes | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: ImageSizes | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        *,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values=None,
         cache=None,
         rope_use_long: torch.Tensor | None = None,
         image_token_count: int | None = None,
+        return_logits: bool | None = None,
         **kwargs,
     ):
         """Padded rows (`attention_mask`; rows of equal length need none) or packed rows (`cu_seq_lens_q`/`_k`,
         `max_length_q`/`_k`, `position_ids` restarting per sample, optional `rope_use_long` per-token su-RoPE flags;
         see `data.packing`). `image_token_count`: optional host-side count of the ids < 0 (see `Phi3VModel.embed`).
-        With `labels` the loss path runs, which builds no KV cache unless `use_cache=True` is asked for."""
+        Logits are float32, as the published model returns them. With `labels` the loss path runs (chunked, building
+        no KV cache unless `use_cache=True` is asked for); it returns the logits too unless `return_logits=False`
+        (default: in eval mode only; training never reads them, and a document's full-vocabulary logits are ~0.3 GB)."""
         past = cache if cache is not None else past_key_values
         if labels is not None and use_cache is None:
             use_cache = False  # training / evaluation loss: a cache would only cost time (and recompile --compile)
@@ -301,14 +372,13 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes, image_token_count)
         batch, length = inputs_embeds.shape[:2]
         past_len = past.get_seq_length() if past is not None else 0
+        rotary = self.model.rotary_emb
         mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if mask2d is not None:
-            key_lengths = mask2d.sum(-1)
             if position_ids is None:
                 position_ids = (mask2d.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-        else:  # every row is past_len + length long: the factor set is one host-side choice
-            key_lengths = past_len + length
-        rotary = self.model.rotary_emb
+        # the published rule: one factor set from the total key length (a host-side choice); per sample on request
+        key_lengths = mask2d.sum(-1) if mask2d is not None and rotary.per_sample else past_len + length
         cu_seq_lens = kwargs.get("cu_seq_lens_q")
         packed = cu_seq_lens is not None
         if packed:  # several samples per row: positions restart and the factor set is chosen per sample
@@ -332,6 +402,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                     return self.loss_forward(
                         labels,
                         logits_to_keep,
+                        return_logits=not self.training if return_logits is None else return_logits,
                         attention_mask=attention_mask,
                         position_ids=position_ids,
                         inputs_embeds=inputs_embeds,
@@ -339,7 +410,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                         **lm_kwargs,
                         **kwargs,
                     )
-                return super().forward(
+                out = super().forward(
                     input_ids=None,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
@@ -350,13 +421,19 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                     **lm_kwargs,
                     **kwargs,
                 )
+                if isinstance(out, tuple):
+                    return tuple(x.float() if x is out[0] and torch.is_tensor(x) else x for x in out)
+                if out.logits is not None:
+                    out.logits = out.logits.float()
+                return out
         finally:
             rotary.use_long = None
 
     def loss_forward(
-        self, labels: torch.Tensor, logits_to_keep: int | torch.Tensor = 0, **kwargs
+        self, labels: torch.Tensor, logits_to_keep: int | torch.Tensor = 0, return_logits: bool = False, **kwargs
     ) -> CausalLMOutputWithPast:
-        """Base model, then the chunked loss on labelled positions only; `logits` is None (training never reads it).
+        """Base model, then the chunked loss on labelled positions only; `logits` (float32, every kept position) only
+        with `return_logits` (training never reads them).
 
         Loss arguments (`num_items_in_batch`, `shift_labels`, `ignore_index`) are taken out of `kwargs`; everything else
         (attention and packing arguments included) goes to the base model untouched.
@@ -372,9 +449,14 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             chunk_size=self.loss_chunk_size,
             **loss_args,
         )
+        logits = None
+        if return_logits:
+            hidden = outputs.last_hidden_state
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep, :]).float()
         result = CausalLMOutputWithPast(
             loss=loss,
-            logits=None,
+            logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             **{CACHE_ARG: getattr(outputs, CACHE_ARG, None)},
@@ -383,19 +465,20 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
 
     # ----------------------------------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, *args, pixel_values=None, image_sizes=None, **kwargs):
-        """Vision inputs only go in while the cache is empty; re-run everything when a sample passes 4096 tokens.
+        """Vision inputs only go in while the cache is empty; re-run everything when the length passes 4096 tokens.
 
-        The published model computes every position with the long factors once the length exceeds
-        `original_max_position_embeddings`, so the cached (short-factor) keys are dropped at that step.
+        The published model computes every position with the long factors once the (padded) length exceeds
+        `original_max_position_embeddings`, so the cached (short-factor) keys are dropped at that step; with
+        `rope_per_sample`, whenever one more sample's own length passes it.
         """
         past = kwargs.get(CACHE_ARG)
         mask = kwargs.get("attention_mask")
         limit = self.model.rotary_emb.original_max
         if past is not None and limit is not None and past.get_seq_length() > 0:
             past_len = past.get_seq_length()
-            if mask is not None:
+            if mask is not None and self.model.rotary_emb.per_sample:  # a sample's own length crosses the limit
                 before, now = mask[:, :past_len].sum(-1), mask.sum(-1)
-            else:
+            else:  # the published rule: the padded length crosses it
                 before = torch.tensor([past_len])
                 now = torch.tensor([input_ids.shape[1]])
             if bool(((now > limit) & (before <= limit)).any()):

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..model.modeling import set_rope_per_sample
 from .checkpoints import MARKER, write_marker
 
 
@@ -61,6 +62,9 @@ class Phi3VTrainer(Trainer):
 
     def __init__(self, *args, train_config=None, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
+        # every sample of a padded batch takes the su-RoPE factor set of its own length: training on a batch then
+        # computes what the recipe computes on its samples one by one (and what packed rows compute)
+        set_rope_per_sample(self.model)
         self.train_config = train_config
         self.eval_data_collator = eval_data_collator  # evaluation batches (None: the training collator)
         self._tokens = 0
@@ -178,6 +182,7 @@ class Phi3VTrainer(Trainer):
             self.last_batch_ids = list(ids)
             if model.training:
                 self.epoch_ids.extend(self.last_batch_ids)
+        inputs["return_logits"] = False  # the loss path needs no full-vocabulary logits, in evaluation neither
         if model.training:
             self._tokens += int(num_tokens) if num_tokens is not None else int(inputs["attention_mask"].sum())
             self._samples += len(ids) if ids is not None else int(inputs["input_ids"].shape[0])
