@@ -75,6 +75,34 @@ def test_docvqa_row_gets_the_recipes_docvqa_prompt(proc, tmp_path):
     assert records[0].answers == ["1 May", "May 1"]  # every gold answer is scored by ANLS
 
 
+def test_cauldron_nlvr2_row_in_the_recipe_layout_equals_its_nlvr2_script(proc, tmp_path):
+    """the_cauldron `nlvr2` row, `--multi-turn recipe`: turn 0 `<|image_1|><|image_2|>\\n{q}` with the images, later
+    turns the bare question (no leading newline), each its own prompt + `{answer}<|end|>\\n<|endoftext|>`."""
+    import datasets
+
+    from phi3v_tune.data import load_records
+
+    left, right = img(50, 40, 5), img(40, 50, 6)
+    texts = [{"user": "Both have dogs.", "assistant": "True", "source": "nlvr2"}]
+    texts.append({"user": "The left one is red.", "assistant": "False", "source": "nlvr2"})
+    datasets.Dataset.from_dict({"images": [[left, right]], "texts": [texts]}).save_to_disk(str(tmp_path / "nlvr2"))
+    (record,), problems = load_records(tmp_path / "nlvr2", split="train")
+    assert problems == []
+    ex = build_example(record, proc, multi_turn="recipe")
+    want_ids: list[int] = []
+    want_labels: list[int] = []
+    for i, text in enumerate(texts):
+        content = "<|image_1|><|image_2|>\n" + text["user"] if i == 0 else text["user"]
+        prompt = proc.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        prompt_ids = proc(text=prompt, images=[left, right] if i == 0 else None)["input_ids"][0].tolist()
+        answer = proc.tokenizer(text["assistant"] + "<|end|>\n<|endoftext|>", add_special_tokens=False)["input_ids"]
+        want_ids += prompt_ids + answer
+        want_labels += [IGNORE_INDEX] * len(prompt_ids) + answer
+    assert ex["input_ids"].tolist() == want_ids and ex["labels"].tolist() == want_labels
+
+
 def test_three_turn_two_image_conversation_learns_every_answer(proc):
     rec = Record(
         "conv",

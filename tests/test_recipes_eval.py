@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from launch import REPO, TINY_CPU_FLAGS, cpu_env, torchrun
 from PIL import Image
 
@@ -152,15 +153,23 @@ def test_eval_split_reads_another_split_of_the_evaluation_data(tmp_path):
     check_metric_log(out, "accuracy", 2)
 
 
-def test_nlvr2_recipe_keeps_both_images_and_every_question(tmp_path):
+def test_nlvr2_recipe_keeps_both_images_and_scores_the_first_question(tmp_path):
+    """As the recipe's NLVR2 script: the first question of each held-out row is scored (every question trains);
+    --eval-questions all scores each one."""
     data = cauldron_table(tmp_path / "nlvr2", 5, 2, 3, ["True", "False"])
     out = tmp_path / "run"
-    assert (
-        cli(["train", "--task", "nlvr2", "--data", str(data), "--eval-holdout", "2", "--output-dir", str(out), *COMMON])
-        == 0
-    )
-    check_metric_log(out, "accuracy", 6)  # 2 held-out rows x 3 questions, each scored
+    argv = ["train", "--task", "nlvr2", "--data", str(data), "--eval-holdout", "2", "--output-dir", str(out), *COMMON]
+    assert cli(argv) == 0
+    check_metric_log(out, "accuracy", 2)  # 2 held-out rows, their first question
     ids = [json.loads(x)["id"] for x in (out / "eval_predictions" / "step-0.jsonl").read_text().splitlines()]
+    assert ids == ["train-0000000000", "train-0000000001"]
+    config = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert (config["multi_turn"], config["eval_questions"]) == ("recipe", "first")
+    every = tmp_path / "every"
+    argv = [*argv[: -len(COMMON) - 2], "--output-dir", str(every), "--eval-questions", "all", *COMMON]
+    assert cli(argv) == 0
+    check_metric_log(every, "accuracy", 6)  # 2 held-out rows x 3 questions, each scored
+    ids = [json.loads(x)["id"] for x in (every / "eval_predictions" / "step-0.jsonl").read_text().splitlines()]
     assert ids[:3] == ["train-0000000000-q0", "train-0000000000-q1", "train-0000000000-q2"]
 
 

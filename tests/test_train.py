@@ -403,3 +403,15 @@ def test_inference_names_a_missing_model_or_adapter_base(tmp_path, monkeypatch):
     for call in (lambda: load_for_inference(adapter), lambda: merge_adapter(adapter, tmp_path / "out")):
         with pytest.raises(ValueError, match=r"the base model that .* records, .*gone: no such folder.*pass --base"):
             call()
+
+
+@pytest.mark.parametrize("rank, alpha, want", [(8, None, 16), (32, None, 64), (64, None, 128), (8, 5, 5)])
+def test_lora_alpha_follows_the_rank_as_the_recipe(rank, alpha, want):
+    """The recipe's `lora_alpha=round(rank * 2)`: --lora-rank 32 alone gives alpha 64; --lora-alpha overrides."""
+    from phi3v_tune.model.tiny import build_tiny_tokenizer
+
+    model = apply_strategy(
+        tiny_model(build_tiny_tokenizer()), TrainConfig(method="lora", lora_rank=rank, lora_alpha=alpha)
+    )
+    config = model.peft_config["default"]
+    assert (config.r, config.lora_alpha) == (rank, want)

@@ -101,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     problems = validate_records(records, problems, multi_turn=args.multi_turn)
     if problems:
         raise DataError(problems)
-    records = split_questions(records, args.multi_turn)
+    records = split_questions(records, args.multi_turn, args.questions)
     rank, world = _init_distributed()
     model, processor = _load(args)
     value, rows = evaluate_records(
@@ -198,6 +198,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=MULTI_TURN,
         help="how image tags placed in multi-turn samples are numbered: across the sample (default) or from 1 in "
         "every turn (data written for train --multi-turn recipe); every question is scored on its own",
+    )
+    p.add_argument(
+        "--questions",
+        default="all",
+        choices=("all", "first"),
+        help="which questions of a multi-question sample (the_cauldron rows) are scored: all (default), each on its "
+        "own with the sample's images, or first (the recipe's NLVR2 and hateful-memes scripts)",
     )
     p.set_defaults(func=cmd_eval)
 

@@ -81,7 +81,8 @@ def turn_images(turn: Turn, video_frames_per_clip: int) -> list[ImageRef]:
 
 def user_content(turn: Turn, first_number: int, count: int, source: str) -> str:
     """The turn's user text with its images' tags: the recipe's `<|image_1|>...<|image_n|>` + "\\n" + text (with no
-    image that is "\\n" + text, as the recipe's reader builds it), unless the text already places the tags."""
+    image that is "\\n" + text, as the recipe's jsonl reader builds it, or the bare text for a `bare_text` turn, as its
+    NLVR2 script asks the_cauldron's later questions), unless the text already places the tags."""
     wanted = list(range(first_number, first_number + count))
     present = [int(k) for k in IMAGE_TAG.findall(turn.user)]
     if present:
@@ -90,6 +91,8 @@ def user_content(turn: Turn, first_number: int, count: int, source: str) -> str:
                 f"{source}: the text holds tags {', '.join(image_tag(k) for k in present)} but this turn's images "
                 f"are {', '.join(image_tag(k) for k in wanted) or 'none'} (numbered across the conversation)"
             )
+        return turn.user
+    if not wanted and turn.bare_text:
         return turn.user
     return "".join(image_tag(k) for k in wanted) + "\n" + turn.user
 

@@ -34,6 +34,9 @@ class Turn:
     video: str | None = None
     #: The data wrote a single ``"image"`` (not ``"images"``): problems then name that key.
     single_image_key: bool = False
+    #: Without images the text stands alone (the_cauldron's later questions, as the recipe's NLVR2 script asks them),
+    #: instead of following a newline (the recipe's jsonl reader: ``"\n" + user``).
+    bare_text: bool = False
 
     def image_field(self, j: int) -> str:
         return "image" if self.single_image_key else f"images[{j}]"

@@ -629,7 +629,11 @@ def _row_cauldron(row: dict, origin: str, default_id: str, resolve: PathResolver
                     ok = False
             if ok:
                 # the_cauldron puts every image before the first question.
-                turns.append(Turn(user=text["user"], assistant=text["assistant"], images=images if i == 0 else []))
+                turns.append(
+                    Turn(
+                        user=text["user"], assistant=text["assistant"], images=images if i == 0 else [], bare_text=True
+                    )
+                )
         if isinstance(texts[0], dict) and isinstance(texts[0].get("source"), str):
             source = texts[0]["source"]
     if problems:

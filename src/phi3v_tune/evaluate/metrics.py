@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+#: Which questions of a multi-question evaluation sample are scored (see `runner.split_questions`).
+QUESTIONS = ("all", "first")
+
 
 def normalize_prediction(text: str) -> str:
     """Whitespace, then dots, stripped at both ends (the recipe's `.strip().strip('.')`)."""

@@ -13,21 +13,31 @@ import torch
 from ..data.schema import Record
 from ..processing.processor import IMAGE_TAG, Phi3VProcessor, image_tag
 from .generate import generate_answers
-from .metrics import score
+from .metrics import QUESTIONS, score
 
 
-def split_questions(records: Sequence[Record], multi_turn: str = "conversation") -> list[Record]:
+def split_questions(
+    records: Sequence[Record], multi_turn: str = "conversation", questions: str = "all"
+) -> list[Record]:
     """One evaluation record per question: a record with k turns becomes k single-turn records with all its images.
 
-    The_cauldron rows (NLVR2, DocVQA) hold several questions about the same images; each one is scored. A question
-    whose text places image tags keeps them where they stand, numbered across the record (per-turn numbers of
-    `multi_turn="recipe"` are shifted), and the record's other images are tagged in front of it, as untagged
-    questions get all of them.
+    The_cauldron rows (NLVR2, DocVQA) hold several questions about the same images; each one is scored
+    (`questions="first"`: only the first, with the record's id, as the recipe's NLVR2 and hateful-memes scripts
+    score them). A question whose text places image tags keeps them where they stand, numbered across the record
+    (per-turn numbers of `multi_turn="recipe"` are shifted), and the record's other images are tagged in front of
+    it, as untagged questions get all of them.
     """
+    if questions not in QUESTIONS:
+        raise ValueError(f"questions must be one of {', '.join(QUESTIONS)}, got {questions!r}")
     out: list[Record] = []
     for rec in records:
         if len(rec.turns) == 1:
             out.append(rec)
+            continue
+        if questions == "first":
+            first = rec.turns[0]
+            user = _tags_across(first.user, 0, len(rec.images))
+            out.append(replace(rec, turns=[replace(first, user=user, images=list(rec.images))], answers=None))
             continue
         images = rec.images
         first = 1  # the conversation-wide number of this turn's first image

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..data.examples import MULTI_TURN
+from ..evaluate.metrics import QUESTIONS
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")
@@ -87,7 +88,9 @@ class TrainConfig:
     method: str = _f("full", "Strategy: full | freeze-vision | lora | qlora.", choices=METHODS)
     freeze_projector: bool = _f(False, "With freeze-vision: also freeze the image projector and separators.")
     lora_rank: int = _f(64, "LoRA rank.")
-    lora_alpha: int = _f(128, "LoRA alpha.")
+    lora_alpha: int | None = _f(
+        None, "LoRA alpha. Default: 2 x --lora-rank, the recipe's ratio (128 at rank 64; 64 at rank 32)."
+    )
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_lm_head: bool = _f(True, "Also put LoRA on lm_head (the recipe does).")
     lora_vision: bool = _f(False, "Also put LoRA on the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector.")
@@ -210,6 +213,12 @@ class TrainConfig:
         "(--eval-steps) and after training: anls | accuracy.",
         choices=("anls", "accuracy"),
     )
+    eval_questions: str = _f(
+        "all",
+        "Which questions of a multi-question evaluation sample (the_cauldron rows) the task metric scores: all "
+        "(each on its own, with the sample's images) or first (the recipe's NLVR2 and hateful-memes scripts).",
+        choices=QUESTIONS,
+    )
     eval_batch_size: int = _f(8, "Prompts per generation batch during evaluation.")
     eval_max_new_tokens: int = _f(64, "Longest generated answer during evaluation (the recipe: 64).")
     report_to: str = _f("tensorboard", "Loggers: tensorboard, wandb, mlflow, none (comma separated).")
@@ -232,6 +241,11 @@ class TrainConfig:
     progress: bool = _f(True, "Show the progress bar (--no-progress: logs still go to the loggers).")
 
     # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def effective_lora_alpha(self) -> int:
+        """--lora-alpha, or 2 x --lora-rank when not given (the recipe's `lora_alpha=round(rank * 2)`)."""
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
     def validate(self) -> TrainConfig:
         """Every check that needs no model and no data, so a bad command fails in a second, not after loading."""
         if self.method not in METHODS:
@@ -246,6 +260,8 @@ class TrainConfig:
             raise ValueError(f"--learning-rate must be >= 0, got {self.learning_rate:g}")
         if self.method in ("lora", "qlora") and self.lora_rank < 1:
             raise ValueError(f"--lora-rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ValueError(f"--output-dir {self.output_dir} is a file, not a folder")
         if self.bf16 and self.fp16:

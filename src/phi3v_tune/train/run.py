@@ -455,7 +455,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         from ..evaluate.runner import split_questions
         from .eval_callback import TaskMetricCallback
 
-        task_metric = TaskMetricCallback(trainer, processor, split_questions(data.eval, cfg.multi_turn), cfg)
+        task_metric = TaskMetricCallback(
+            trainer, processor, split_questions(data.eval, cfg.multi_turn, cfg.eval_questions), cfg
+        )
         trainer.add_callback(task_metric)
 
     metrics: dict[str, Any] = {}

@@ -108,7 +108,7 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
     model.requires_grad_(False)
     lora = LoraConfig(
         r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
+        lora_alpha=cfg.effective_lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=lora_target_regex(model, cfg.lora_lm_head, cfg.lora_vision),
         init_lora_weights="gaussian",
