@@ -85,3 +85,32 @@ def test_generation_stops_on_end_tokens(tiny_tokenizer, tiny_processor):
     first = greedy_without_cache(model, inputs, 1)[0, 0].item()
     out = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=[first])
     assert out.shape[1] == inputs["input_ids"].shape[1] + 1
+
+
+def test_training_and_evaluation_choose_the_factor_set_per_sample(tiny_tokenizer, tiny_processor, tmp_path):
+    """The published rule (one set per pass from the padded length) is the model's default; our evaluation generates
+    and our Trainer trains with a set per sample, so a sample's result never depends on what it is batched with."""
+    from transformers import TrainingArguments
+
+    from phi3v_tune.data import Record, Turn
+    from phi3v_tune.evaluate.generate import generate_answers
+    from phi3v_tune.train.trainer import Phi3VTrainer
+
+    model = tiny_model(tiny_tokenizer, seed=15, original_max_position_embeddings=40)
+    rotary = model.model.rotary_emb
+    seen: list[bool] = []
+    generate = model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(rotary.per_sample)
+        return generate(*args, **kwargs)
+
+    model.generate = spy
+    short = Record("s", None, [Turn("<|image_1|>\nWhat colour?", "", [rand_image(300, 200, 5)])])
+    long = Record("l", None, [Turn("Tell me a long story about a fox and a dog. " * 4, "")])
+    alone = generate_answers(model, tiny_processor, [short], batch_size=1, max_new_tokens=4, progress=False)
+    both = generate_answers(model, tiny_processor, [short, long], batch_size=2, max_new_tokens=4, progress=False)
+    assert seen == [True, True] and rotary.per_sample is False  # switched on for generation, then restored
+    assert both[0] == alone[0]
+    Phi3VTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    assert rotary.per_sample is True

@@ -494,3 +494,12 @@ def test_numpy_arrays_are_images():
     ]
     with pytest.raises(ValueError, match="shape"):
         load_image(np.zeros((2, 2, 7), dtype=np.uint8))
+
+
+def test_published_config_keys_pass_misspelt_arguments_do_not():
+    assert (
+        Phi3VImageProcessor(processor_class="Phi3VProcessor", image_processor_type="Phi3VImageProcessor").num_crops
+        == 16
+    )
+    with pytest.raises(TypeError, match="num_crop"):
+        Phi3VImageProcessor(num_crop=4)

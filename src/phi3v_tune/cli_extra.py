@@ -52,8 +52,8 @@ def _load(args) -> tuple:
     else:
         proc_dir = Path(args.base or adapter_base(model_dir))
     processor = Phi3VProcessor.from_pretrained(proc_dir, num_crops=args.num_crops)
-    if args.apply_exif_orientation:
-        processor.image_processor.apply_exif_orientation = True
+    if args.apply_exif_orientation is not None:
+        processor.image_processor.apply_exif_orientation = args.apply_exif_orientation
     return model.to(_device()).eval(), processor
 
 
@@ -65,9 +65,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-crops", type=int, default=None, help="HD crops per image (default: the model folder's)")
     p.add_argument(
         "--apply-exif-orientation",
-        action="store_true",
-        help="rotate photos by their EXIF orientation tag (default: as the model folder's processor says; off "
-        "unless the model was trained with it, as the published processor ignores the tag)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rotate photos by their EXIF orientation tag, or not (default: as the model folder's processor says; "
+        "off unless the model was trained with it, as the published processor ignores the tag)",
     )
     p.add_argument(
         "--dtype",
@@ -177,8 +178,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="score a model on a data set (ANLS or accuracy) by greedy generation",
-        description="Greedy generation on every question of DATA, the task metric, and a per-sample "
-        "predictions jsonl (id, prediction, gold, score). Runs sharded under torchrun.",
+        description="Greedy generation on every question of DATA (or each sample's first, --questions first), the "
+        "task metric, and a per-sample predictions jsonl (id, prediction, gold, score). Runs sharded under torchrun.",
     )
     _model_args(p)
     p.add_argument("--data", required=True, help="evaluation data (jsonl, json, HF data set folder or hub id)")
@@ -197,10 +198,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="conversation",
         choices=MULTI_TURN,
         help="how image tags placed in multi-turn samples are numbered: across the sample (default) or from 1 in "
-        "every turn (data written for train --multi-turn recipe); every question is scored on its own",
+        "every turn (data written for train --multi-turn recipe); each scored question is asked on its own",
     )
     p.add_argument(
         "--questions",
+        "--eval-questions",
+        dest="questions",
         default="all",
         choices=("all", "first"),
         help="which questions of a multi-question sample (the_cauldron rows) are scored: all (default), each on its "

@@ -57,6 +57,7 @@ def test_packed_model_loss_matches_padded_in_bf16(tiny_tokenizer, tiny_processor
 
     from phi3v_tune.data.collate import Collator
     from phi3v_tune.data.packing import PackingCollator
+    from phi3v_tune.model.modeling import set_rope_per_sample
     from phi3v_tune.model.packed_attention import ATTN_NAME
     from phi3v_tune.model.tiny import tiny_model
 
@@ -74,6 +75,7 @@ def test_packed_model_loss_matches_padded_in_bf16(tiny_tokenizer, tiny_processor
     image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (400, 700, 3), dtype=np.uint8))
     examples = [example("<|image_1|>\nWhat colour?", [image]), example("Text only.", []), example("Hi", [])]
     model = tiny_model(tiny_tokenizer, seed=3, original_max_position_embeddings=64).to("cuda", torch.bfloat16)
+    set_rope_per_sample(model)  # training's setting: the padded rows' samples take their own factor sets, as packed
     model.set_attn_implementation(ATTN_NAME)
     pad = tiny_tokenizer.pad_token_id
 

@@ -473,8 +473,8 @@ def _open_dataset(path_or_id: PathLike, split: str, name: str | None, cache_dir:
             raise fail(f"cannot load the dataset saved in this folder: {e}", e) from e
         if not _has_table_files(path):
             raise fail(
-                f"no dataset in this folder (expected {split}.jsonl, a folder written by Dataset.save_to_disk, "
-                "or parquet / arrow files)"
+                f"no dataset in this folder (expected {split}.jsonl or NAME_{split}.jsonl, a folder written by "
+                "Dataset.save_to_disk, or parquet / arrow files)"
             )
         try:
             dataset = datasets.load_dataset(str(path), name=name, split=split, cache_dir=cache)
@@ -717,7 +717,7 @@ def load_records(
     if path.is_dir() and not _has_table_files(path):
         # a folder of the user's own data: {split}.jsonl (or .json) with its images, or the one NAME_{split}.jsonl
         # (the recipe's converted UCF-101: ucf101_train.jsonl, ucf101_val.jsonl, ...)
-        prefixed = sorted(path.glob(f"*_{split}.jsonl"))
+        prefixed = sorted(p for p in path.glob(f"*_{split}.jsonl") if not p.name.startswith("."))
         for candidate in (path / f"{split}.jsonl", path / f"{split}.json", *prefixed[:1]):
             if candidate.is_file():
                 if len(prefixed) > 1 and candidate == prefixed[0]:

@@ -48,6 +48,14 @@ PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 ImageInput = Image.Image | np.ndarray | str | os.PathLike | bytes | bytearray | memoryview
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+#: Keys of the published preprocessor_config.json (and its processor's arguments) that change nothing here.
+_PUBLISHED_CONFIG_KEYS = {
+    "auto_map",
+    "do_convert_rgb",
+    "image_processor_type",
+    "processor_class",
+    "feature_extractor_type",
+}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -306,9 +314,13 @@ class Phi3VImageProcessor:
         *,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         apply_exif_orientation: bool = False,
-        **_published: Any,
+        **published: Any,
     ) -> None:
-        """``**_published``: other keys of a published ``preprocessor_config.json`` (e.g. ``processor_class``)."""
+        """``**published``: the other keys of a published ``preprocessor_config.json`` (``processor_class``, ...);
+        any other name is a ``TypeError`` (a misspelt ``num_crop=4`` must not silently give 16 crops)."""
+        unknown = sorted(set(published) - _PUBLISHED_CONFIG_KEYS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected argument(s): {', '.join(unknown)}")
         self.num_crops = _check_num_crops(num_crops)
         self.image_mean = self._check_triplet("image_mean", image_mean)
         self.image_std = self._check_triplet("image_std", image_std)

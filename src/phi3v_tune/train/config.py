@@ -46,7 +46,9 @@ class TrainConfig:
     image_dir: str | None = _f(
         None, "Folder that relative image paths are relative to (default: the jsonl's folder, then images/ below it)."
     )
-    split: str = _f("train", "Split to read from a Hugging Face data set (or SPLIT.jsonl in a data folder).")
+    split: str = _f(
+        "train", "Split to read from a Hugging Face data set (or SPLIT.jsonl / NAME_SPLIT.jsonl in a data folder)."
+    )
     eval_split: str | None = _f(
         None,
         "Split to read from --eval-data when it is a data set with splits, e.g. validation (default: --split).",
@@ -73,11 +75,12 @@ class TrainConfig:
         "refused_eval_samples.tsv for evaluation data). Default: stop and report.",
     )
     max_image_pixels: int | None = _f(178956970, "Refuse images with more pixels than this (decompression bombs).")
-    apply_exif_orientation: bool = _f(
-        False,
-        "Rotate photos by their EXIF orientation tag, as image viewers show them. Off by default: the published "
-        "processor ignores the tag (so does inference with it), and a model should be trained on images as it will "
-        "see them. Saved with the model's processor, so eval and predict follow it.",
+    apply_exif_orientation: bool | None = _f(
+        None,
+        "Rotate photos by their EXIF orientation tag, as image viewers show them. Default: as the base model's "
+        "processor says, which is off for published checkpoints: the published processor ignores the tag (so does "
+        "inference with it), and a model should be trained on images as it will see them. Saved with the model's "
+        "processor, so eval and predict follow it.",
     )
     # -- model and method --------------------------------------------------------------------------------------------
     model: str | None = _f(
@@ -260,8 +263,14 @@ class TrainConfig:
             raise ValueError(f"--learning-rate must be >= 0, got {self.learning_rate:g}")
         if self.method in ("lora", "qlora") and self.lora_rank < 1:
             raise ValueError(f"--lora-rank must be >= 1, got {self.lora_rank}")
+        if self.eval_questions not in QUESTIONS:
+            raise ValueError(f"--eval-questions must be one of {', '.join(QUESTIONS)}, got {self.eval_questions!r}")
+        if self.multi_turn not in MULTI_TURN:
+            raise ValueError(f"--multi-turn must be one of {', '.join(MULTI_TURN)}, got {self.multi_turn!r}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.lora_alpha is None and self.method in ("lora", "qlora"):
+            self.lora_alpha = self.effective_lora_alpha  # train_config.yaml records the value used
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ValueError(f"--output-dir {self.output_dir} is a file, not a folder")
         if self.bf16 and self.fp16:

@@ -427,8 +427,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     base = ensure_base_model(cfg)
     processor = Phi3VProcessor.from_pretrained(base, num_crops=cfg.num_crops)
     processor.image_processor.max_image_pixels = cfg.max_image_pixels
-    if cfg.apply_exif_orientation:
-        processor.image_processor.apply_exif_orientation = True
+    if cfg.apply_exif_orientation is not None:
+        processor.image_processor.apply_exif_orientation = cfg.apply_exif_orientation
     data = read_data(cfg, processor, out)
     if (cfg.metric or cfg.eval_steps) and not data.eval:
         say(
