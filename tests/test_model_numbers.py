@@ -281,7 +281,12 @@ def test_published_call_conventions(model, tiny_processor):
         by_name = model(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=sizes).logits
         by_position = model(ids, mask, None, None, None, px, sizes).logits
         hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=sizes).last_hidden_state
+        # the published base model's order: ..., pixel_values, image_sizes, use_cache, output_attentions, ...
+        hidden_by_position = model.model(ids, mask, None, None, None, px, sizes, False).last_hidden_state
+        flags = model(ids, mask, None, None, None, px, sizes, None, False, False, True, True)
     assert by_name.dtype == torch.float32 and torch.equal(by_name, by_position)
+    assert torch.equal(hidden_by_position, hidden) and torch.equal(flags.logits, by_name)
+    assert len(flags.hidden_states) == model.config.num_hidden_layers + 1
     real = mask.bool()
     torch.testing.assert_close(model.lm_head(hidden).float()[real], by_name[real], rtol=0, atol=1e-6)
     state = dict(model.state_dict())

@@ -162,6 +162,11 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             module.reset_buffers()
 
 
+def _pass_set(kwargs: dict[str, Any], **flags: Any) -> None:
+    """Forward the published positional flags that were given (transformers' defaults apply to the others)."""
+    kwargs.update({k: v for k, v in flags.items() if v is not None})
+
+
 def _drop_wte_alias(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """Some re-saved checkpoints (and the publisher's module's own `state_dict()`) carry `vision_embed_tokens.wte`, an
     alias of the word embeddings: accept it in a strict `load_state_dict` too, never require it."""
@@ -209,15 +214,27 @@ class Phi3VModel(Phi3Model):
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: ImageSizes | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        *,
         image_token_count: int | None = None,
         **kwargs,
     ):
-        """The published base model's call: `input_ids` may hold image positions (ids `-k`) filled from
-        `pixel_values`/`image_sizes`; returns the last hidden states (and the cache)."""
+        """The published base model's call (same argument order): `input_ids` may hold image positions (ids `-k`)
+        filled from `pixel_values`/`image_sizes`; returns the last hidden states (and the cache)."""
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_token_count)
         if past_key_values is not None:
             kwargs[CACHE_ARG] = past_key_values
+        _pass_set(
+            kwargs,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
         return super().forward(
             input_ids=None,
             attention_mask=attention_mask,
@@ -349,6 +366,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         image_sizes: ImageSizes | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         *,
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
@@ -363,6 +383,12 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         Logits are float32, as the published model returns them. With `labels` the loss path runs (chunked, building
         no KV cache unless `use_cache=True` is asked for); it returns the logits too unless `return_logits=False`
         (default: in eval mode only; training never reads them, and a document's full-vocabulary logits are ~0.3 GB)."""
+        _pass_set(
+            kwargs,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
         past = cache if cache is not None else past_key_values
         if labels is not None and use_cache is None:
             use_cache = False  # training / evaluation loss: a cache would only cost time (and recompile --compile)
