@@ -259,6 +259,19 @@ def test_rope_frequencies_survive_a_whole_model_cast(tiny_tokenizer):
     rotary32.use_long = rotary16.use_long = None
 
 
+def test_base_model_per_sample_on_a_padded_batch(tiny_tokenizer, tiny_processor):
+    """`model.model(...)` on a padded batch under `rope_per_sample`: each row's hidden states as computed alone."""
+    small = tiny_model(tiny_tokenizer, seed=2, original_max_position_embeddings=24).eval()
+    texts = [chat(tiny_processor, "up"), chat(tiny_processor, "The quick brown fox jumps over the lazy dog. " * 3)]
+    batch = tiny_processor(text=texts, padding=True, padding_side="right")
+    with torch.no_grad(), rope_per_sample(small):
+        hidden = small.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        alone = small.model(input_ids=tiny_processor(text=texts[0])["input_ids"]).last_hidden_state
+    n = alone.shape[1]
+    assert n < 24 < batch["input_ids"].shape[1]
+    torch.testing.assert_close(hidden[0, :n], alone[0], rtol=1e-4, atol=1e-5)
+
+
 def test_language_model_called_alone_picks_the_factor_set_by_length(tiny_tokenizer, tiny_processor):
     """`model.model(...)` (feature extraction) uses the factor set the full model uses: long past the switch."""
     small = tiny_model(tiny_tokenizer, seed=2, original_max_position_embeddings=24).eval()

@@ -228,6 +228,14 @@ class Phi3VModel(Phi3Model):
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_token_count)
         if past_key_values is not None:
             kwargs[CACHE_ARG] = past_key_values
+        if (
+            position_ids is None
+            and self.rotary_emb.per_sample
+            and attention_mask is not None
+            and attention_mask.dim() == 2
+        ):
+            # per sample: positions count each row's real tokens, so the rotary picks each row's set by its length
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         _pass_set(
             kwargs,
             use_cache=use_cache,
