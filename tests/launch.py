@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
+
+from phi3v_tune.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,18 +27,16 @@ def cpu_env() -> dict[str, str]:
 _PORTS: dict[int, int] = {}
 
 
-def free_port(name: int) -> int:
+def named_port(name: int) -> int:
     """A port free right now, the same one for every use of `name` in this test process (the agents of one emulated
     multi-node job share it): fixed numbers collide when two test runs share a machine."""
     if name not in _PORTS:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            _PORTS[name] = s.getsockname()[1]
+        _PORTS[name] = free_port()
     return _PORTS[name]
 
 
 def torchrun(nproc: int, port: int, *launcher_args: str) -> list[str]:
-    """`python -m torch.distributed.run` with `nproc` processes on the free port named `port` (see `free_port`; plus
+    """`python -m torch.distributed.run` with `nproc` processes on the free port named `port` (see `named_port`; plus
     e.g. --nnodes/--node_rank), ready for `-m phi3v_tune ...`."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port(port)), *launcher_args]  # fmt: skip
+            str(named_port(port)), *launcher_args]  # fmt: skip

@@ -176,15 +176,14 @@ def test_gloo_run_device_is_plain_cpu_and_the_process_group_ends_before_exit(tmp
        group: destroy_process_group() alone leaves the threads running into interpreter shutdown.
     """
     import os
-    import socket
     import subprocess
     import sys
     import textwrap
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from phi3v_tune.train.distributed import free_port
+
+    port = free_port()
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo / "src"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     env.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")

@@ -51,9 +51,9 @@ def _load(args) -> tuple:
         proc_dir = model_dir
     else:
         proc_dir = Path(args.base or adapter_base(model_dir))
-    processor = Phi3VProcessor.from_pretrained(proc_dir, num_crops=args.num_crops)
-    if args.apply_exif_orientation is not None:
-        processor.image_processor.apply_exif_orientation = args.apply_exif_orientation
+    processor = Phi3VProcessor.from_pretrained(
+        proc_dir, num_crops=args.num_crops, apply_exif_orientation=args.apply_exif_orientation
+    )
     return model.to(_device()).eval(), processor
 
 
@@ -192,6 +192,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "to, else predictions-METRIC.jsonl here)",
     )
     from .data.examples import MULTI_TURN
+    from .evaluate.metrics import QUESTIONS
 
     p.add_argument(
         "--multi-turn",
@@ -205,7 +206,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--eval-questions",
         dest="questions",
         default="all",
-        choices=("all", "first"),
+        choices=QUESTIONS,
         help="which questions of a multi-question sample (the_cauldron rows) are scored: all (default), each on its "
         "own with the sample's images, or first (the recipe's NLVR2 and hateful-memes scripts)",
     )

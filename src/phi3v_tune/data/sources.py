@@ -717,21 +717,17 @@ def load_records(
     if path.is_dir() and not _has_table_files(path):
         # a folder of the user's own data: {split}.jsonl (or .json) with its images, or the one NAME_{split}.jsonl
         # (the recipe's converted UCF-101: ucf101_train.jsonl, ucf101_val.jsonl, ...)
-        prefixed = sorted(p for p in path.glob(f"*_{split}.jsonl") if not p.name.startswith("."))
-        for candidate in (path / f"{split}.jsonl", path / f"{split}.json", *prefixed[:1]):
+        for candidate in (path / f"{split}.jsonl", path / f"{split}.json"):
             if candidate.is_file():
-                if len(prefixed) > 1 and candidate == prefixed[0]:
-                    raise DataError(
-                        Problem(
-                            str(path),
-                            None,
-                            "",
-                            f"several files for split '{split}': "
-                            + ", ".join(p.name for p in prefixed)
-                            + "; name one of them as --data",
-                        )
-                    )
                 return load_records(candidate, image_dir, split)
+        prefixed = sorted(p for p in path.glob(f"*_{split}.jsonl") if p.is_file() and not p.name.startswith("."))
+        if len(prefixed) > 1:
+            names = ", ".join(p.name for p in prefixed)
+            raise DataError(
+                Problem(str(path), None, "", f"several files for split '{split}': {names}; name one of them as --data")
+            )
+        if prefixed:
+            return load_records(prefixed[0], image_dir, split)
     return read_hf_dataset(data, split, image_dir, name=name, cache_dir=cache_dir)
 
 

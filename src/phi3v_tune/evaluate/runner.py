@@ -34,17 +34,12 @@ def split_questions(
         if len(rec.turns) == 1:
             out.append(rec)
             continue
-        if questions == "first":
-            first = rec.turns[0]
-            user = _tags_across(first.user, 0, len(rec.images))
-            out.append(replace(rec, turns=[replace(first, user=user, images=list(rec.images))], answers=None))
-            continue
         images = rec.images
         first = 1  # the conversation-wide number of this turn's first image
-        for j, turn in enumerate(rec.turns):
+        for j, turn in enumerate(rec.turns[:1] if questions == "first" else rec.turns):
             user = _tags_across(turn.user, first - 1 if multi_turn == "recipe" else 0, len(images))
             one = replace(turn, user=user, images=list(images))
-            out.append(replace(rec, id=f"{rec.id}-q{j}", turns=[one], answers=None))
+            out.append(replace(rec, id=rec.id if questions == "first" else f"{rec.id}-q{j}", turns=[one], answers=None))
             first += len(turn.images)
     return out
 

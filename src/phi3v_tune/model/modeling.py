@@ -121,15 +121,18 @@ class Phi3VSuScaledRotaryEmbedding(nn.Module):
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
+def _rotaries(model: nn.Module) -> list[Phi3VSuScaledRotaryEmbedding]:
+    """The model's su-RoPE modules, found inside PEFT, DDP, DeepSpeed or compile wrappers."""
+    return [m for m in model.modules() if isinstance(m, Phi3VSuScaledRotaryEmbedding)]
+
+
 @contextmanager
 def rope_per_sample(model: nn.Module, on: bool = True) -> Iterator[None]:
     """Within the block, every sample of a padded batch takes the su-RoPE factor set of its own length (instead of the
-    published one set per forward pass from the padded length): batching then never changes a sample's result.
-    Reaches the model inside PEFT, DDP, DeepSpeed or compile wrappers."""
-    rotaries = [m for m in model.modules() if isinstance(m, Phi3VSuScaledRotaryEmbedding)]
+    published one set per forward pass from the padded length): batching then never changes a sample's result."""
+    rotaries = _rotaries(model)
     before = [r.per_sample for r in rotaries]
-    for r in rotaries:
-        r.per_sample = on
+    set_rope_per_sample(model, on)
     try:
         yield
     finally:
@@ -139,9 +142,14 @@ def rope_per_sample(model: nn.Module, on: bool = True) -> Iterator[None]:
 
 def set_rope_per_sample(model: nn.Module, on: bool = True) -> None:
     """`rope_per_sample` for the model's lifetime (training runs)."""
-    for m in model.modules():
-        if isinstance(m, Phi3VSuScaledRotaryEmbedding):
-            m.per_sample = on
+    for r in _rotaries(model):
+        r.per_sample = on
+
+
+def _mask_positions(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions of the last `length` columns counted over each row's real tokens (a 2-D attention mask, with the
+    cache's columns first): padding never shifts a sample's positions."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
 
 class Phi3VPreTrainedModel(Phi3PreTrainedModel):
@@ -235,7 +243,7 @@ class Phi3VModel(Phi3Model):
             and attention_mask.dim() == 2
         ):
             # per sample: positions count each row's real tokens, so the rotary picks each row's set by its length
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+            position_ids = _mask_positions(attention_mask, inputs_embeds.shape[1])
         _pass_set(
             kwargs,
             use_cache=use_cache,
@@ -410,7 +418,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if mask2d is not None:
             if position_ids is None:
-                position_ids = (mask2d.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+                position_ids = _mask_positions(mask2d, length)
         # the published rule: one factor set from the total key length (a host-side choice); per sample on request
         key_lengths = mask2d.sum(-1) if mask2d is not None and rotary.per_sample else past_len + length
         cu_seq_lens = kwargs.get("cu_seq_lens_q")
@@ -455,8 +463,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                     **lm_kwargs,
                     **kwargs,
                 )
-                if isinstance(out, tuple):
-                    return tuple(x.float() if x is out[0] and torch.is_tensor(x) else x for x in out)
+                if isinstance(out, tuple):  # return_dict=False: logits first (no labels here)
+                    return (out[0].float(), *out[1:])
                 if out.logits is not None:
                     out.logits = out.logits.float()
                 return out

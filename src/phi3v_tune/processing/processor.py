@@ -60,10 +60,19 @@ class Phi3VProcessor:
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder: str | Path, num_crops: int | None = None, **image_kwargs) -> Phi3VProcessor:
-        """Load from a model folder (tokenizer files + `preprocessor_config.json`)."""
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        num_crops: int | None = None,
+        apply_exif_orientation: bool | None = None,
+        **image_kwargs,
+    ) -> Phi3VProcessor:
+        """Load from a model folder (tokenizer files + `preprocessor_config.json`); `num_crops` and
+        `apply_exif_orientation` override the folder's when given (None: as the folder says)."""
         if num_crops is not None:
             image_kwargs["num_crops"] = num_crops
+        if apply_exif_orientation is not None:
+            image_kwargs["apply_exif_orientation"] = apply_exif_orientation
         image_processor = Phi3VImageProcessor.from_pretrained(folder, **image_kwargs)  # checks num_crops first
         return cls(load_tokenizer(folder), image_processor)
 

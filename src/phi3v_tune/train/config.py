@@ -251,8 +251,11 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Every check that needs no model and no data, so a bad command fails in a second, not after loading."""
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for f in dataclasses.fields(self):  # every field with choices: --method, --multi-turn, --metric, ...
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices and not (value is None and f.default is None):
+                flag = "--" + f.name.replace("_", "-")
+                raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
         if self.model is not None:
             check_model_path(self.model, "--model")
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -263,10 +266,6 @@ class TrainConfig:
             raise ValueError(f"--learning-rate must be >= 0, got {self.learning_rate:g}")
         if self.method in ("lora", "qlora") and self.lora_rank < 1:
             raise ValueError(f"--lora-rank must be >= 1, got {self.lora_rank}")
-        if self.eval_questions not in QUESTIONS:
-            raise ValueError(f"--eval-questions must be one of {', '.join(QUESTIONS)}, got {self.eval_questions!r}")
-        if self.multi_turn not in MULTI_TURN:
-            raise ValueError(f"--multi-turn must be one of {', '.join(MULTI_TURN)}, got {self.multi_turn!r}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if self.lora_alpha is None and self.method in ("lora", "qlora"):
@@ -322,10 +321,6 @@ class TrainConfig:
             raise ValueError(f"--packing-max-tokens must be >= 1, got {self.packing_max_tokens}")
         if not 1 <= self.num_crops <= 16:
             raise ValueError(f"--num-crops must be in 1..16, got {self.num_crops}")
-        if self.master_weights not in MASTER_WEIGHTS:
-            raise ValueError(
-                f"--master-weights must be one of {', '.join(MASTER_WEIGHTS)}, got {self.master_weights!r}"
-            )
         if self.master_weights == "bf16-sr":
             if self.fp16:
                 raise ValueError("--master-weights bf16-sr trains in bf16; it cannot be combined with --fp16")

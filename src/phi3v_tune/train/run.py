@@ -24,6 +24,7 @@ from .config import TrainConfig, fsdp_on
 from .distributed import (
     check_complete,
     check_resume_world_size,
+    free_port,
     gathered_state_dict,
     is_distributed,
     peak_memory_per_rank,
@@ -392,13 +393,8 @@ def single_process_engine(cfg: TrainConfig) -> None:
     mpi_or_slurm = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")  # launchers DeepSpeed finds ranks from
     if any(int(os.environ.get(key, "1") or 1) > 1 for key in mpi_or_slurm):
         return
-    import socket
-
-    with socket.socket() as s:  # a free port for the process group's store
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    for key, value in {**defaults, "MASTER_PORT": str(port)}.items():
+    for key, value in {**defaults, "MASTER_PORT": str(free_port())}.items():  # the process group's store
         os.environ.setdefault(key, value)
 
 
@@ -425,10 +421,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             say(f"note: {note}")
     set_seed(cfg.seed)
     base = ensure_base_model(cfg)
-    processor = Phi3VProcessor.from_pretrained(base, num_crops=cfg.num_crops)
+    processor = Phi3VProcessor.from_pretrained(
+        base, num_crops=cfg.num_crops, apply_exif_orientation=cfg.apply_exif_orientation
+    )
     processor.image_processor.max_image_pixels = cfg.max_image_pixels
-    if cfg.apply_exif_orientation is not None:
-        processor.image_processor.apply_exif_orientation = cfg.apply_exif_orientation
     data = read_data(cfg, processor, out)
     if (cfg.metric or cfg.eval_steps) and not data.eval:
         say(
