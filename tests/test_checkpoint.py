@@ -150,3 +150,31 @@ def test_loaded_model_computes_what_was_saved(tiny_tokenizer, tiny_processor, tm
         loaded = Phi3VForCausalLM.from_pretrained(tmp_path)
         with torch.no_grad():
             assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+
+
+def test_auto_classes_load_this_model_without_remote_code(tiny_tokenizer, tiny_processor, published_dir, tmp_path):
+    """After `import phi3v_tune`, AutoConfig / AutoModelForCausalLM / AutoModel resolve `phi3_v` to this package
+    (the published config's `auto_map` names remote code, which is never fetched or run)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from phi3v_tune.model.modeling import Phi3VModel
+
+    published = AutoConfig.from_pretrained(published_dir)
+    assert type(published) is Phi3VConfig and published.num_hidden_layers == 32
+    model = tiny_model(tiny_tokenizer, seed=10)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is Phi3VForCausalLM
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is Phi3VModel
+    unused = base.vision_embed_tokens.unused_parameters()
+    assert unused and not any(p.requires_grad for p in unused)  # the CLIP tail stays frozen for the base model too
+    image = Image.fromarray(np.random.RandomState(1).randint(0, 256, (200, 400, 3), dtype=np.uint8))
+    text = tiny_processor.apply_chat_template([{"role": "user", "content": "<|image_1|>\nWhat is shown?"}])
+    inputs = tiny_processor(text=text, images=[image])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+        # RoPE tables rebuilt after loading the base model too (position 0 alone would match without them)
+        assert torch.equal(base(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state)

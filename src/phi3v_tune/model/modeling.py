@@ -159,7 +159,7 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
     # Some re-saved checkpoints carry an alias of the word embeddings under the vision module: accept, never require.
-    _keys_to_ignore_on_load_unexpected = [r"model\.vision_embed_tokens\.wte\.weight"]
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)vision_embed_tokens\.wte\.weight$"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -168,6 +168,20 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             nn.init.normal_(module.sub_GN, std=self.config.initializer_range)
         elif isinstance(module, Phi3VSuScaledRotaryEmbedding):
             module.reset_buffers()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, then re-freeze the stored-but-unused CLIP tail (loading replaces parameters) and
+        rebuild the RoPE tables (non-persistent buffers are never trusted after loading), for the base model and the
+        causal LM alike."""
+        out = super().from_pretrained(*args, **kwargs)
+        model = out[0] if isinstance(out, tuple) else out
+        for module in model.modules():
+            if isinstance(module, Phi3VImageEmbedding):
+                module.freeze_unused()
+            elif isinstance(module, Phi3VSuScaledRotaryEmbedding):
+                module.reset_buffers()
+        return out
 
 
 def _pass_set(kwargs: dict[str, Any], **flags: Any) -> None:
@@ -201,7 +215,7 @@ def hook_token_embeddings(model: nn.Module) -> None:
     model._require_grads_hook = handle  # the single-hook name older transformers and PEFT read
 
 
-class Phi3VModel(Phi3Model):
+class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     """Phi-3 decoder stack plus `vision_embed_tokens`; image tokens replace the text embeddings at ids < 0."""
 
     config_class = Phi3VConfig
@@ -352,15 +366,6 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
 
     def enable_input_require_grads(self) -> None:
         hook_token_embeddings(self)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """transformers' loader, then re-freeze the stored-but-unused CLIP tail (loading replaces parameters)."""
-        out = super().from_pretrained(*args, **kwargs)
-        model = out[0] if isinstance(out, tuple) else out
-        model.freeze_unused()
-        model.model.rotary_emb.reset_buffers()  # never trust non-persistent buffers after loading
-        return out
 
     # ----------------------------------------------------------------------------------------------------------------
     def unused_parameters(self) -> list[nn.Parameter]:
