@@ -35,6 +35,17 @@ def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
     return torch.cat(new, dim=1)
 
 
+def sharpen(model, std: float = 0.3):
+    """Larger random weights: the tiny model's argmax then depends on every input detail (its default initialisation
+    gives nearly flat logits, where a wrong RoPE factor set can still pick the same tokens)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or "GN" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
 def chat(p, text):
     return p.apply_chat_template([{"role": "user", "content": text}])
 
@@ -70,13 +81,54 @@ def test_generate_with_images_equals_full_forward_greedy(tiny_tokenizer, tiny_pr
 
 def test_image_crossing_switch_recomputes_with_images(tiny_tokenizer, tiny_processor):
     """The cache is dropped when the length passes the switch point; the image must be re-embedded then."""
-    model = tiny_model(tiny_tokenizer, seed=13, original_max_position_embeddings=475)
+    model = sharpen(tiny_model(tiny_tokenizer, seed=13, original_max_position_embeddings=475))
     inputs = tiny_processor(text=chat(tiny_processor, "<|image_1|>\nHi"), images=[rand_image(672, 336, 4)])
     n = inputs["input_ids"].shape[1]
     assert n < 475 < n + 12
     expected = greedy_without_cache(model, inputs, 12)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, min_new_tokens=12)
     assert out[:, n:].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("options", [{"num_beams": 2}, {"do_sample": True, "top_k": 1, "num_return_sequences": 2}])
+def test_beams_and_returned_sequences_keep_each_rows_images(tiny_tokenizer, tiny_processor, options):
+    """Every copy of a row (beam search, several returned sequences) sees that row's own images, in their order: a
+    two-image row of different sizes next to a one-image row gives each copy the first-step logits of its prompt."""
+    model = sharpen(tiny_model(tiny_tokenizer, seed=15))
+    texts = [chat(tiny_processor, "<|image_1|><|image_2|>\nSame?"), chat(tiny_processor, "<|image_1|>\nColour?")]
+    images = [[rand_image(400, 300, 5), rand_image(200, 500, 6)], [rand_image(336, 336, 7)]]
+    inputs = tiny_processor(text=texts, images=images, padding=True, padding_side="left")
+    out = model.generate(
+        **inputs, max_new_tokens=1, eos_token_id=None, return_dict_in_generate=True, output_logits=True, **options
+    )
+    for row in range(2):
+        alone = tiny_processor(text=texts[row], images=images[row])
+        with torch.no_grad():
+            expected = model(**alone).logits[0, -1]
+        for copy in range(2):
+            torch.testing.assert_close(out.logits[0][2 * row + copy], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_generate_from_inputs_embeds_equals_generate_from_ids(tiny_tokenizer, tiny_processor, per_sample):
+    """`generate(inputs_embeds=...)` (images already embedded) gives the tokens that `input_ids` + pixels give, also
+    when the length passes the su-RoPE switch and the cache is recomputed from the embeddings plus the new tokens."""
+    model = sharpen(tiny_model(tiny_tokenizer, seed=16, original_max_position_embeddings=475))
+    inputs = tiny_processor(text=chat(tiny_processor, "<|image_1|>\nHi"), images=[rand_image(672, 336, 8)])
+    n = inputs["input_ids"].shape[1]
+    assert n < 475 < n + 12
+    with rope_per_sample(model, per_sample), torch.no_grad():
+        embeds = model.model.embed(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"])
+        expected = greedy_without_cache(model, inputs, 12)
+        out = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=inputs["attention_mask"],
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            min_new_tokens=12,
+        )
+    assert out[:, -12:].tolist() == expected.tolist()
 
 
 def test_generation_stops_on_end_tokens(tiny_tokenizer, tiny_processor):

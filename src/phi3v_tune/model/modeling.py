@@ -184,6 +184,11 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
         return out
 
 
+def _starts(counts: list[int]) -> list[int]:
+    """Offsets of consecutive groups of the given sizes."""
+    return [sum(counts[:i]) for i in range(len(counts))]
+
+
 def _pass_set(kwargs: dict[str, Any], **flags: Any) -> None:
     """Forward the published positional flags that were given (transformers' defaults apply to the others)."""
     kwargs.update({k: v for k, v in flags.items() if v is not None})
@@ -511,30 +516,67 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         return result.to_tuple() if return_dict is False else result
 
     # ----------------------------------------------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, *args, pixel_values=None, image_sizes=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, *args, pixel_values=None, image_sizes=None, inputs_embeds=None, **kwargs
+    ):
         """Vision inputs only go in while the cache is empty; re-run everything when the length passes 4096 tokens.
 
         The published model computes every position with the long factors once the (padded) length exceeds
         `original_max_position_embeddings`, so the cached (short-factor) keys are dropped at that step; with
-        `rope_per_sample`, whenever one more sample's own length passes it.
+        `rope_per_sample`, whenever one more sample's own length passes it. `inputs_embeds` (the prompt's, images
+        already in them) are used at the first step, and again, followed by the generated tokens' embeddings, when
+        the cache is dropped.
         """
         past = kwargs.get(CACHE_ARG)
         mask = kwargs.get("attention_mask")
         limit = self.model.rotary_emb.original_max
-        if past is not None and limit is not None and past.get_seq_length() > 0:
-            past_len = past.get_seq_length()
+        past_len = past.get_seq_length() if past is not None else 0
+        # generate() keeps only the tokens it produced in `input_ids` when it starts from embeddings
+        from_embeds = inputs_embeds is not None and past_len > 0 and input_ids.shape[1] <= past_len
+        dropped = False
+        if past_len > 0 and limit is not None:
             if mask is not None and self.model.rotary_emb.per_sample:  # a sample's own length crosses the limit
                 before, now = mask[:, :past_len].sum(-1), mask.sum(-1)
             else:  # the published rule: the padded length crosses it
-                before = torch.tensor([past_len])
-                now = torch.tensor([input_ids.shape[1]])
+                total = input_ids.shape[1] + (inputs_embeds.shape[1] if from_embeds else 0)
+                before, now = torch.tensor([past_len]), torch.tensor([total])
             if bool(((now > limit) & (before <= limit)).any()):
                 kwargs[CACHE_ARG] = None
+                dropped = True
                 if "next_sequence_length" in kwargs:
                     kwargs["next_sequence_length"] = None
-        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
+        if dropped and from_embeds:
+            new = self.get_input_embeddings()(input_ids).to(inputs_embeds.dtype)
+            inputs["inputs_embeds"] = full = torch.cat([inputs_embeds, new], dim=1)
+            inputs["input_ids"] = inputs["position_ids"] = None  # positions: from the mask, else 0..n-1
+            if inputs.get("cache_position") is not None:  # older transformers
+                inputs["cache_position"] = torch.arange(full.shape[1], device=full.device)
         cache_now = inputs.get(CACHE_ARG)
         if cache_now is None or cache_now.get_seq_length() == 0:
             inputs["pixel_values"] = pixel_values
             inputs["image_sizes"] = image_sizes
         return inputs
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **kw
+    ):
+        """Beam search / `num_return_sequences`: every row is repeated `expand_size` times, so its images must be too,
+        as a group (`[a, b, a, b]` for a row with images a and b): images fill the image positions in order of
+        appearance across the batch, while transformers repeats each image on its own (`[a, a, b, b]`)."""
+        pixel_values, image_sizes = kw.pop("pixel_values", None), kw.pop("image_sizes", None)
+        count = kw.pop("image_token_count", None)
+        if expand_size != 1 and pixel_values is not None and input_ids is not None:
+            per_row = [int(torch.unique(row[row < 0]).numel()) for row in input_ids]
+            if sum(per_row) != pixel_values.shape[0]:
+                raise ValueError(f"input_ids hold {sum(per_row)} image(s) but pixel_values has {pixel_values.shape[0]}")
+            order = torch.cat(
+                [torch.arange(start, start + n).repeat(expand_size) for start, n in zip(_starts(per_row), per_row)]
+            ).to(pixel_values.device)
+            pixel_values = pixel_values[order]
+            image_sizes = image_sizes[order.to(image_sizes.device)] if image_sizes is not None else None
+        input_ids, kw = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **kw)
+        kw["pixel_values"], kw["image_sizes"] = pixel_values, image_sizes
+        if count is not None:
+            kw["image_token_count"] = count * expand_size
+        return input_ids, kw
