@@ -177,6 +177,43 @@ def test_a_video_turn_trains_as_its_sampled_frames(tmp_path, tiny_processor):
     assert build_example(record, tiny_processor, video_frames_per_clip=4)["num_images"] == 4
 
 
+def test_evaluation_questions_of_a_video_record_keep_its_frames_and_golds(tmp_path, tiny_processor):
+    """Split into questions for evaluation, a record whose first turn is a video gives every question the 8 frames
+    plus the later image (tags numbered across the record: the image is <|image_9|>); its gold answers go with the
+    last question, the one they belong to."""
+    from phi3v_tune.data import read_jsonl, validate_records
+    from phi3v_tune.data.examples import build_example
+    from phi3v_tune.evaluate.runner import golds_of, split_questions
+
+    make_video(tmp_path / "clip.avi", 12)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    turns = [
+        {
+            "video": "clip.avi",
+            "user": "".join(f"<|image_{k}|>" for k in range(1, 9)) + "What happens?",
+            "assistant": "fade",
+        },
+        {"images": ["red.png"], "user": "and <|image_9|>?", "assistant": "red", "answers": None},
+    ]
+    turns[1].pop("answers")
+    line = {"id": "v", "conversations": turns, "answers": ["red", "crimson"]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(line) + "\n")
+    (record,), problems = read_jsonl(tmp_path / "d.jsonl")
+    assert not problems and not validate_records([record])
+    first, second = split_questions([record], video_frames_per_clip=8)
+    frames = sample_frames(tmp_path / "clip.avi", 8)
+    for q in (first, second):
+        assert len(q.turns) == 1 and q.turns[0].video is None and len(q.turns[0].images) == 9
+        assert [np.asarray(f).tolist() for f in q.turns[0].images[:8]] == [np.asarray(f).tolist() for f in frames]
+        example = build_example(q, tiny_processor, for_generation=True, video_frames_per_clip=8)
+        assert example["num_images"] == 9
+    assert first.turns[0].user == "<|image_9|>\n" + turns[0]["user"]
+    assert second.turns[0].user == "".join(f"<|image_{k}|>" for k in range(1, 9)) + "\nand <|image_9|>?"
+    assert golds_of(first) == ["fade"] and golds_of(second) == ["red", "crimson"]
+    (only,) = split_questions([record], questions="first", video_frames_per_clip=8)
+    assert only.id == "v" and golds_of(only) == ["fade"] and len(only.turns[0].images) == 9
+
+
 def test_a_wrong_frame_count_in_the_header_does_not_change_the_frames(tmp_path):
     import struct
 

@@ -110,6 +110,25 @@ def test_tags_are_numbered_across_the_conversation():
     assert "<|image_3|>" in problems[0].message and "found <|image_1|>" in problems[0].message
 
 
+def test_a_video_turn_owns_its_sampled_frames_when_tags_are_checked():
+    """A video's frames are numbered after its turn's own images (8 by default): a later image is then <|image_9|>
+    (<|image_5|> with 4 frames), and a wrong number after a video is caught like any other."""
+    frames = "".join(f"<|image_{k}|>" for k in range(1, 9))
+    good = rec("v", Turn(frames + "What happens?", "fade", video="/x/clip.mp4"), Turn("and <|image_9|>?", "r", ["1"]))
+    assert check_image_tags(good) == []
+    problems = check_image_tags(good, video_frames=4)
+    assert [p.field for p in problems] == ["conversations[0].user", "conversations[1].user"]
+    assert "expected exactly <|image_5|>" in problems[1].message
+    bad = rec("w", Turn(frames + "What happens?", "fade", video="/x/clip.mp4"), Turn("and <|image_2|>?", "r", ["1"]))
+    problems = check_image_tags(bad)
+    assert [p.field for p in problems] == ["conversations[1].user"] and "found <|image_2|>" in problems[0].message
+    untagged_video = rec("u", Turn("What happens?", "fade", video="/x/clip.mp4"), Turn("and <|image_9|>?", "r", ["1"]))
+    assert [p.field for p in check_image_tags(untagged_video)] == ["conversations[0].user"]  # tags in all turns
+    mixed = rec("m", Turn("<|image_1|> then " + "".join(f"<|image_{k}|>" for k in range(2, 10)), "x", ["1"], "/c.mp4"))
+    assert check_image_tags(mixed) == []
+    assert check_image_tags(mixed, per_turn=True) == []
+
+
 def test_tags_in_one_turn_require_tags_in_all():
     r = rec("c", Turn("<|image_1|>\nq", "a", ["1"]), Turn("q2", "a2", ["2"]))
     problems = check_image_tags(r)
@@ -138,14 +157,15 @@ def test_tags_numbered_per_turn_for_the_recipe_layout():
     assert "numbered across the whole conversation" in check_image_tags(per_turn)[0].message
 
 
-def test_video_turns_and_later_turns_are_not_tag_checked():
+def test_video_turns_and_later_turns_are_tag_checked():
+    """The video turn owns <|image_2|>..<|image_9|> here (its 8 frames after turn 0's image): both wrong tags show."""
     r = rec(
         "v",
         Turn("<|image_1|> q", "a", ["1"]),
         Turn("<|image_9|> what happens?", "a", video="/v.mp4"),
         Turn("<|image_5|>", "a"),
     )
-    assert check_image_tags(r) == []
+    assert [p.field for p in check_image_tags(r)] == ["conversations[1].user", "conversations[2].user"]
 
 
 # ------------------------------------------------------------------------------------------------ records

@@ -38,6 +38,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         split=args.split,
         max_image_pixels=args.max_image_pixels,
         multi_turn=args.multi_turn,
+        video_frames=args.video_frames,
     )
     print(report.format())
     return 0 if report.ok else 1
@@ -105,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=MULTI_TURN,
         help="how image tags in multi-turn samples are numbered: across the conversation (default) or from 1 in "
         "every turn (the layout train --multi-turn recipe builds)",
+    )
+    p.add_argument(
+        "--video-frames",
+        type=int,
+        default=8,
+        help="frames sampled from a turn's video, as train --video-frames (default: 8); they count as the turn's "
+        "images when its image tags are checked",
     )
     p.set_defaults(func=cmd_validate)
 

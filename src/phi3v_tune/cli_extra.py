@@ -99,10 +99,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
     # every problem (missing or broken images included) before the model loads, not mid-way through generation
-    problems = validate_records(records, problems, multi_turn=args.multi_turn)
+    problems = validate_records(records, problems, multi_turn=args.multi_turn, video_frames=args.video_frames)
     if problems:
         raise DataError(problems)
-    records = split_questions(records, args.multi_turn, args.questions)
+    records = split_questions(records, args.multi_turn, args.questions, args.video_frames)
     rank, world = _init_distributed()
     model, processor = _load(args)
     value, rows = evaluate_records(
@@ -129,7 +129,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .evaluate.generate import generate_answers
     from .evaluate.runner import write_rows
 
-    if bool(args.data) == bool(args.prompt):
+    if (args.data is None) == (args.prompt is None):
         raise ValueError("give either --prompt (with --image/--video) or --data")
     if args.data:
         records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split, answers_optional=True)
@@ -137,7 +137,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         turn = Turn(args.prompt, "", list(args.image or []), video=args.video)
         records = [Record("prompt", None, [turn], origin="--prompt")]
         problems = []
-    problems = validate_records(records, problems, answers_required=False)
+    problems = validate_records(records, problems, answers_required=False, video_frames=args.video_frames)
     if problems:
         raise DataError(problems)
     model, processor = _load(args)

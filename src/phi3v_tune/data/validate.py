@@ -35,6 +35,7 @@ def validate_records(
     multi_turn: str = "conversation",
     answers_required: bool = True,
     decode_videos: bool = False,
+    video_frames: int = 8,
 ) -> list[Problem]:
     """Return ``problems`` plus the content problems of ``records``, in file / row order.
 
@@ -45,6 +46,7 @@ def validate_records(
     tags are numbered per turn (the recipe's layout), not across the conversation. ``answers_required=False``
     (questions to predict answers for) lets answers be empty. ``decode_videos`` also decodes every video (what
     `phi3v-tune validate` does; training leaves it to planning, which decodes each video once anyway).
+    ``video_frames``: frames sampled from each video (they count as its turn's images, after the turn's own).
     """
     found: list[Problem] = list(problems)
     first_origin: dict[str, str] = {}
@@ -79,32 +81,31 @@ def validate_records(
                         "empty question with no image or video (expected text, images or both)",
                     )
                 )
-        found.extend(check_image_tags(record, per_turn=multi_turn == "recipe"))
+        found.extend(check_image_tags(record, per_turn=multi_turn == "recipe", video_frames=video_frames))
     if check_images:
         found.extend(_check_media(records, max_image_pixels, num_workers, decode_videos))
     return sort_problems(found)
 
 
-def check_image_tags(record: Record, per_turn: bool = False) -> list[Problem]:
+def check_image_tags(record: Record, per_turn: bool = False, video_frames: int = 8) -> list[Problem]:
     """Check ``<|image_k|>`` tags in the user texts of a record.
 
     Images are numbered 1..n across the whole conversation in order (a first turn with 2 images owns 1 and 2, a
     second turn with 1 image owns 3). When no turn has tags, that is fine: the prompt builder adds them. When any
-    turn has tags, each turn's tags must be exactly the numbers of its own images, each at most once. Video turns
-    have frames whose count is known only after decoding, so the video turn and every later turn are not checked.
-    ``per_turn`` (`--multi-turn recipe`): every turn numbers its own images from 1.
+    turn has tags, each turn's tags must be exactly the numbers of its own images, each at most once. A video turn
+    owns its images and then ``video_frames`` frames (sampling always gives that many, repeating frames of a
+    shorter clip). ``per_turn`` (`--multi-turn recipe`): every turn numbers its own images from 1.
     """
     if not any(IMAGE_TAG.search(turn.user) for turn in record.turns):
         return []
     problems: list[Problem] = []
     next_number = 1
     for i, turn in enumerate(record.turns):
-        if turn.video:
-            break
         if per_turn:
             next_number = 1
-        owned = list(range(next_number, next_number + len(turn.images)))
-        next_number += len(turn.images)
+        count = len(turn.images) + (video_frames if turn.video else 0)
+        owned = list(range(next_number, next_number + count))
+        next_number += count
         tags = [int(k) for k in IMAGE_TAG.findall(turn.user)]
         where = f"conversations[{i}].user"
         repeated = sorted(k for k, n in Counter(tags).items() if n > 1)
@@ -287,6 +288,7 @@ def validate_path(
     check_images: bool = True,
     max_image_pixels: int | None = None,
     multi_turn: str = "conversation",
+    video_frames: int = 8,
     **load_kwargs,
 ) -> ValidationReport:
     """Read ``data`` with ``load_records`` and check everything; a source that cannot be read at all is reported
@@ -303,6 +305,7 @@ def validate_path(
         max_image_pixels=max_image_pixels,
         multi_turn=multi_turn,
         decode_videos=check_images,
+        video_frames=video_frames,
     )
     return ValidationReport(
         data=label,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..data.examples import turn_images
 from ..data.schema import Record
 from ..processing.processor import IMAGE_TAG, Phi3VProcessor, image_tag
 from .generate import generate_answers
@@ -17,7 +18,7 @@ from .metrics import QUESTIONS, score
 
 
 def split_questions(
-    records: Sequence[Record], multi_turn: str = "conversation", questions: str = "all"
+    records: Sequence[Record], multi_turn: str = "conversation", questions: str = "all", video_frames_per_clip: int = 8
 ) -> list[Record]:
     """One evaluation record per question: a record with k turns becomes k single-turn records with all its images.
 
@@ -25,7 +26,8 @@ def split_questions(
     (`questions="first"`: only the first, with the record's id, as the recipe's NLVR2 and hateful-memes scripts
     score them). A question whose text places image tags keeps them where they stand, numbered across the record
     (per-turn numbers of `multi_turn="recipe"` are shifted), and the record's other images are tagged in front of
-    it, as untagged questions get all of them.
+    it, as untagged questions get all of them. A video turn's frames (`video_frames_per_clip`, decoded here) count
+    as its images, after the turn's own. The record's gold `answers` belong to its last question.
     """
     if questions not in QUESTIONS:
         raise ValueError(f"questions must be one of {', '.join(QUESTIONS)}, got {questions!r}")
@@ -34,13 +36,16 @@ def split_questions(
         if len(rec.turns) == 1:
             out.append(rec)
             continue
-        images = rec.images
+        per_turn = [turn_images(turn, video_frames_per_clip) for turn in rec.turns]
+        images = [image for turn_imgs in per_turn for image in turn_imgs]
         first = 1  # the conversation-wide number of this turn's first image
+        last = len(rec.turns) - 1
         for j, turn in enumerate(rec.turns[:1] if questions == "first" else rec.turns):
             user = _tags_across(turn.user, first - 1 if multi_turn == "recipe" else 0, len(images))
-            one = replace(turn, user=user, images=list(images))
-            out.append(replace(rec, id=rec.id if questions == "first" else f"{rec.id}-q{j}", turns=[one], answers=None))
-            first += len(turn.images)
+            one = replace(turn, user=user, images=list(images), video=None)
+            qid = rec.id if questions == "first" else f"{rec.id}-q{j}"
+            out.append(replace(rec, id=qid, turns=[one], answers=rec.answers if j == last else None))
+            first += len(per_turn[j])
     return out
 
 

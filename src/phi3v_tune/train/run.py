@@ -188,7 +188,13 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
     if not cfg.data:
         raise ValueError("--data is required")
     records, problems = load_records(cfg.data, image_dir=cfg.image_dir, split=cfg.split)
-    problems = validate_records(records, problems, max_image_pixels=cfg.max_image_pixels, multi_turn=cfg.multi_turn)
+    problems = validate_records(
+        records,
+        problems,
+        max_image_pixels=cfg.max_image_pixels,
+        multi_turn=cfg.multi_turn,
+        video_frames=cfg.video_frames,
+    )
     loaded = {r.origin for r in records}
     bad_origins = {p.origin for p in problems}  # one origin (file:line / row) per bad sample
     input_total = len(records) + len(bad_origins - loaded)
@@ -214,7 +220,11 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
             cfg.eval_data, image_dir=cfg.image_dir, split=cfg.eval_split or cfg.split
         )
         eval_problems = validate_records(
-            eval_records, eval_problems, max_image_pixels=cfg.max_image_pixels, multi_turn=cfg.multi_turn
+            eval_records,
+            eval_problems,
+            max_image_pixels=cfg.max_image_pixels,
+            multi_turn=cfg.multi_turn,
+            video_frames=cfg.video_frames,
         )
         if eval_problems:
             raise DataError(eval_problems, header=f"{len(eval_problems)} problem(s) in {cfg.eval_data}:")
@@ -452,7 +462,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         from .eval_callback import TaskMetricCallback
 
         task_metric = TaskMetricCallback(
-            trainer, processor, split_questions(data.eval, cfg.multi_turn, cfg.eval_questions), cfg
+            trainer, processor, split_questions(data.eval, cfg.multi_turn, cfg.eval_questions, cfg.video_frames), cfg
         )
         trainer.add_callback(task_metric)
 
