@@ -160,6 +160,55 @@ def test_cauldron_table_to_jsonl(tmp_path):
     assert not problems and records[0].turns[1].assistant == "yes"
 
 
+def _cauldron_table(datasets, ids, images):
+    return datasets.Dataset.from_dict(
+        {
+            "id": ids,
+            "images": [[im] for im in images],
+            "texts": [[{"user": "Colour?", "assistant": str(i), "source": "t"}] for i in range(len(ids))],
+        },
+        features=datasets.Features(
+            {
+                "id": datasets.Value("string"),
+                "images": datasets.Sequence(datasets.Image()),
+                "texts": [{k: datasets.Value("string") for k in ("user", "assistant", "source")}],
+            }
+        ),
+    )
+
+
+def test_cauldron_ids_that_clash_as_file_names_keep_their_own_images(tmp_path):
+    """Ids differing only in characters a file name cannot hold (or in case, or past the length kept in names) get
+    distinct files: every row's image is its own."""
+    datasets = pytest.importorskip("datasets")
+    ids = ["a/b", "a_b", "a b", "A_B", "x" * 300, "x" * 299 + "y"]
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+    images = [Image.new("RGB", (12, 8), c) for c in colours]
+    _cauldron_table(datasets, ids, images).save_to_disk(str(tmp_path / "c"))
+    (path,) = convert_cauldron(tmp_path / "c", tmp_path / "out")
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    files = [row["conversations"][0]["images"][0] for row in rows]
+    assert [row["id"] for row in rows] == ids and len({f.casefold() for f in files}) == len(ids)
+    for f, colour in zip(files, colours):
+        assert Image.open(tmp_path / "out" / f).convert("RGB").getpixel((0, 0)) == colour
+
+
+def test_cauldron_with_an_unreadable_image_names_the_row_and_writes_nothing(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    good = Image.new("RGB", (12, 8), (1, 2, 3))
+    table = _cauldron_table(datasets, ["ok", "broken"], [good, good])
+    rows = table.cast_column("images", datasets.Sequence(datasets.Image(decode=False))).to_list()
+    rows[1]["images"][0] = {"bytes": b"not an image at all", "path": None}
+    broken = datasets.Dataset.from_list(rows, features=table.features)
+    broken.save_to_disk(str(tmp_path / "c"))
+    with pytest.raises(ValueError) as err:
+        convert_cauldron(tmp_path / "c", tmp_path / "out")
+    message = str(err.value)
+    assert "nothing was written" in message and "[row 1]" in message and "id=broken" in message
+    assert "conversations[0].images[0]" in message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+
+
 def test_a_video_turn_trains_as_its_sampled_frames(tmp_path, tiny_processor):
     from phi3v_tune.data import read_jsonl
     from phi3v_tune.data.examples import build_example
@@ -193,9 +242,8 @@ def test_evaluation_questions_of_a_video_record_keep_its_frames_and_golds(tmp_pa
             "user": "".join(f"<|image_{k}|>" for k in range(1, 9)) + "What happens?",
             "assistant": "fade",
         },
-        {"images": ["red.png"], "user": "and <|image_9|>?", "assistant": "red", "answers": None},
+        {"images": ["red.png"], "user": "and <|image_9|>?", "assistant": "red"},
     ]
-    turns[1].pop("answers")
     line = {"id": "v", "conversations": turns, "answers": ["red", "crimson"]}
     (tmp_path / "d.jsonl").write_text(json.dumps(line) + "\n")
     (record,), problems = read_jsonl(tmp_path / "d.jsonl")

@@ -117,24 +117,46 @@ def _image_bytes(ref) -> tuple[bytes, str]:
     return path.read_bytes(), path.suffix.lstrip(".") or "png"
 
 
+#: Longest id kept in an image file name (the rest of a longer id is dropped; the name stays unique).
+MAX_NAME_ID = 80
+
+
+def _file_stem(record_id: str, k: int, taken: set[str]) -> str:
+    """`{id}_{k}` with the id made safe for file names, unique among `taken` (compared case-blind, for
+    case-insensitive disks): ids that differ only in characters a file name cannot hold get `-2`, `-3`, ..."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in record_id)[:MAX_NAME_ID].lstrip(".") or "_"
+    stem, n = f"{safe}_{k}", 1
+    while stem.casefold() in taken:
+        n += 1
+        stem = f"{safe}_{k}-{n}"
+    taken.add(stem.casefold())
+    return stem
+
+
 def write_records(records: Sequence[Record], out: str | Path, name: str) -> Path:
-    """Records (images in memory or on disk) -> `{name}.jsonl` + `images/{name}/{id}_{k}.{ext}`."""
+    """Records (images in memory or on disk) -> `{name}.jsonl` + `images/{name}/{id}_{k}.{ext}`, one file per image
+    (never two images on one name). The jsonl appears only once complete."""
     out = Path(out)
     target = out / f"{name}.jsonl"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "w", encoding="utf-8") as f:
+    partial = target.with_name(target.name + ".partial")
+    taken: set[str] = set()
+    with open(partial, "w", encoding="utf-8") as f:
         for rec in tqdm(records, desc=f"writing {name}", leave=False):
             k = 0
             turns = []
-            for turn in rec.turns:
+            for t, turn in enumerate(rec.turns):
                 paths = []
-                for image in turn.images:
-                    data, ext = _image_bytes(image)
-                    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in rec.id)
-                    rel = Path("images") / name / f"{safe}_{k}.{ext}"
+                for j, image in enumerate(turn.images):
+                    try:
+                        data, ext = _image_bytes(image)
+                    except Exception as err:  # PIL raises many kinds; checked up front, so rare here
+                        field = f"conversations[{t}].{turn.image_field(j)}"
+                        raise ValueError(f"{rec.origin} id={rec.id} {field}: cannot read the image ({err})") from err
+                    rel = Path("images") / name / f"{_file_stem(rec.id, k, taken)}.{ext}"
                     (out / rel).parent.mkdir(parents=True, exist_ok=True)
                     (out / rel).write_bytes(data)
-                    paths.append(str(rel))
+                    paths.append(rel.as_posix())
                     k += 1
                 entry = {"user": turn.user, "assistant": turn.assistant}
                 if paths:
@@ -144,14 +166,20 @@ def write_records(records: Sequence[Record], out: str | Path, name: str) -> Path
             if rec.answers:
                 line["answers"] = rec.answers
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    partial.replace(target)
     return target
 
 
 def convert_cauldron(src: str | Path, out: str | Path, split: str = "train") -> list[Path]:
-    """Any the_cauldron / DocVQA-style table -> `{split}.jsonl` + image files, to inspect and edit as text."""
+    """Any the_cauldron / DocVQA-style table -> `{split}.jsonl` + image files, to inspect and edit as text.
+
+    Every image is read first: an unreadable one stops the conversion with its row, id and field, before anything
+    is written."""
     from .sources import read_hf_dataset
+    from .validate import check_media
 
     records, problems = read_hf_dataset(src, split=split)
+    problems = problems or check_media(records)
     if problems:
-        raise DataError(problems)
+        raise DataError(problems, header=f"{len(problems)} problem(s) in {src} (nothing was written):")
     return [write_records(records, out, split)]

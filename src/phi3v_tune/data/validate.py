@@ -83,7 +83,7 @@ def validate_records(
                 )
         found.extend(check_image_tags(record, per_turn=multi_turn == "recipe", video_frames=video_frames))
     if check_images:
-        found.extend(_check_media(records, max_image_pixels, num_workers, decode_videos))
+        found.extend(check_media(records, max_image_pixels, num_workers, decode_videos))
     return sort_problems(found)
 
 
@@ -184,10 +184,14 @@ def _check_pixels(size: tuple[int, int], max_image_pixels: int | None) -> None:
         raise _TooLarge(f"{width}x{height} = {width * height} pixels, more than max_image_pixels={max_image_pixels}")
 
 
-def _check_media(
-    records: Sequence[Record], max_image_pixels: int | None, num_workers: int | None, decode_videos: bool = False
+def check_media(
+    records: Sequence[Record],
+    max_image_pixels: int | None = None,
+    num_workers: int | None = None,
+    decode_videos: bool = False,
 ) -> list[Problem]:
-    # Each distinct file is decoded once, however many samples share it.
+    """Problems of the records' images (missing, unreadable, too large) and videos (missing; undecodable with
+    ``decode_videos``). Each distinct file is decoded once, however many samples share it."""
     jobs: dict[object, ImageRef] = {}
     uses: list[tuple[Record, str, object]] = []
     videos: list[tuple[Record, str, str]] = []
