@@ -274,3 +274,18 @@ def test_report_format():
         report.raise_if_problems()
     clean = ValidationReport("d.jsonl", 1, 1, 0, [])
     assert clean.ok and clean.format().endswith("no problems found")
+
+
+def test_a_pixel_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):
+    """--max-image-pixels above Pillow's limit accepts the image (Pillow refuses above twice its own limit when
+    opening, before our check could); images over our limit are still refused, by us."""
+    from phi3v_tune.processing.image import load_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 60x40 image is then a "bomb" to Pillow (> 2 * 1000)
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (60, 40), (9, 8, 7)).save(path)
+    assert check_image(path, max_image_pixels=5000) is None
+    assert load_image(path, max_image_pixels=5000).size == (60, 40)
+    assert "more than max_image_pixels=2000" in check_image(path, max_image_pixels=2000)
+    with pytest.raises(ValueError, match="max_image_pixels=2000"):
+        load_image(path, max_image_pixels=2000)

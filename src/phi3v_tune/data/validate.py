@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..processing.image import allow_pixels
 from .schema import DataError, ImageRef, Problem, Record, format_problems, sort_problems
 from .sources import PathLike, load_records
 
@@ -147,6 +148,7 @@ def _tags(numbers: Iterable[int]) -> str:
 def check_image(ref: ImageRef, max_image_pixels: int | None = None) -> str | None:
     """Why an image is unusable (``"not found: /abs/path"``, PIL's reason, too many pixels), or None if fine."""
     what = "in-memory image"
+    allow_pixels(max_image_pixels)
     try:
         if isinstance(ref, Image.Image):
             _check_pixels(ref.size, max_image_pixels)

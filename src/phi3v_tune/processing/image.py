@@ -199,6 +199,15 @@ def _describe(image: Any, source: str) -> str:
     return source
 
 
+def allow_pixels(max_image_pixels: int | None) -> None:
+    """Let Pillow open images up to ``max_image_pixels`` (our check then refuses larger ones first): Pillow refuses
+    anything above twice its own ``Image.MAX_IMAGE_PIXELS`` when opening, which a larger limit asked for here would
+    otherwise never reach. Raises Pillow's process-wide limit, never lowers it."""
+    current = Image.MAX_IMAGE_PIXELS
+    if max_image_pixels is not None and current is not None and max_image_pixels > current:
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
 def load_image(
     image: ImageInput,
     source: str = "image",
@@ -210,7 +219,8 @@ def load_image(
     Decoding everything here (``load()``) means a truncated or corrupt file fails at this line with its name in the
     message, not deep inside a data-loader worker. The current frame of an animation is used (the first, for a file).
     ``max_image_pixels`` rejects decompression bombs before decoding (``None`` disables this check; Pillow's own hard
-    limit, ``PIL.Image.MAX_IMAGE_PIXELS * 2``, still applies). ``apply_exif_orientation=True`` rotates photos as a
+    limit, ``PIL.Image.MAX_IMAGE_PIXELS * 2``, still applies; a limit above Pillow's is honoured, see
+    ``allow_pixels``). ``apply_exif_orientation=True`` rotates photos as a
     viewer shows them; off by default, as the published processor ignores the EXIF tag (and so does inference with
     it), and a model should be trained on images as it will be shown them. A numpy array (H x W, or H x W x 3/4 of
     uint8) is taken as ``PIL.Image.fromarray`` reads it.
@@ -242,6 +252,7 @@ def load_image(
     else:
         raise TypeError(f"{source}: expected a PIL image, a numpy array, a path or bytes, got {type(image).__name__}")
 
+    allow_pixels(max_image_pixels)
     try:
         with warnings.catch_warnings():
             # Our own limit governs. Escalate Pillow's bomb warning only when our limit is at least as strict as
