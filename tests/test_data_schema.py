@@ -16,6 +16,7 @@ from phi3v_tune.data import (
     check_image,
     check_image_tags,
     sort_problems,
+    validate_path,
     validate_records,
 )
 
@@ -255,7 +256,7 @@ def test_many_images_use_progress_and_threads(tmp_path):
     assert [(p.id, p.field) for p in problems] == [("7", "conversations[0].images[0]")]
 
 
-def test_report_format():
+def test_report_format(tmp_path):
     report = ValidationReport(
         "d.jsonl",
         3,
@@ -274,6 +275,12 @@ def test_report_format():
         report.raise_if_problems()
     clean = ValidationReport("d.jsonl", 1, 1, 0, [])
     assert clean.ok and clean.format().endswith("no problems found")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    empty = validate_path(tmp_path / "blank.jsonl")
+    assert not empty.ok and "no samples found" in empty.format()
+    (tmp_path / "wide.jsonl").write_text('{"id": "a", "conversations": []}\n{"id": "b"}\n', encoding="utf-16")
+    (problem,) = validate_path(tmp_path / "wide.jsonl").problems
+    assert problem.origin.endswith("wide.jsonl:1") and "save the file as UTF-8" in problem.message
 
 
 def test_a_pixel_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):

@@ -340,6 +340,16 @@ def test_predict_answers_unlabelled_questions_and_checks_images_before_loading(t
     from phi3v_tune.data import load_records
 
     assert "missing (expected a string)" in str(load_records(questions)[1][0].message)
+    # only the question asked may lack its answer: an earlier turn is context, and an empty one would be made up
+    context = tmp_path / "context.jsonl"
+    context.write_text(
+        json.dumps({"id": "c1", "conversations": [{"images": ["a.png"], "user": "Colour?"}, {"user": "Sure?"}]}) + "\n"
+    )
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(tmp_path / "no-model"), "--data", str(context)]) == 2
+    err = capsys.readouterr().err
+    assert "context.jsonl:1 id=c1 conversations[0].assistant: missing" in err
+    assert "only the last turn's answer may be left out" in err
 
 
 def test_validate_cli_reports_every_problem(tmp_path):

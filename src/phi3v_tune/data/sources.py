@@ -204,7 +204,8 @@ def parse_conversation(
         bad("conversations", "empty list (expected at least one turn {user, assistant, images?})")
     else:
         for i, turn_obj in enumerate(conversations):
-            turn = _parse_turn(turn_obj, f"conversations[{i}]", resolve, inline_images, bad)
+            last = i == len(conversations) - 1
+            turn = _parse_turn(turn_obj, f"conversations[{i}]", resolve, inline_images, bad, last)
             if turn is not None:
                 turns.append(turn)
 
@@ -222,8 +223,15 @@ def _missing(expected: str, present_as_null: bool, obj: dict) -> str:
 
 
 def _parse_turn(
-    obj: Any, where: str, resolve: PathResolver, inline_images: bool, bad: Callable[[str, str], None]
+    obj: Any,
+    where: str,
+    resolve: PathResolver,
+    inline_images: bool,
+    bad: Callable[[str, str], None],
+    last: bool = True,
 ) -> Turn | None:
+    """One turn, or None after reporting its problems through `bad`. Where answers are optional (questions to
+    answer), only the `last` turn may leave its answer out: an earlier one is context the model is shown."""
     if not isinstance(obj, dict):
         bad(where, f"expected an object {{user, assistant, images?}}, got {_type_name(obj)}")
         return None
@@ -235,7 +243,7 @@ def _parse_turn(
         if isinstance(value, str):
             texts[key] = value
             continue
-        if key == "assistant" and value is None and _ANSWERS_OPTIONAL.get():
+        if key == "assistant" and value is None and _ANSWERS_OPTIONAL.get() and last:
             texts[key] = ""
             continue
         ok = False
@@ -244,7 +252,9 @@ def _parse_turn(
         else:
             hint = f"; unknown keys here: {', '.join(repr(k) for k in unknown[:5])}" if unknown else ""
             state = "is null" if key in obj else "missing"
-            bad(f"{where}.{key}", f"{state} (expected a string){hint}")
+            optional = key == "assistant" and not last and _ANSWERS_OPTIONAL.get()
+            earlier = "; only the last turn's answer may be left out" if optional else ""
+            bad(f"{where}.{key}", f"{state} (expected a string{earlier}){hint}")
     if ok:  # (a missing user/assistant already names the unknown keys) a misspelt "image_path" would be dropped
         for key in unknown:
             if obj[key] is not None:
@@ -322,6 +332,8 @@ def read_jsonl(path: PathLike, image_dir: PathLike | None = None) -> tuple[list[
     resolve = PathResolver(_default_bases(Path(os.path.abspath(path)).parent, image_dir))
     records: list[Record] = []
     problems: list[Problem] = []
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # one problem, not one per line of NUL-split text
+        return records, [Problem(f"{path}:1", None, "", "UTF-16/32 text (byte order mark); save the file as UTF-8")]
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         origin = f"{path}:{lineno}"
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):

@@ -313,6 +313,8 @@ def validate_path(
         decode_videos=check_images,
         video_frames=video_frames,
     )
+    if not records and not problems:  # training would stop on it: say so here too
+        problems = [Problem(label, None, "", "no samples found (expected at least one conversation)")]
     return ValidationReport(
         data=label,
         num_records=len(records),
