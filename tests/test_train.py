@@ -72,6 +72,15 @@ def test_config_precedence_yaml_then_flags(tmp_path):
     with pytest.raises(ValueError, match="unknown setting 'learning_rat'"):
         resolve(parser.parse_args(["--config", str(tmp_path / "bad.yaml")]))
     assert parser.parse_args(["--resume"]).resume == "latest"
+    # data sources: one (a plain string) or several, in YAML or on the command line; a list elsewhere is refused
+    (tmp_path / "two.yaml").write_text("data: [a.jsonl, b.jsonl]\neval_data: [c.jsonl]\n")
+    cfg = resolve(parser.parse_args(["--config", str(tmp_path / "two.yaml")]))
+    assert (cfg.data, cfg.eval_data) == (["a.jsonl", "b.jsonl"], "c.jsonl")
+    assert resolve(parser.parse_args(["--data", "x.jsonl", "y.jsonl"])).data == ["x.jsonl", "y.jsonl"]
+    assert resolve(parser.parse_args(["--data", "x.jsonl"])).data == "x.jsonl"
+    (tmp_path / "list.yaml").write_text("output_dir: [a, b]\n")
+    with pytest.raises(ValueError, match="setting output_dir: expected str, got a list"):
+        resolve(parser.parse_args(["--config", str(tmp_path / "list.yaml")]))
 
 
 def test_every_flag_has_help():
@@ -88,9 +97,8 @@ def test_every_flag_has_help():
     # every set default is stated, zero ones too (0 == False once hid them), switches as on/off
     assert helps["lora_dropout"].endswith("(default: 0.0)") and helps["eval_holdout"].endswith("(default: 0)")
     assert helps["lora_lm_head"].endswith("(default: on)") and helps["cpu"].endswith("(default: off)")
-    for field in dataclasses.fields(TrainConfig):
-        if field.default is not None:
-            assert "default" in helps[field.name], field.name
+    for field in dataclasses.fields(TrainConfig):  # a default of None is explained too (or the setting required)
+        assert "default" in helps[field.name].lower() or "required" in helps[field.name].lower(), field.name
 
 
 def test_eval_writes_predictions_next_to_a_local_model_else_here(tmp_path, monkeypatch):

@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "file:line, id, field, what was expected. Exit code 1 when problems exist.",
     )
     p.add_argument("data", help="a conversations .jsonl/.json file, a local HF data set folder, or a hub id")
-    p.add_argument("--image-dir", help="folder that relative image paths are relative to")
+    p.add_argument(
+        "--image-dir",
+        help="folder that relative image paths are relative to (default: the data file's folder, then images/ below it)",
+    )
     p.add_argument("--split", default="train", help="split of a HF data set (default: train)")
     p.add_argument(
         "--max-image-pixels",

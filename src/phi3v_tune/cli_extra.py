@@ -81,7 +81,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default: 64, as the recipe)")
-    p.add_argument("--video-frames", type=int, default=8, help="frames sampled from a turn's video (default: 8)")
+    p.add_argument(
+        "--video-frames",
+        type=int,
+        default=8,
+        help="frames sampled from a turn's video (default: 8; give the value the model was trained with)",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -183,7 +188,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _model_args(p)
     p.add_argument("--data", required=True, help="evaluation data (jsonl, json, HF data set folder or hub id)")
-    p.add_argument("--image-dir", help="folder that relative image paths are relative to")
+    p.add_argument(
+        "--image-dir",
+        help="folder that relative image paths are relative to (default: the data file's folder, then images/ below it)",
+    )
     p.add_argument("--split", default="test", help="split of a HF data set (default: test)")
     p.add_argument("--metric", required=True, choices=["anls", "accuracy"], help="anls (DocVQA) or accuracy")
     p.add_argument(
@@ -223,7 +231,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video", help="a video file (frames are sampled)")
     p.add_argument("--prompt", help="the question")
     p.add_argument("--data", help="a data file to answer in batch instead of --prompt")
-    p.add_argument("--image-dir", help="folder that relative image paths in --data are relative to")
+    p.add_argument(
+        "--image-dir",
+        help="folder that relative image paths in --data are relative to (default: the data file's folder, then images/ below it)",
+    )
     p.add_argument("--split", default="test", help="split of a HF data set (default: test)")
     p.add_argument("--output", help="predictions jsonl for --data (default: predictions.jsonl)")
     p.set_defaults(func=cmd_predict)

@@ -32,12 +32,16 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
 @dataclass
 class TrainConfig:
     # -- data --------------------------------------------------------------------------------------------------------
-    data: str | None = _f(
+    data: str | list[str] | None = _f(
         None,
         "Training data: a conversations .jsonl/.json file, a local Hugging Face data set "
-        "(save_to_disk folder, parquet/arrow files) or a hub id.",
+        "(save_to_disk folder, parquet/arrow files) or a hub id; several are read in order. Required (a recipe or "
+        "--config may set it).",
+        nargs="+",
     )
-    eval_data: str | None = _f(None, "Evaluation data in the same forms (optional).")
+    eval_data: str | list[str] | None = _f(
+        None, "Evaluation data in the same forms (one or several). Default: none (unless --eval-holdout).", nargs="+"
+    )
     eval_holdout: int = _f(
         0,
         "Hold out the first N training records as the evaluation set (the recipe's NLVR2/"
@@ -56,7 +60,7 @@ class TrainConfig:
     max_length: int | None = _f(
         None,
         "Truncate samples to this many tokens (text after the last image only; samples "
-        "whose images alone are longer are refused and reported).",
+        "whose images alone are longer are refused and reported). Default: no truncation.",
     )
     num_crops: int = _f(16, "HD crops per image, 1..16 (the recipe uses 4 for video frames).")
     video_frames: int = _f(8, "Frames sampled from each video given as a turn's 'video'.")
@@ -86,7 +90,8 @@ class TrainConfig:
     model: str | None = _f(
         None,
         "Base model: a local folder in the published layout (config.json, safetensors, "
-        "tokenizer) or a hub id. 'tiny' builds a tiny random model (smoke tests).",
+        "tokenizer) or a hub id. 'tiny' builds a tiny random model (smoke tests). Required (a recipe or --config "
+        "may set it).",
     )
     method: str = _f("full", "Strategy: full | freeze-vision | lora | qlora.", choices=METHODS)
     freeze_projector: bool = _f(False, "With freeze-vision: also freeze the image projector and separators.")
@@ -190,18 +195,18 @@ class TrainConfig:
         True,
         "Write checkpoints and the final model (--no-save-checkpoints: neither, for benchmarks and smoke runs).",
     )
-    save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
+    save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints. Default: keep all.")
     resume: str | None = _f(
         None,
         "Resume: 'latest' (also --resume alone: the newest complete checkpoint in --output-dir; none yet: start at step "
-        "0) or a checkpoint path.",
+        "0) or a checkpoint path. Default: start from step 0.",
         nargs="?",
         const="latest",
     )
     stop_at_step: int | None = _f(
         None,
         "Checkpoint and stop at this step while keeping the schedule of the whole run "
-        "(time-sliced jobs: continue later with --resume).",
+        "(time-sliced jobs: continue later with --resume). Default: run to the end.",
     )
     skip_nonfinite: int = _f(
         0,
@@ -209,11 +214,15 @@ class TrainConfig:
         "instead of stopping at the first one.",
     )
     logging_steps: int = _f(10, "Log loss, learning rate and throughput every N steps.")
-    eval_steps: int | None = _f(None, "Evaluate (loss; task metric where set) every N steps, plus before and after.")
+    eval_steps: int | None = _f(
+        None,
+        "Evaluate (loss; task metric where set) every N steps, plus before and after. Default: only before and "
+        "after training.",
+    )
     metric: str | None = _f(
         None,
         "Task metric computed by greedy generation on the evaluation data before, during "
-        "(--eval-steps) and after training: anls | accuracy.",
+        "(--eval-steps) and after training: anls | accuracy. Default: none (the evaluation loss only).",
         choices=("anls", "accuracy"),
     )
     eval_questions: str = _f(
@@ -234,7 +243,8 @@ class TrainConfig:
     )
     deepspeed: str | None = _f(
         None,
-        "DeepSpeed JSON config: configs/deepspeed/zero2.json, zero3.json or zero3_offload.json (launch with torchrun).",
+        "DeepSpeed JSON config: configs/deepspeed/zero2.json, zero3.json or zero3_offload.json (launch with "
+        "torchrun). Default: none (DDP under torchrun, or what accelerate launch configures).",
     )
     fsdp: bool = _f(
         False,
@@ -251,6 +261,10 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Every check that needs no model and no data, so a bad command fails in a second, not after loading."""
+        for name in SOURCE_LISTS:  # one source is kept as a plain string (messages, saved settings)
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and len(value) == 1:
+                setattr(self, name, value[0])
         for f in dataclasses.fields(self):  # every field with choices: --method, --multi-turn, --metric, ...
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value not in choices and not (value is None and f.default is None):
@@ -426,6 +440,10 @@ def _base_type(tp: Any) -> Any:
     return args[0] if args else tp
 
 
+#: Settings that take one data source or a list of them (read in order).
+SOURCE_LISTS = ("data", "eval_data")
+
+
 def coerce(name: str, value: Any) -> Any:
     """Check and convert a YAML value to the field's type, with an error naming the key."""
     if name not in FIELDS:
@@ -433,6 +451,12 @@ def coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
     tp = _base_type(FIELDS[name].type)
+    if name in SOURCE_LISTS and isinstance(value, list):
+        if not value or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"setting {name}: expected a path or a list of paths, got {value!r}")
+        return list(value)
+    if isinstance(value, (list, dict)) and tp is not list:
+        raise ValueError(f"setting {name}: expected {tp.__name__}, got a {type(value).__name__}: {value!r}")
     try:
         if tp is bool:
             if isinstance(value, str):
