@@ -252,8 +252,13 @@ def test_other_validation():
         Phi3VImageProcessor(num_img_tokens=256)
     with pytest.raises(ValueError):
         hd_size(0, 10)
-    with pytest.raises(ValueError):
-        Phi3VImageProcessor()([noise(10, 10)], return_tensors="np")
+    with pytest.raises(ValueError, match="return_tensors must be 'pt' or 'np'"):
+        Phi3VImageProcessor()([noise(10, 10)], return_tensors="tf")
+    as_np = Phi3VImageProcessor(num_crops=2)([noise(10, 10)], return_tensors="np")
+    as_pt = Phi3VImageProcessor(num_crops=2)([noise(10, 10)])
+    assert isinstance(as_np["pixel_values"], np.ndarray) and np.array_equal(
+        as_np["pixel_values"], as_pt["pixel_values"]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ config round trip
@@ -271,6 +276,10 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
         "num_img_tokens": 144,
         "image_processor_type": "Phi3VImageProcessor",
         "processor_class": "Phi3VProcessor",
+        "auto_map": {
+            "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+            "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
+        },
     }
     again = Phi3VImageProcessor.from_pretrained(tmp_path / "ckpt")
     assert again.to_dict() == proc.to_dict()

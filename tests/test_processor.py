@@ -149,3 +149,34 @@ def test_save_and_reload_keeps_everything(real, tmp_path):
     assert again.num_crops == 4
     assert again.tokenizer("<|user|>\n")["input_ids"] == [1, 32010, 29871, 13]
     assert Phi3VProcessor.from_pretrained(tmp_path, num_crops=16).num_crops == 16
+
+
+def test_saved_preprocessor_config_has_the_published_keys(real, tmp_path, published_dir):
+    """Every key of the published preprocessor_config.json, auto_map included (the publisher's remote code finds
+    its classes through it), with the published values at the published num_crops."""
+    import json
+
+    real.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    published = json.loads((published_dir / "preprocessor_config.json").read_text())
+    assert saved == published
+
+
+def test_truncation_and_return_tensors(real):
+    """Text-only prompts are cut to max_length as the tokenizer cuts them; prompts with images are not (a warning
+    says so, as the published processor leaves them whole); return_tensors="np" gives numpy arrays."""
+    import numpy as np
+
+    text = "<|user|>\nA long question about nothing at all<|end|>\n<|assistant|>\n"
+    full = real(text=text)["input_ids"][0].tolist()
+    cut = real(text=text, truncation=True, max_length=5)
+    assert cut["input_ids"][0].tolist() == full[:5] == real.tokenizer(text, truncation=True, max_length=5)["input_ids"]
+    assert cut["attention_mask"].tolist() == [[1] * 5]
+    with pytest.warns(UserWarning, match="not applied to prompts with images"):
+        kept = real(text="<|image_1|>" + text, images=[Image.new("RGB", (40, 30))], truncation=True, max_length=5)
+    assert kept["input_ids"].shape[1] > 5
+    as_np = real(text="<|image_1|>" + text, images=[Image.new("RGB", (40, 30))], return_tensors="np")
+    assert all(isinstance(v, np.ndarray) for v in as_np.values())
+    assert as_np["input_ids"].tolist() == kept["input_ids"].tolist()
+    with pytest.raises(ValueError, match="return_tensors"):
+        real(text=text, return_tensors="tf")

@@ -42,6 +42,11 @@ CROP_SIZE = 336  # CLIP ViT-L/14 input resolution
 TOKENS_PER_CROP = 144  # 24x24 patches merged 2x2 -> 12x12
 TOKENS_PER_ROW = 12  # sqrt(TOKENS_PER_CROP): one separator token per row of 12
 MAX_NUM_CROPS = 16
+#: The published preprocessor_config.json's `auto_map`: the publisher's remote code reads a saved folder with it.
+PUBLISHED_AUTO_MAP = {
+    "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+    "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
+}
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # Pillow's historical error threshold (2 * 89478485)
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
@@ -394,6 +399,7 @@ class Phi3VImageProcessor:
             "num_img_tokens": self.num_img_tokens,
             "image_processor_type": "Phi3VImageProcessor",
             "processor_class": "Phi3VProcessor",
+            "auto_map": dict(PUBLISHED_AUTO_MAP),
         }
         if self.apply_exif_orientation:
             out["apply_exif_orientation"] = True
@@ -457,9 +463,10 @@ class Phi3VImageProcessor:
 
         pixel_values: float32 (num_images, num_crops + 1, 3, 336, 336); image_sizes: int64 (num_images, 2) holding
         [H, W] of each padded image; num_img_tokens: list of ints. Unused crop slots are exactly zero.
+        `return_tensors`: "pt" (default; None too) or "np" (numpy arrays).
         """
-        if return_tensors not in ("pt", None):
-            raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         if images is None:
             images = []
         elif isinstance(images, (Image.Image, np.ndarray, str, os.PathLike, bytes, bytearray, memoryview)):
@@ -475,6 +482,8 @@ class Phi3VImageProcessor:
             _, height, width = self._crops_into(rgb, pixel_values[i])
             image_sizes[i, 0], image_sizes[i, 1] = height, width
             tokens.append(num_image_tokens(height, width))
+        if return_tensors == "np":
+            return {"pixel_values": pixel_values.numpy(), "image_sizes": image_sizes.numpy(), "num_img_tokens": tokens}
         return {"pixel_values": pixel_values, "image_sizes": image_sizes, "num_img_tokens": tokens}
 
     preprocess = __call__

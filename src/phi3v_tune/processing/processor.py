@@ -9,6 +9,7 @@ wrong (a `ValueError`, and an `AssertionError` as the published processor's bare
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -152,16 +153,23 @@ class Phi3VProcessor:
         text: str | Sequence[str],
         images: Any = None,
         padding: bool | str = False,
-        padding_side: str | None = None,
+        truncation: bool | None = None,
+        max_length: int | None = None,
         return_tensors: str | None = "pt",
+        padding_side: str | None = None,
         **_: Any,
     ) -> BatchFeature:
         """Process one prompt or a batch.
 
         `images`: for one prompt, a list of its images (or one image); for a batch, either one list per prompt or a
         flat list consumed prompt by prompt (each prompt takes as many images as it has tags).
-        Images are PIL images, numpy arrays, paths or bytes.
+        Images are PIL images, numpy arrays, paths or bytes. `truncation` with `max_length` shortens text-only
+        prompts as the tokenizer would (the published processor hands those to it); prompts with images are never
+        cut, as in the published processor (a warning says so), since a cut image is no input the model can read.
+        `return_tensors`: "pt" (default; None too) or "np".
         """
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         texts = [text] if isinstance(text, str) else list(text)
         per_prompt = self._split_images(texts, images)
         flat = [img for imgs in per_prompt for img in imgs]
@@ -177,6 +185,15 @@ class Phi3VProcessor:
             # the model fills image positions in order of appearance: store the images in that order too
             order_all.extend(start + k - 1 for k in image_tag_order(prompt, source))
             start += len(imgs)
+        if truncation and max_length is not None and any(len(r) > max_length for r in rows):
+            if flat:
+                warnings.warn(
+                    "truncation is not applied to prompts with images (the published processor does not either)",
+                    stacklevel=2,
+                )
+            else:
+                left = getattr(self.tokenizer, "truncation_side", "right") == "left"
+                rows = [r[len(r) - max_length :] if left else r[:max_length] for r in rows]
         if len(texts) > 1 and not padding and len({len(r) for r in rows}) > 1:
             raise ValueError("prompts of different lengths need padding=True")
         out = self.pad(rows, padding_side=padding_side)
@@ -184,6 +201,8 @@ class Phi3VProcessor:
             index = torch.tensor(order_all, dtype=torch.long)
             out["pixel_values"] = processed["pixel_values"][index]
             out["image_sizes"] = processed["image_sizes"][index]
+        if return_tensors == "np":
+            return BatchFeature({k: v.numpy() for k, v in out.items()}, tensor_type=None)
         return BatchFeature(out, tensor_type=None)
 
     def _split_images(self, texts: list[str], images: Any) -> list[list[Any]]:
