@@ -15,7 +15,7 @@ from ..data import DataError, load_records, validate_records
 from ..data.collate import Collator
 from ..data.dataset import ConversationDataset, DataPlan, plan_records, write_refused
 from ..data.packing import PackingCollator
-from ..data.schema import Record
+from ..data.schema import Problem, Record
 from ..model.modeling import Phi3VForCausalLM
 from ..model.packed_attention import ATTN_NAME as PACKED_ATTENTION
 from ..processing.processor import Phi3VProcessor
@@ -183,18 +183,23 @@ def _longer(plan: DataPlan) -> str:
     return "raise --max-length, " if any(reason != "invalid" for _, reason, _ in plan.refused) else ""
 
 
-def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> LoadedData:
-    """Load and check everything up front; stop with the full report unless --skip-bad-samples."""
-    if not cfg.data:
-        raise ValueError("--data is required")
-    records, problems = load_records(cfg.data, image_dir=cfg.image_dir, split=cfg.split)
-    problems = validate_records(
+def _read_checked(cfg: TrainConfig, data: str | list[str], split: str) -> tuple[list[Record], list[Problem]]:
+    """Records of `data` and every problem of them, read and checked with the run's settings."""
+    records, problems = load_records(data, image_dir=cfg.image_dir, split=split)
+    return records, validate_records(
         records,
         problems,
         max_image_pixels=cfg.max_image_pixels,
         multi_turn=cfg.multi_turn,
         video_frames=cfg.video_frames,
     )
+
+
+def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> LoadedData:
+    """Load and check everything up front; stop with the full report unless --skip-bad-samples."""
+    if not cfg.data:
+        raise ValueError("--data is required")
+    records, problems = _read_checked(cfg, cfg.data, cfg.split)
     loaded = {r.origin for r in records}
     bad_origins = {p.origin for p in problems}  # one origin (file:line / row) per bad sample
     input_total = len(records) + len(bad_origins - loaded)
@@ -216,16 +221,7 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
         records = [r for r in records if r.origin not in bad_origins]
     eval_records: list[Record] = []
     if cfg.eval_data:
-        eval_records, eval_problems = load_records(
-            cfg.eval_data, image_dir=cfg.image_dir, split=cfg.eval_split or cfg.split
-        )
-        eval_problems = validate_records(
-            eval_records,
-            eval_problems,
-            max_image_pixels=cfg.max_image_pixels,
-            multi_turn=cfg.multi_turn,
-            video_frames=cfg.video_frames,
-        )
+        eval_records, eval_problems = _read_checked(cfg, cfg.eval_data, cfg.eval_split or cfg.split)
         if eval_problems:
             raise DataError(eval_problems, header=f"{len(eval_problems)} problem(s) in {cfg.eval_data}:")
     elif cfg.eval_holdout > 0:
