@@ -194,6 +194,45 @@ def test_task_metric_keeps_the_loss_curve_whole_and_a_stop_is_not_evaluated_twic
     assert entries[1]["eval_accuracy"] == entries[2]["eval_accuracy"]
 
 
+def test_eval_loss_is_the_token_mean_whatever_the_batch_and_is_taken_before_training(data_file, tmp_path):
+    """The evaluation loss is the mean over every answer token of the evaluation data (the training loss's
+    definition), the same at any evaluation batch size; with evaluation data it is taken before training too, even
+    without --eval-steps."""
+    from phi3v_tune import Phi3VForCausalLM, Phi3VProcessor
+    from phi3v_tune.data import load_records
+    from phi3v_tune.data.examples import build_example
+
+    rows = [json.loads(x) for x in data_file.read_text().splitlines()]
+    for i, row in enumerate(rows):  # answers of 1 to 4 words: a mean of sample means would differ
+        turn = row["conversations"][-1]
+        turn["assistant"] = " ".join([turn["assistant"]] * (1 + i % 4))
+    varied = data_file.parent / "varied.jsonl"
+    varied.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses = {}
+    for per_device in (1, 3):
+        out = tmp_path / f"b{per_device}"
+        cfg = small_config(varied, out, max_steps=1, learning_rate=0.0, batch_size=3, batch_size_per_device=per_device)
+        cfg.eval_data = str(varied)
+        metrics = run_training(cfg)
+        losses[per_device] = (metrics["eval_before"]["eval_loss"], metrics["eval_after"]["eval_loss"])
+    model = Phi3VForCausalLM.from_pretrained(tmp_path / "b1" / "final").eval()
+    processor = Phi3VProcessor.from_pretrained(tmp_path / "b1" / "final")
+    total = count = 0.0
+    for record in load_records(str(varied))[0]:
+        ex = build_example(record, processor)
+        n = int((ex["labels"][1:] != -100).sum())
+        with torch.no_grad():
+            loss = model(
+                input_ids=ex["input_ids"][None],
+                pixel_values=ex["pixel_values"],
+                image_sizes=ex["image_sizes"],
+                labels=ex["labels"][None],
+            ).loss
+        total, count = total + float(loss) * n, count + n
+    for before, after in losses.values():
+        assert before == pytest.approx(total / count, rel=1e-5) and after == pytest.approx(total / count, rel=1e-5)
+
+
 def test_a_metric_without_evaluation_data_is_said(data_file, tmp_path, capsys):
     metrics = run_training(
         small_config(data_file, tmp_path / "r", max_steps=1, metric="anls", eval_steps=1, save_checkpoints=False)

@@ -465,7 +465,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     # the loss before training: evaluated by the Trainer once its engine is set up (a DeepSpeed engine built for
     # evaluation first is an inference engine: ZeRO-2 refuses it, ZeRO-3 then fails in the first backward)
-    trainer.args.eval_on_start = trainer.eval_dataset is not None and cfg.eval_steps is not None and not resume_from
+    trainer.args.eval_on_start = trainer.eval_dataset is not None and not resume_from
     from .gc_control import collector_restored
 
     with collector_restored():

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..data.collate import IGNORE_INDEX
 from ..model.modeling import set_rope_per_sample
 from .checkpoints import MARKER, write_marker
 
@@ -75,6 +76,7 @@ class Phi3VTrainer(Trainer):
         self.epoch_nonfinite: list[str] = []  # samples of batches skipped for a non-finite loss
         self._tree = None  # step_boundary.ModuleTree of the model being trained (see training_step)
         self._flop_params: int | None = None  # num_parameters(exclude_embeddings=True), counted once
+        self._eval_token_loss: list[float] | None = None  # [sum of token losses, tokens] of the running evaluation
 
     # ----------------------------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -247,9 +249,38 @@ class Phi3VTrainer(Trainer):
         inputs = dict(inputs)
         inputs.pop("ids", None)
         inputs.pop("num_tokens", None)
-        if inputs.get("labels") is not None:
+        labels = inputs.get("labels")
+        if labels is not None:
             prediction_loss_only = True  # the loss path computes no logits (model/loss.py); nothing else to gather
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        loss, logits, label_ids = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        if loss is not None and labels is not None and self._eval_token_loss is not None:
+            self._count_eval_tokens(loss, labels)
+        return loss, logits, label_ids
+
+    def _count_eval_tokens(self, loss: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add the batch's token losses to the running evaluation: the batch mean times each row's answer tokens
+        (exact for the batch; rows are samples, as evaluation batches are padded, never packed). Gathered as
+        `gather_for_metrics` gathers, so the samples a rank repeats to even out the last batches count once."""
+        tokens = (labels[..., 1:] != IGNORE_INDEX).sum(-1).to(loss.device, torch.float32)
+        per_row = loss.detach().float() * tokens if bool(tokens.sum() > 0) else torch.zeros_like(tokens)
+        sums, counts = self.accelerator.gather_for_metrics((per_row, tokens))
+        self._eval_token_loss[0] += float(sums.sum())
+        self._eval_token_loss[1] += float(counts.sum())
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """The evaluation loss is the mean over every answer token of the evaluation data, as the training loss is
+        over a step's: the same number whatever the batch size (the Trainer's own is a mean of batch means)."""
+        self._eval_token_loss = [0.0, 0.0]
+        try:
+            out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            total, count = self._eval_token_loss
+        finally:
+            self._eval_token_loss = None
+        if count > 0 and f"{metric_key_prefix}_loss" in out.metrics:
+            out.metrics[f"{metric_key_prefix}_loss"] = total / count
+        return out
 
     # ----------------------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
