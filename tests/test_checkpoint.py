@@ -51,6 +51,8 @@ def test_published_config_reads_unchanged(published_dir, tmp_path):
         "num_key_value_heads",
     ):
         assert saved[key] == raw[key], key
+    # no other field either: the published tower stays implicit (no vision_config), as published
+    assert set(saved) - set(raw) <= {"dtype", "transformers_version"}, set(saved) - set(raw)
     again = Phi3VConfig.from_pretrained(tmp_path)
     assert again.to_dict() == {**cfg.to_dict(), "_name_or_path": again.to_dict().get("_name_or_path")}
 

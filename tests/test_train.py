@@ -231,6 +231,14 @@ def test_eval_loss_is_the_token_mean_whatever_the_batch_and_is_taken_before_trai
         total, count = total + float(loss) * n, count + n
     for before, after in losses.values():
         assert before == pytest.approx(total / count, rel=1e-5) and after == pytest.approx(total / count, rel=1e-5)
+    # the saved config is the base model's (the Trainer's use_cache=False for training does not leak into it)
+    saved = json.loads((tmp_path / "b1" / "final" / "config.json").read_text())
+    base = json.loads((tmp_path / "b1" / "base-tiny" / "config.json").read_text())
+    assert saved["use_cache"] is True and {k for k, v in saved.items() if v != base.get(k)} <= {
+        "dtype",
+        "vision_config",
+    }
+    assert {k for k, v in saved["vision_config"].items() if v != base["vision_config"].get(k)} <= {"dtype"}
 
 
 def test_a_metric_without_evaluation_data_is_said(data_file, tmp_path, capsys):

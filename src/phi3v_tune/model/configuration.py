@@ -111,4 +111,18 @@ class Phi3VConfig(Phi3Config):
             out["rope_scaling"] = None
         if out.get("dtype") is not None:
             out["torch_dtype"] = out["dtype"]  # the publisher's code (transformers 4.x) reads this name
+        if _same_tower(out.get("vision_config"), _DEFAULT_TOWER):
+            del out["vision_config"]  # the published tower: left implicit, as the published config.json does
         return out
+
+
+#: Keys of a tower's config that say nothing about its shape.
+_TOWER_BOOKKEEPING = {"dtype", "torch_dtype", "_name_or_path", "transformers_version", "id2label", "label2id"}
+_DEFAULT_TOWER = CLIPVisionConfig(**CLIP_VIT_L_336).to_dict()
+
+
+def _same_tower(a: Any, b: dict[str, Any]) -> bool:
+    if not isinstance(a, dict):
+        return False
+    keys = (set(a) | set(b)) - _TOWER_BOOKKEEPING
+    return all(a.get(k) == b.get(k) for k in keys)

@@ -62,7 +62,13 @@ class Phi3VTrainer(Trainer):
     """`Trainer` for Phi3V batches (pops the `ids` that travel with a batch, counts tokens, marks checkpoints)."""
 
     def __init__(self, *args, train_config=None, eval_data_collator=None, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        use_cache = getattr(getattr(model, "config", None), "use_cache", None)
         super().__init__(*args, **kwargs)
+        if use_cache is not None:
+            # the Trainer turns the config's use_cache off, which every saved config.json would then carry; the
+            # loss path builds no cache anyway (a forward with labels defaults to use_cache=False)
+            self.model.config.use_cache = use_cache
         # every sample of a padded batch takes the su-RoPE factor set of its own length: training on a batch then
         # computes what the recipe computes on its samples one by one (and what packed rows compute)
         set_rope_per_sample(self.model)
