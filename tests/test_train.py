@@ -165,6 +165,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data_file, tmp_pa
     straight_reports = [json.loads(x) for x in (straight / "epoch_reports.jsonl").read_text().splitlines()]
     assert [r for r in reports if "stopped_at_step" not in r] == straight_reports
     assert [r["stopped_at_step"] for r in reports if "stopped_at_step" in r] == [4]
+    # a stop right at the end of an epoch: that epoch is complete and reported as it is, once
+    boundary = straight_reports[0]["step"]
+    at_end = tmp_path / "at-end"
+    run_training(small_config(data_file, at_end, max_steps=8, stop_at_step=boundary, save_checkpoints=True))
+    run_training(small_config(data_file, at_end, max_steps=8, resume="latest"))
+    assert [json.loads(x) for x in (at_end / "epoch_reports.jsonl").read_text().splitlines()] == straight_reports
     a, b = weights(straight / "final"), weights(first / "final")
     assert set(a) == set(b)
     for k in a:

@@ -496,8 +496,9 @@ class EpochReport(TrainerCallback):
             "nonfinite_skipped": len(set(bad)),
             "not_reached_this_epoch": len(kept - set(seen)),
         }
-        stopped = control.should_training_stop and state.global_step < state.max_steps
-        if stopped:  # --stop-at-step: the epoch goes on after --resume, which reports it whole
+        epoch_done = state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-9
+        stopped = control.should_training_stop and state.global_step < state.max_steps and not epoch_done
+        if stopped:  # --stop-at-step mid-epoch: the epoch goes on after --resume, which reports it whole
             report["stopped_at_step"] = state.global_step
         if self.trainer.is_world_process_zero():
             with open(self.path, "a", encoding="utf-8") as f:
