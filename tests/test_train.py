@@ -268,6 +268,13 @@ def test_rotation_after_resuming_an_earlier_checkpoint_keeps_the_new_branch(data
     run_training(resumed)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
     assert latest_complete(out) == out / "checkpoint-6"
+    # the abandoned run's later checkpoints go before the one resumed from, however recently they were written
+    other = tmp_path / "other"
+    run_training(small_config(data_file, other, max_steps=6, save_steps=2))
+    again = small_config(data_file, other, max_steps=6, save_steps=2, save_total_limit=2, stop_at_step=4)
+    again.resume = str(other / "checkpoint-2")
+    run_training(again)
+    assert sorted(p.name for p in other.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_incomplete_checkpoints_are_never_resumed_and_limit_keeps_newest(data_file, tmp_path):

@@ -82,17 +82,19 @@ def rotate(newest: str | Path, keep: int | None) -> list[Path]:
     """Keep `newest` (just marked complete) and the most recently completed others, `keep` in all; delete the rest.
 
     Called only after `newest` is marked, so a crash while a checkpoint is written always leaves the previous
-    complete one. Ordered by completion time, not step: after a resume from an earlier checkpoint the folder may
-    still hold higher-numbered checkpoints of the abandoned run, and those are the ones to go.
+    complete one. After a resume from an earlier checkpoint the folder may still hold higher-numbered checkpoints
+    of the abandoned run: those go first (however recently they were written), then the least recently completed.
     """
     import shutil
 
     newest = Path(newest)
     if not keep or keep < 1:
         return []
-    others = [p for _, p in checkpoints(newest.parent) if is_complete(p) and p.name != newest.name]
-    others.sort(key=marked_at)
-    gone = others[: max(0, len(others) - (keep - 1))]
+    found = checkpoints(newest.parent)
+    step = next((s for s, p in found if p.name == newest.name), None)
+    others = [(s, p) for s, p in found if is_complete(p) and p.name != newest.name]
+    others.sort(key=lambda sp: (not (step is not None and sp[0] > step), marked_at(sp[1])))
+    gone = [p for _, p in others[: max(0, len(others) - (keep - 1))]]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
