@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_train import data_file, small_config  # noqa: F401  (fixture and helper)
@@ -102,6 +104,9 @@ def test_sigkill_at_five_points_then_resume_equals_an_uninterrupted_run(data_fil
         got = _weights(out / "final")
         for k in expected:
             assert torch.equal(expected[k], got[k]), (fault, k)
+        # every epoch reported once, as in the uninterrupted run (a killed run's later reports are dropped)
+        steps = [json.loads(x)["step"] for x in (out / "epoch_reports.jsonl").read_text().splitlines()]
+        assert steps == [json.loads(x)["step"] for x in (reference / "epoch_reports.jsonl").read_text().splitlines()]
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(data_file, tmp_path, monkeypatch):  # noqa: F811

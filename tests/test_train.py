@@ -275,6 +275,11 @@ def test_rotation_after_resuming_an_earlier_checkpoint_keeps_the_new_branch(data
     again.resume = str(other / "checkpoint-2")
     run_training(again)
     assert sorted(p.name for p in other.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # the abandoned run's report of epoch 1 (step 5) is gone: finishing the run reports that epoch once
+    reports = lambda: [json.loads(x)["step"] for x in (other / "epoch_reports.jsonl").read_text().splitlines()]  # noqa: E731
+    assert all(step <= 4 for step in reports())
+    run_training(small_config(data_file, other, max_steps=6, save_steps=2, resume="latest"))
+    assert reports() == [4, 5, 6]  # 4: the stop cut epoch 1 (flagged), 5: epoch 1 whole, 6: epoch 2
 
 
 def test_incomplete_checkpoints_are_never_resumed_and_limit_keeps_newest(data_file, tmp_path):

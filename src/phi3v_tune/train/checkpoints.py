@@ -69,6 +69,11 @@ def quarantine_incomplete(output_dir: str | Path) -> list[Path]:
     return moved
 
 
+def marked_step(folder: Path) -> int:
+    """The optimizer step a complete checkpoint holds (its marker's record)."""
+    return int(json.loads((Path(folder) / MARKER).read_text())["step"])
+
+
 def marked_at(folder: Path) -> float:
     """When the checkpoint was completed (its marker's time; the marker file's mtime if that is unreadable)."""
     marker = folder / MARKER

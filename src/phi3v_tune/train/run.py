@@ -19,7 +19,7 @@ from ..data.schema import Problem, Record
 from ..model.modeling import Phi3VForCausalLM
 from ..model.packed_attention import ATTN_NAME as PACKED_ATTENTION
 from ..processing.processor import Phi3VProcessor
-from .checkpoints import quarantine_incomplete, resolve_resume, write_marker
+from .checkpoints import marked_step, quarantine_incomplete, resolve_resume, write_marker
 from .config import TrainConfig, fsdp_on
 from .distributed import (
     check_complete,
@@ -449,7 +449,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     trainer.add_callback(LogFinalStep())  # after StopAtStep: it reads the stop that one sets
 
-    trainer.add_callback(EpochReport(trainer, data, out / "epoch_reports.jsonl"))
+    start_step = marked_step(resume_from) if resume_from is not None else 0
+    trainer.add_callback(EpochReport(trainer, data, out / "epoch_reports.jsonl", start_step))
     if os.environ.get("PHI3V_FAULT_INJECT"):
         trainer.add_callback(FaultInjection())
     task_metric = None

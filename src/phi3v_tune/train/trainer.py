@@ -466,10 +466,19 @@ EPOCH_PROGRESS = "epoch_progress.json"  # in each checkpoint: the epoch's accoun
 class EpochReport(TrainerCallback):
     """At the end of every epoch: every input sample accounted for (trained, truncated, refused, invalid, skipped)."""
 
-    def __init__(self, trainer, data, path):
+    def __init__(self, trainer, data, path, start_step: int = 0):
+        """`start_step`: where this run starts (the checkpoint resumed from, else 0). Reports of epochs that ended
+        after it (an abandoned or killed run's, or a finished run's in a reused folder) are dropped: this run
+        reports those epochs again, so each epoch is reported once."""
         self.trainer = trainer
         self.data = data
         self.path = path
+        if trainer.is_world_process_zero() and path.is_file():
+            import json
+
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= start_step]
+            path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
 
     def on_epoch_end(self, args, state, control, **kwargs):
         import json
