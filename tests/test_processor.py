@@ -142,9 +142,12 @@ def test_non_rgb_modes_are_converted(real):
         assert out["pixel_values"].shape[1:] == (17, 3, 336, 336)
 
 
-def test_save_and_reload_keeps_everything(real, tmp_path):
+def test_save_and_reload_keeps_everything(real, real_tokenizer_dir, tmp_path):
     p = Phi3VProcessor(real.tokenizer, Phi3VImageProcessor(num_crops=4))
     p.save_pretrained(tmp_path)
+    # the tokenizer files as published (LlamaTokenizer class, chat template inside), not transformers 5's rewrite
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / name).read_bytes() == (real_tokenizer_dir / name).read_bytes(), name
     again = Phi3VProcessor.from_pretrained(tmp_path)
     assert again.num_crops == 4
     assert again.tokenizer("<|user|>\n")["input_ids"] == [1, 32010, 29871, 13]

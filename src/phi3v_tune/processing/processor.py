@@ -8,6 +8,7 @@ wrong (a `ValueError`, and an `AssertionError` as the published processor's bare
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from .image import Phi3VImageProcessor
 from .tokenizer import load_tokenizer, stop_token_ids
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+#: A model folder's tokenizer files, copied as they are when a processor loaded from it is saved.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 class ImageTagError(ValueError, AssertionError):
@@ -82,8 +85,25 @@ class Phi3VProcessor:
         return cls(tokenizer, Phi3VImageProcessor(num_crops=num_crops))
 
     def save_pretrained(self, folder: str | Path) -> None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        """Tokenizer files and `preprocessor_config.json`. A tokenizer loaded from a folder keeps that folder's files
+        as they were (the published `tokenizer_config.json` names `LlamaTokenizer` and holds the chat template,
+        which older transformers, the publisher's code among them, read; transformers 5 would write its own
+        `TokenizersBackend` class name, which they cannot load). The tokenizer is never changed by training."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        source = Path(self.tokenizer.name_or_path or "")
+        originals = {}
+        if source.is_dir() and (source / "tokenizer_config.json").is_file():
+            originals = {n: (source / n).read_bytes() for n in TOKENIZER_FILES if (source / n).is_file()}
         self.tokenizer.save_pretrained(str(folder))
+        for name, data in originals.items():
+            (folder / name).write_bytes(data)
+        if originals:
+            config_file = folder / "tokenizer_config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            if not config.get("chat_template") and self.tokenizer.chat_template:  # added at loading: keep it
+                config["chat_template"] = self.tokenizer.chat_template
+                config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         self.image_processor.save_pretrained(folder)
 
     # ----------------------------------------------------------------------------------------------------------------
