@@ -426,3 +426,16 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
 
     s1, s2 = summary(single.stdout), summary(multi.stdout)
     assert s2["processes"] == 2 and s1["accuracy"] == s2["accuracy"]
+
+
+def test_eval_and_predict_sample_videos_as_the_model_was_trained(tmp_path):
+    """--video-frames defaults to the value in the model folder's train_config.yaml (what train wrote), else 8."""
+    from phi3v_tune.cli_extra import trained_video_frames
+    from phi3v_tune.train.config import TrainConfig
+
+    TrainConfig(video_frames=4).save(tmp_path / "trained" / "train_config.yaml")
+    assert trained_video_frames(str(tmp_path / "trained")) == 4
+    assert trained_video_frames(str(tmp_path / "published")) == 8  # no train_config.yaml
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "train_config.yaml").write_text("[not, a, mapping]\n")
+    assert trained_video_frames(str(tmp_path / "odd")) == 8

@@ -84,8 +84,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--video-frames",
         type=int,
-        default=8,
-        help="frames sampled from a turn's video (default: 8; give the value the model was trained with)",
+        default=None,
+        help="frames sampled from a turn's video (default: what the model was trained with, from its "
+        "train_config.yaml; 8 for other models)",
     )
 
 
@@ -98,9 +99,24 @@ def default_predictions_path(model: str, metric: str) -> Path:
     return folder / name if folder.is_dir() and os.access(folder, os.W_OK) else Path(name)
 
 
+def trained_video_frames(model: str) -> int:
+    """The --video-frames a model folder was trained with (its train_config.yaml, written by train), else 8."""
+    import yaml
+
+    path = Path(model) / "train_config.yaml"
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8")).get("video_frames")
+    except (OSError, AttributeError, yaml.YAMLError):
+        return 8
+    return value if isinstance(value, int) and value > 0 else 8
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import DataError, load_records, validate_records
     from .evaluate.runner import evaluate_records, split_questions, write_rows
+
+    if args.video_frames is None:
+        args.video_frames = trained_video_frames(args.model)
 
     records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
     # every problem (missing or broken images included) before the model loads, not mid-way through generation
@@ -136,6 +152,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if (args.data is None) == (args.prompt is None):
         raise ValueError("give either --prompt (with --image/--video) or --data")
+    if args.video_frames is None:
+        args.video_frames = trained_video_frames(args.model)
     if args.data:
         records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split, answers_optional=True)
     else:
