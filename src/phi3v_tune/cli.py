@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="report images with more pixels than this (default: 178956970)",
     )
     from .data.examples import MULTI_TURN
+    from .data.video import RECIPE_FRAMES
 
     p.add_argument(
         "--multi-turn",
@@ -113,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--video-frames",
         type=int,
-        default=8,
-        help="frames sampled from a turn's video, as train --video-frames (default: 8); they count as the turn's "
-        "images when its image tags are checked",
+        default=RECIPE_FRAMES,
+        help=f"frames sampled from a turn's video, as train --video-frames (default: {RECIPE_FRAMES}); they count as "
+        "the turn's images when its image tags are checked",
     )
     p.set_defaults(func=cmd_validate)
 

@@ -100,15 +100,18 @@ def default_predictions_path(model: str, metric: str) -> Path:
 
 
 def trained_video_frames(model: str) -> int:
-    """The --video-frames a model folder was trained with (its train_config.yaml, written by train), else 8."""
+    """The --video-frames a model folder was trained with (its train_config.yaml, written by train), else the
+    recipe's 8."""
     import yaml
+
+    from .data.video import RECIPE_FRAMES
 
     path = Path(model) / "train_config.yaml"
     try:
         value = yaml.safe_load(path.read_text(encoding="utf-8")).get("video_frames")
     except (OSError, AttributeError, yaml.YAMLError):
-        return 8
-    return value if isinstance(value, int) and value > 0 else 8
+        return RECIPE_FRAMES
+    return value if isinstance(value, int) and value > 0 else RECIPE_FRAMES
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -268,6 +271,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kind", choices=["ucf101", "cauldron"], help="what to convert")
     p.add_argument("--src", required=True, help="source folder (or .tar.gz for ucf101, HF data set for cauldron)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num-frames", type=int, default=8, help="frames per video (ucf101; default: 8)")
+    from .data.video import RECIPE_FRAMES
+
+    p.add_argument(
+        "--num-frames", type=int, default=RECIPE_FRAMES, help=f"frames per video (ucf101; default: {RECIPE_FRAMES})"
+    )
     p.add_argument("--split", default="train", help="split to convert (cauldron; default: train)")
     p.set_defaults(func=cmd_convert)

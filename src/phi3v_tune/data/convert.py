@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .schema import DataError, Record
-from .video import sample_frames
+from .video import RECIPE_FRAMES, sample_frames
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 
@@ -42,7 +42,7 @@ def _split_order(names: list[str]) -> list[str]:
     return [n for n in RECIPE_SPLITS if n in names] + sorted(n for n in names if n not in RECIPE_SPLITS)
 
 
-def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = 8) -> list[Path]:
+def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = RECIPE_FRAMES) -> list[Path]:
     """`{split}/{class}/*.avi` -> `images/{split}/{class}/{stem}.{k}.jpg` + `ucf101_{split}.jsonl`, as the recipe.
 
     The layout is the original recipe's `convert_ucf101.py`, so its data loaders and ours both read the output:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..processing.processor import Phi3VProcessor
 from .examples import SampleRefused, build_example
 from .schema import Record
+from .video import RECIPE_FRAMES
 
 
 @dataclass
@@ -45,7 +46,7 @@ def plan_records(
     records: list[Record],
     processor: Phi3VProcessor,
     max_length: int | None,
-    video_frames_per_clip: int = 8,
+    video_frames_per_clip: int = RECIPE_FRAMES,
     progress: bool = True,
     multi_turn: str = "conversation",
 ) -> DataPlan:
@@ -93,7 +94,7 @@ class ConversationDataset(Dataset):
         records: list[Record],
         processor: Phi3VProcessor,
         max_length: int | None = None,
-        video_frames_per_clip: int = 8,
+        video_frames_per_clip: int = RECIPE_FRAMES,
         lengths: list[int] | None = None,
         multi_turn: str = "conversation",
     ):

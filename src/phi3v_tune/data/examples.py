@@ -25,7 +25,7 @@ from ..processing.image import num_image_tokens
 from ..processing.processor import IMAGE_TAG, Phi3VProcessor, image_tag
 from .schema import ImageRef, Record, Turn
 from .sources import PathResolver, parse_conversation
-from .video import video_frames
+from .video import RECIPE_FRAMES, video_frames
 
 IGNORE_INDEX = -100
 MULTI_TURN = ("conversation", "recipe")
@@ -121,7 +121,7 @@ def build_example(
     image_dir: str | Path | None = None,
     max_length: int | None = None,
     load_pixels: bool = True,
-    video_frames_per_clip: int = 8,
+    video_frames_per_clip: int = RECIPE_FRAMES,
     for_generation: bool = False,
     multi_turn: str = "conversation",
 ) -> dict[str, Any]:

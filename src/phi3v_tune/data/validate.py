@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from ..processing.image import allow_pixels
 from .schema import DataError, ImageRef, Problem, Record, format_problems, sort_problems
 from .sources import PathLike, load_records
+from .video import RECIPE_FRAMES
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 #: Show a progress bar when more images than this are checked.
@@ -36,7 +37,7 @@ def validate_records(
     multi_turn: str = "conversation",
     answers_required: bool = True,
     decode_videos: bool = False,
-    video_frames: int = 8,
+    video_frames: int = RECIPE_FRAMES,
 ) -> list[Problem]:
     """Return ``problems`` plus the content problems of ``records``, in file / row order.
 
@@ -88,7 +89,7 @@ def validate_records(
     return sort_problems(found)
 
 
-def check_image_tags(record: Record, per_turn: bool = False, video_frames: int = 8) -> list[Problem]:
+def check_image_tags(record: Record, per_turn: bool = False, video_frames: int = RECIPE_FRAMES) -> list[Problem]:
     """Check ``<|image_k|>`` tags in the user texts of a record.
 
     Images are numbered 1..n across the whole conversation in order (a first turn with 2 images owns 1 and 2, a
@@ -294,7 +295,7 @@ def validate_path(
     check_images: bool = True,
     max_image_pixels: int | None = None,
     multi_turn: str = "conversation",
-    video_frames: int = 8,
+    video_frames: int = RECIPE_FRAMES,
     **load_kwargs,
 ) -> ValidationReport:
     """Read ``data`` with ``load_records`` and check everything; a source that cannot be read at all is reported

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+#: Frames sampled from each video: the original recipe's UCF-101 setting, and the default everywhere here.
+RECIPE_FRAMES = 8
+
 
 def frame_indices(total: int, num_frames: int, distinct: bool = False) -> list[int]:
     """`arange(0, total, total / num_frames).astype(int)`: the recipe's sampling. A video shorter than `num_frames`
@@ -26,7 +29,7 @@ def _decode_all(path: Path) -> list[Image.Image]:
         return [frame.to_image().convert("RGB") for frame in container.decode(stream)]
 
 
-def sample_frames(path: str | Path, num_frames: int = 8, distinct: bool = False) -> list[Image.Image]:
+def sample_frames(path: str | Path, num_frames: int = RECIPE_FRAMES, distinct: bool = False) -> list[Image.Image]:
     """Decode `num_frames` RGB frames at the recipe's indices (not resized); `distinct`: see `frame_indices`.
 
     The whole stream is decoded once and the frame count taken from what was decoded, so videos whose header
@@ -64,7 +67,7 @@ def cached_frames(path: str, num_frames: int, mtime: float) -> tuple[Image.Image
     return tuple(sample_frames(path, num_frames))
 
 
-def video_frames(path: str | Path, num_frames: int = 8) -> list[Image.Image]:
+def video_frames(path: str | Path, num_frames: int = RECIPE_FRAMES) -> list[Image.Image]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"video '{p}': file not found")

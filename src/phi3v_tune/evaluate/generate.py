@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ..data.collate import Collator
 from ..data.examples import build_example
 from ..data.schema import Record
+from ..data.video import RECIPE_FRAMES
 from ..model.modeling import rope_per_sample
 from ..processing.processor import Phi3VProcessor
 
@@ -21,7 +22,7 @@ def generate_answers(
     records: Sequence[Record],
     batch_size: int = 8,
     max_new_tokens: int = 64,
-    video_frames_per_clip: int = 8,
+    video_frames_per_clip: int = RECIPE_FRAMES,
     progress: bool = True,
     desc: str = "generating",
 ) -> list[str]:

@@ -12,13 +12,17 @@ import torch
 
 from ..data.examples import turn_images
 from ..data.schema import Record
+from ..data.video import RECIPE_FRAMES
 from ..processing.processor import IMAGE_TAG, Phi3VProcessor, image_tag
 from .generate import generate_answers
 from .metrics import QUESTIONS, score
 
 
 def split_questions(
-    records: Sequence[Record], multi_turn: str = "conversation", questions: str = "all", video_frames_per_clip: int = 8
+    records: Sequence[Record],
+    multi_turn: str = "conversation",
+    questions: str = "all",
+    video_frames_per_clip: int = RECIPE_FRAMES,
 ) -> list[Record]:
     """One evaluation record per question: a record with k turns becomes k single-turn records with all its images.
 
@@ -90,7 +94,7 @@ def evaluate_records(
     metric: str,
     batch_size: int = 8,
     max_new_tokens: int = 64,
-    video_frames_per_clip: int = 8,
+    video_frames_per_clip: int = RECIPE_FRAMES,
     progress: bool = True,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Mean `metric` over `records` and one row per sample (id, prediction, gold, score), on every rank.

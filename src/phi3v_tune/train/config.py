@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..data.examples import MULTI_TURN
+from ..data.video import RECIPE_FRAMES
 from ..evaluate.metrics import QUESTIONS
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
@@ -63,7 +64,7 @@ class TrainConfig:
         "whose images alone are longer are refused and reported). Default: no truncation.",
     )
     num_crops: int = _f(16, "HD crops per image, 1..16 (the recipe uses 4 for video frames).")
-    video_frames: int = _f(8, "Frames sampled from each video given as a turn's 'video'.")
+    video_frames: int = _f(RECIPE_FRAMES, "Frames sampled from each video given as a turn's 'video'.")
     multi_turn: str = _f(
         "conversation",
         "Layout of a sample with several turns: conversation (one chat, images numbered 1..n across it, every answer "
