@@ -82,7 +82,7 @@ class Phi3VTrainer(Trainer):
         self.epoch_nonfinite: list[str] = []  # samples of batches skipped for a non-finite loss
         self._tree = None  # step_boundary.ModuleTree of the model being trained (see training_step)
         self._flop_params: int | None = None  # num_parameters(exclude_embeddings=True), counted once
-        self._eval_token_loss: list[float] | None = None  # [sum of token losses, tokens] of the running evaluation
+        self._eval_token_loss: list[torch.Tensor] | None = None  # [token losses' sum, tokens] of the running eval
 
     # ----------------------------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -268,20 +268,19 @@ class Phi3VTrainer(Trainer):
         (exact for the batch; rows are samples, as evaluation batches are padded, never packed). Gathered as
         `gather_for_metrics` gathers, so the samples a rank repeats to even out the last batches count once."""
         tokens = (labels[..., 1:] != IGNORE_INDEX).sum(-1).to(loss.device, torch.float32)
-        per_row = loss.detach().float() * tokens if bool(tokens.sum() > 0) else torch.zeros_like(tokens)
+        per_row = torch.where(tokens > 0, loss.detach().float() * tokens, 0.0)  # no answer token: 0, not NaN
         sums, counts = self.accelerator.gather_for_metrics((per_row, tokens))
-        self._eval_token_loss[0] += float(sums.sum())
-        self._eval_token_loss[1] += float(counts.sum())
+        self._eval_token_loss = [sums.sum() + self._eval_token_loss[0], counts.sum() + self._eval_token_loss[1]]
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         """The evaluation loss is the mean over every answer token of the evaluation data, as the training loss is
         over a step's: the same number whatever the batch size (the Trainer's own is a mean of batch means)."""
-        self._eval_token_loss = [0.0, 0.0]
+        self._eval_token_loss = [torch.zeros(()), torch.zeros(())]  # on the device of the first batch's sums
         try:
             out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-            total, count = self._eval_token_loss
+            total, count = (float(x) for x in self._eval_token_loss)  # read once, not once per batch
         finally:
             self._eval_token_loss = None
         if count > 0 and f"{metric_key_prefix}_loss" in out.metrics:
