@@ -325,6 +325,8 @@ def _image_value(
 def read_jsonl(path: PathLike, image_dir: PathLike | None = None) -> tuple[list[Record], list[Problem]]:
     """Read a conversations jsonl. Every non-blank line yields a ``Record`` or at least one ``Problem``.
 
+    A file that starts with a UTF-16/32 byte order mark is one ``Problem`` at line 1 (not one per line).
+
     Raises ``DataError`` only when the file itself cannot be read.
     """
     path = Path(path)
