@@ -18,14 +18,14 @@ from phi3v_tune.data.video import count_frames, frame_indices, sample_frames  # 
 
 
 def make_video(path, n_frames: int, size=(48, 32)) -> None:
-    """Frame k is a flat grey of value 12*k, so decoded frames reveal their index."""
+    """Frame k is a flat grey of value 12*k (mod 256), so decoded frames reveal their index (k < 22)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
         for k in range(n_frames):
-            arr = np.full((size[1], size[0], 3), 12 * k, dtype=np.uint8)
+            arr = np.full((size[1], size[0], 3), 12 * k % 256, dtype=np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -280,3 +280,68 @@ def test_a_wrong_frame_count_in_the_header_does_not_change_the_frames(tmp_path):
     line = json.loads((tmp_path / "out" / "ucf101_train.jsonl").read_text())
     got = [grey_index(tmp_path / "out" / "images" / r) for r in line["conversations"][0]["images"]]
     assert got == [0, 2, 5, 7, 10, 12, 15, 17]  # indices from the 20 decoded frames
+
+
+def test_frames_per_video_below_one_are_refused(tmp_path, capsys):
+    from phi3v_tune.cli import main as cli
+    from phi3v_tune.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="frames per video must be >= 1, got 0"):
+        frame_indices(20, 0)
+    with pytest.raises(ValueError, match="--video-frames must be >= 1, got -2"):
+        TrainConfig(video_frames=-2).validate()
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    for argv in (
+        ["validate", str(tmp_path / "d.jsonl"), "--video-frames", "0"],
+        ["convert", "ucf101", str(tmp_path), str(tmp_path / "out"), "--num-frames", "-1"],
+        ["eval", "--model", "m", "--data", "d", "--metric", "anls", "--video-frames", "0"],
+    ):
+        with pytest.raises(SystemExit) as stop:
+            cli(argv)
+        assert stop.value.code == 2
+        assert "must be >= 1, got" in capsys.readouterr().err
+
+
+def test_sampling_holds_only_the_sampled_frames(tmp_path):
+    """A long clip is not held in memory as RGB images: 240 frames of 640x480 would be 221 MB; 8 are 7 MB."""
+    make_video(tmp_path / "long.avi", 240, size=(640, 480))
+    probe = (
+        "import sys\n"
+        "from phi3v_tune.data.video import sample_frames\n"
+        "def peak():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) // 1024\n"
+        "import av, numpy, PIL.Image\n"
+        "before = peak()\n"
+        "frames = sample_frames(sys.argv[1], 8)\n"
+        "print(peak() - before, len(frames))\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "long.avi")], capture_output=True, text=True)
+    grown_mib, count = (int(x) for x in out.stdout.split())
+    assert count == 8 and grown_mib < 80, out.stdout + out.stderr
+
+
+def test_a_relative_video_name_with_a_colon_is_a_file_not_a_protocol(tmp_path, monkeypatch):
+    make_video(tmp_path / "take:2.avi", 16)
+    monkeypatch.chdir(tmp_path)
+    assert count_frames("take:2.avi") == 16
+    assert [round(float(np.asarray(f).mean()) / 12) for f in sample_frames("take:2.avi", 4)] == [0, 4, 8, 12]
+
+
+def test_ucf101_videos_sharing_a_name_keep_their_own_frames_and_upper_case_suffixes_count(tmp_path):
+    root = tmp_path / "src"
+    make_video(root / "train" / "Archery" / "v_1.AVI", 8, size=(48, 32))
+    make_video(root / "train" / "Archery" / "v_1.mp4", 8, size=(64, 48))
+    make_video(root / "train" / "Archery" / "v_2.avi", 8, size=(32, 16))
+    convert_ucf101(root, tmp_path / "out")
+    lines = [json.loads(x) for x in (tmp_path / "out" / "ucf101_train.jsonl").read_text().splitlines()]
+    images = [line["conversations"][0]["images"] for line in lines]
+    assert [paths[0] for paths in images] == [
+        "train/Archery/v_1.AVI.0.jpg",
+        "train/Archery/v_1.mp4.0.jpg",
+        "train/Archery/v_2.0.jpg",  # a unique stem keeps the recipe's name
+    ]
+    sizes = [Image.open(tmp_path / "out" / "images" / paths[0]).size for paths in images]
+    assert sizes == [(48, 32), (64, 48), (32, 16)]

@@ -336,6 +336,16 @@ def test_predict_answers_unlabelled_questions_and_checks_images_before_loading(t
         capsys.readouterr()
         assert cli([*command, "--model", str(tmp_path / "no-model"), "--data", str(broken)]) == 2
         assert "broken.jsonl:1 id=q3 conversations[0].images[0]: not found" in capsys.readouterr().err
+    # so is a video that exists but does not decode
+    (tmp_path / "clip.mp4").write_bytes(b"not a video")
+    bad_video = tmp_path / "bad_video.jsonl"
+    bad_video.write_text(
+        json.dumps({"id": "v1", "conversations": [{"video": "clip.mp4", "user": "Act?", "assistant": "run"}]}) + "\n"
+    )
+    for command in (["predict"], ["eval", "--metric", "accuracy"]):
+        capsys.readouterr()
+        assert cli([*command, "--model", str(tmp_path / "no-model"), "--data", str(bad_video)]) == 2
+        assert "bad_video.jsonl:1 id=v1 conversations[0].video: video" in capsys.readouterr().err
     # a training file still needs its answers
     from phi3v_tune.data import load_records
 

@@ -321,6 +321,8 @@ def test_lora_final_folder_loads_as_base_plus_adapter_and_merges(data_file, tmp_
     assert not torch.allclose(a, base, atol=1e-4)  # the adapter changed something
     index_or_file = list(merged_dir.glob("*.safetensors"))
     assert index_or_file and json.loads((merged_dir / "config.json").read_text())["model_type"] == "phi3_v"
+    # how it was trained goes with the merged model: eval/predict take --video-frames from it
+    assert (merged_dir / "train_config.yaml").read_text() == (final / "train_config.yaml").read_text()
 
 
 def test_bad_data_stops_with_the_full_report_unless_skipped(data_file, tmp_path):

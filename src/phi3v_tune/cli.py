@@ -67,6 +67,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_extra import int_in
     from .train.config import add_arguments
 
     parser = argparse.ArgumentParser(
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split of a HF data set (default: train)")
     p.add_argument(
         "--max-image-pixels",
-        type=int,
+        type=int_in(1),
         default=178956970,
         help="report images with more pixels than this (default: 178956970)",
     )
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--video-frames",
-        type=int,
+        type=int_in(1),
         default=RECIPE_FRAMES,
         help=f"frames sampled from a turn's video, as train --video-frames (default: {RECIPE_FRAMES}); they count as "
         "the turn's images when its image tags are checked",
@@ -150,13 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/demo", help="where everything goes (default: outputs/demo)")
     p.add_argument(
         "--train-per-task",
-        type=int,
+        type=int_in(1),
         default=None,
         help=f"training samples per task (default: {DEMO_DEFAULTS['train_per_task']})",
     )
     p.add_argument(
         "--eval-per-task",
-        type=int,
+        type=int_in(1),
         default=None,
         help=f"held-out samples per task (default: {DEMO_DEFAULTS['eval_per_task']})",
     )

@@ -10,6 +10,24 @@ from pathlib import Path
 import torch
 
 
+def int_in(low: int, high: int | None = None):
+    """argparse type: an int in low..high (no upper bound when high is None), refused with the range otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>= ' + str(low) if high is None else f'in {low}..{high}'}, got {value}"
+            )
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
+
+
 def _dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
@@ -62,7 +80,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--model", required=True, help="a full checkpoint folder, a LoRA adapter folder, or a hub id (with a network)"
     )
     p.add_argument("--base", help="base model folder for a LoRA adapter (default: the one it records)")
-    p.add_argument("--num-crops", type=int, default=None, help="HD crops per image (default: the model folder's)")
+    p.add_argument(
+        "--num-crops", type=int_in(1, 16), default=None, help="HD crops per image (default: the model folder's)"
+    )
     p.add_argument(
         "--apply-exif-orientation",
         action=argparse.BooleanOptionalAction,
@@ -79,11 +99,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--attn-implementation", default="sdpa", choices=["sdpa", "eager"], help="attention kernels (default: sdpa)"
     )
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default: 64, as the recipe)")
+    p.add_argument("--batch-size", type=int_in(1), default=8, help="prompts per generation batch (default: 8)")
+    p.add_argument("--max-new-tokens", type=int_in(1), default=64, help="longest answer (default: 64, as the recipe)")
     p.add_argument(
         "--video-frames",
-        type=int,
+        type=int_in(1),
         default=None,
         help="frames sampled from a turn's video (default: what the model was trained with, from its "
         "train_config.yaml; 8 for other models)",
@@ -122,8 +142,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.video_frames = trained_video_frames(args.model)
 
     records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
-    # every problem (missing or broken images included) before the model loads, not mid-way through generation
-    problems = validate_records(records, problems, multi_turn=args.multi_turn, video_frames=args.video_frames)
+    # every problem (missing or broken images and videos included) before the model loads, not mid-way through generation
+    problems = validate_records(
+        records, problems, multi_turn=args.multi_turn, video_frames=args.video_frames, decode_videos=True
+    )
     if problems:
         raise DataError(problems)
     records = split_questions(records, args.multi_turn, args.questions, args.video_frames)
@@ -163,7 +185,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         turn = Turn(args.prompt, "", list(args.image or []), video=args.video)
         records = [Record("prompt", None, [turn], origin="--prompt")]
         problems = []
-    problems = validate_records(records, problems, answers_required=False, video_frames=args.video_frames)
+    problems = validate_records(
+        records, problems, answers_required=False, video_frames=args.video_frames, decode_videos=True
+    )
     if problems:
         raise DataError(problems)
     model, processor = _load(args)
@@ -274,7 +298,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .data.video import RECIPE_FRAMES
 
     p.add_argument(
-        "--num-frames", type=int, default=RECIPE_FRAMES, help=f"frames per video (ucf101; default: {RECIPE_FRAMES})"
+        "--num-frames",
+        type=int_in(1),
+        default=RECIPE_FRAMES,
+        help=f"frames per video (ucf101; default: {RECIPE_FRAMES})",
     )
     p.add_argument("--split", default="train", help="split to convert (cauldron; default: train)")
     p.set_defaults(func=cmd_convert)

@@ -28,10 +28,22 @@ def _ucf_root(src: Path, tmp: Path) -> Path:
     # the archive may hold one top folder (UCF101_subset/) above the split folders
     children = [p for p in src.iterdir() if p.is_dir()]
     if len(children) == 1 and not any(
-        p.suffix in VIDEO_SUFFIXES for p in children[0].rglob("*") if p.is_file() and p.parent.parent == children[0]
+        p.suffix.lower() in VIDEO_SUFFIXES
+        for p in children[0].rglob("*")
+        if p.is_file() and p.parent.parent == children[0]
     ):
         return children[0]
     return src
+
+
+def _frame_stems(videos: list[Path]) -> dict[Path, str]:
+    """The recipe names frames `{video stem}.{k}.jpg`; videos of one class folder that share a stem (`v_1.avi`,
+    `v_1.mp4`) keep their suffix in the name (`v_1.avi.{k}.jpg`), so no video's frames overwrite another's."""
+    seen: dict[tuple[Path, str], int] = {}
+    for v in videos:
+        key = (v.parent, v.stem.casefold())
+        seen[key] = seen.get(key, 0) + 1
+    return {v: v.name if seen[(v.parent, v.stem.casefold())] > 1 else v.stem for v in videos}
 
 
 RECIPE_SPLITS = ("train", "val", "test")  # the recipe's order: ids count across the splits in this order
@@ -78,10 +90,11 @@ def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = RECIPE_FR
         i = 0
         for split in split_names:
             lines = []
+            stems = _frame_stems([video for _, video in videos_of[split]])
             for label, video in tqdm(videos_of[split], desc=f"ucf101 {split}", leave=False):
                 paths = []
                 for k, frame in enumerate(sample_frames(video, num_frames, distinct=True)):  # counted by decoding
-                    rel = f"{split}/{label}/{video.stem}.{k}.jpg"
+                    rel = f"{split}/{label}/{stems[video]}.{k}.jpg"
                     (out / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
                     frame.save(out / "images" / rel)
                     paths.append(rel)

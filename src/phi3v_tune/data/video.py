@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,50 +16,74 @@ RECIPE_FRAMES = 8
 def frame_indices(total: int, num_frames: int, distinct: bool = False) -> list[int]:
     """`arange(0, total, total / num_frames).astype(int)`: the recipe's sampling. A video shorter than `num_frames`
     repeats indices; `distinct=True` keeps each frame once, as the recipe's converter decodes them (fewer frames)."""
+    if num_frames < 1:
+        raise ValueError(f"frames per video must be >= 1, got {num_frames}")
     if total <= 0:
         return []
     indices = [int(i) for i in np.arange(0, total, total / num_frames).astype(int)][:num_frames]
     return list(dict.fromkeys(indices)) if distinct else indices
 
 
-def _decode_all(path: Path) -> list[Image.Image]:
+def _open(path: Path):
+    """PyAV container of a local file. The path is made absolute: FFmpeg would read a relative name with a colon
+    (`take:2.avi`) as a protocol (`take:`)."""
     import av
 
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        return [frame.to_image().convert("RGB") for frame in container.decode(stream)]
+    return av.open(os.path.abspath(path))
+
+
+def _decode(path: Path, keep: set[int]) -> tuple[int, dict[int, Image.Image]]:
+    """Decode the whole stream: how many frames it has, and the frames at `keep` as RGB images (only those are
+    converted and held, so memory stays at a few frames however long the clip)."""
+    kept: dict[int, Image.Image] = {}
+    count = 0
+    try:  # PyAV raises many types for unreadable files
+        container = _open(path)
+    except Exception as err:
+        raise ValueError(f"video '{path}': cannot decode ({type(err).__name__}: {err})") from err
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"video '{path}': no video stream (audio only?)")
+        try:
+            for count, frame in enumerate(container.decode(container.streams.video[0]), start=1):
+                if count - 1 in keep:
+                    kept[count - 1] = frame.to_image().convert("RGB")
+        except Exception as err:
+            raise ValueError(f"video '{path}': cannot decode ({type(err).__name__}: {err})") from err
+    if not count:
+        raise ValueError(f"video '{path}': no frames could be decoded")
+    return count, kept
 
 
 def sample_frames(path: str | Path, num_frames: int = RECIPE_FRAMES, distinct: bool = False) -> list[Image.Image]:
     """Decode `num_frames` RGB frames at the recipe's indices (not resized); `distinct`: see `frame_indices`.
 
-    The whole stream is decoded once and the frame count taken from what was decoded, so videos whose header
-    frame count is missing or wrong still give the right frames.
+    The frame count is taken by decoding (`count_frames`), so videos whose header frame count is missing or wrong
+    still give the right frames; a second pass keeps only the sampled frames.
     """
     path = Path(path)
-    try:
-        frames = _decode_all(path)
-    except Exception as err:  # PyAV raises many types for unreadable files
-        raise ValueError(f"video '{path}': cannot decode ({type(err).__name__}: {err})") from err
-    if not frames:
-        raise ValueError(f"video '{path}': no frames could be decoded")
-    return [frames[i] for i in frame_indices(len(frames), num_frames, distinct)]
+    wanted = frame_indices(count_frames(path), num_frames, distinct)
+    _, kept = _decode(path, set(wanted))
+    missing = sorted(set(wanted) - set(kept))
+    if missing:
+        raise ValueError(f"video '{path}': frames {missing} could not be decoded again (the file changed?)")
+    return [kept[i] for i in wanted]
 
 
 def count_frames(path: str | Path) -> int:
-    """Decode the whole stream and count its frames without keeping them (what `validate` needs: a long clip's
-    frames as RGB images would take gigabytes)."""
-    import av
-
+    """Decode the whole stream and count its frames without keeping them (a long clip's frames as RGB images would
+    take gigabytes). Cached per file and modification time: training decodes a clip every epoch."""
     path = Path(path)
     try:
-        with av.open(str(path)) as container:
-            count = sum(1 for _ in container.decode(container.streams.video[0]))
-    except Exception as err:  # PyAV raises many types for unreadable files
-        raise ValueError(f"video '{path}': cannot decode ({type(err).__name__}: {err})") from err
-    if not count:
-        raise ValueError(f"video '{path}': no frames could be decoded")
-    return count
+        mtime = path.stat().st_mtime
+    except OSError:
+        mtime = None
+    return _cached_count(os.path.abspath(path), mtime) if mtime is not None else _decode(path, set())[0]
+
+
+@lru_cache(maxsize=4096)
+def _cached_count(path: str, mtime: float) -> int:
+    return _decode(Path(path), set())[0]
 
 
 @lru_cache(maxsize=32)

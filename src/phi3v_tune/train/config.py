@@ -336,6 +336,8 @@ class TrainConfig:
             raise ValueError(f"--packing-max-tokens must be >= 1, got {self.packing_max_tokens}")
         if not 1 <= self.num_crops <= 16:
             raise ValueError(f"--num-crops must be in 1..16, got {self.num_crops}")
+        if self.video_frames < 1:
+            raise ValueError(f"--video-frames must be >= 1, got {self.video_frames}")
         if self.master_weights == "bf16-sr":
             if self.fp16:
                 raise ValueError("--master-weights bf16-sr trains in bf16; it cannot be combined with --fp16")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -72,5 +73,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     merged.save_pretrained(out, max_shard_size="5GB")
     source = adapter if (adapter / "tokenizer.json").is_file() else Path(base)
     Phi3VProcessor.from_pretrained(source).save_pretrained(out)
+    if (adapter / "train_config.yaml").is_file():  # how it was trained (eval/predict read --video-frames from it)
+        shutil.copyfile(adapter / "train_config.yaml", out / "train_config.yaml")
     write_marker(out, 0)
     return out
