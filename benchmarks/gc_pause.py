@@ -27,8 +27,8 @@ from phi3v_tune.model.presets import phi35_vision_config
 from phi3v_tune.model.tiny import PUBLISHED_DEPTH, build_tiny_tokenizer, tiny_config
 from phi3v_tune.processing.processor import Phi3VProcessor
 from phi3v_tune.train.compile import compile_layers
-from phi3v_tune.train.config import TrainConfig
-from phi3v_tune.train.strategies import apply_strategy
+from phi3v_tune.config import TrainConfig
+from phi3v_tune.train.strategies import LoraSettings, apply_strategy
 
 
 def full_collection(label: str) -> None:
@@ -76,24 +76,17 @@ def collections_during_training(steps: int, interval: int, folder: Path) -> list
         def on_train_end(self, args, state, control, **kwargs):
             log.step = None
 
-    build = run.build_trainer
-
-    def build_with_log(*a, **k):
-        trainer = build(*a, **k)
-        trainer.add_callback(Where())
-        return trainer
-
     cfg = TrainConfig(
         data=str(data), model=str(model_dir), num_crops=1, output_dir=str(folder / f"out-{interval}"), method="lora",
         lora_rank=4, batch_size=2, batch_size_per_device=2, max_steps=steps, logging_steps=10, report_to="none",
         num_workers=2, progress=False, cpu=True, save_checkpoints=False, compile=True, gc_interval=interval,
     )  # fmt: skip
+    training = run.TrainingRun(cfg).setup()
+    training.trainer.add_callback(Where())
     gc.callbacks.append(log)
-    run.build_trainer = build_with_log
     try:
-        run.run_training(cfg)
+        training.train()
     finally:
-        run.build_trainer = build
         gc.callbacks.remove(log)
     return log.events
 
@@ -135,7 +128,7 @@ def main() -> None:
         config = tiny_config(tok, **PUBLISHED_DEPTH)
     model = Phi3VForCausalLM(config).train()
     full_collection("model built")
-    model = apply_strategy(model, TrainConfig(method=args.method, lora_rank=8, cpu=True))
+    model = apply_strategy(model, args.method, lora=LoraSettings(rank=8, alpha=16))
     full_collection(f"method {args.method} applied")
     if not args.no_compile:
         compile_layers(model)

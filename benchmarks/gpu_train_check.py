@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/phi3v-gpu-check")
     ap.add_argument("--model-dir", default="/dev/shm/phi3v-random", help="where the random checkpoint goes")
     args = ap.parse_args()
-    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.config import TrainConfig
     from phi3v_tune.train.run import run_training
 
     work = Path(args.work)

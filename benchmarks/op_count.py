@@ -16,9 +16,8 @@ from phi3v_tune.model.modeling import Phi3VForCausalLM
 from phi3v_tune.model.tiny import PUBLISHED_DEPTH, build_tiny_tokenizer, tiny_config
 from phi3v_tune.perf.baseline import build_plain, plain_step
 from phi3v_tune.processing.processor import Phi3VProcessor
-from phi3v_tune.train.config import TrainConfig
 from phi3v_tune.train.optim import AdamWSR
-from phi3v_tune.train.strategies import apply_strategy
+from phi3v_tune.train.strategies import LoraSettings, apply_strategy
 
 
 def aten_calls(fn: Callable[[], None]) -> int:
@@ -43,7 +42,7 @@ def main() -> None:
     for method in ("full", "lora"):
         torch.manual_seed(0)
         model = Phi3VForCausalLM(cfg).to(torch.bfloat16).train()
-        model = apply_strategy(model, TrainConfig(method=method, lora_rank=8, master_weights="bf16-sr", cpu=True))
+        model = apply_strategy(model, method, lora=LoraSettings(rank=8, alpha=16), bf16_adapters=True)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = AdamWSR(params, lr=1e-5)
 

@@ -14,9 +14,8 @@ from collections.abc import Callable
 
 from phi3v_tune.model.modeling import Phi3VForCausalLM
 from phi3v_tune.model.tiny import PUBLISHED_DEPTH, build_tiny_tokenizer, tiny_config
-from phi3v_tune.train.config import TrainConfig
 from phi3v_tune.train.step_boundary import ModuleTree
-from phi3v_tune.train.strategies import apply_strategy
+from phi3v_tune.train.strategies import LoraSettings, apply_strategy
 
 
 def ms_per_call(fn: Callable[[], object], n: int = 50) -> float:
@@ -30,7 +29,7 @@ def ms_per_call(fn: Callable[[], object], n: int = 50) -> float:
 def compare(method: str) -> None:
     """One model: each walk the Trainer makes per optimizer step, timed next to the same work from lists."""
     model = Phi3VForCausalLM(tiny_config(build_tiny_tokenizer(), **PUBLISHED_DEPTH))
-    model = apply_strategy(model, TrainConfig(method=method, lora_rank=4, cpu=True))
+    model = apply_strategy(model, method, lora=LoraSettings(rank=4, alpha=8))
     tree = ModuleTree(model)
     counted: list[int] = []
 

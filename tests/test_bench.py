@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from config_helpers import strategy
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from phi3v_tune.model.tiny import build_tiny_tokenizer, tiny_model
 from phi3v_tune.perf.flops import SampleShape, training_flops
 from phi3v_tune.processing.processor import Phi3VProcessor
-from phi3v_tune.train.config import TrainConfig
-from phi3v_tune.train.strategies import apply_strategy
+from phi3v_tune.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_flop_formula_equals_flop_counter(tok, method):
     proc = Phi3VProcessor.from_tokenizer(tok, num_crops=4)
     model = tiny_model(tok).train()
     model.set_attn_implementation("eager")
-    model = apply_strategy(model, TrainConfig(method=method, lora_rank=8, lora_alpha=16))
+    model = strategy(model, TrainConfig(method=method, lora_rank=8, lora_alpha=16))
     enc = proc(
         "<|user|>\n<|image_1|>\nWhat is it?<|end|>\n<|assistant|>\nred<|end|>\n",
         images=[Image.new("RGB", (700, 340), "red")],

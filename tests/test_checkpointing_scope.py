@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from answer_batch import answer_batch
+from config_helpers import strategy
 
 from phi3v_tune.model.tiny import tiny_model
-from phi3v_tune.train.config import TrainConfig
-from phi3v_tune.train.strategies import apply_strategy, checkpoint_only
+from phi3v_tune.config import TrainConfig
+from phi3v_tune.train.strategies import checkpoint_only
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +59,10 @@ def trained_clip_layers(base) -> int:
 def test_only_the_chosen_layers_recompute_and_gradients_are_unchanged(tiny_tokenizer, batch, method, scope):
     cfg = TrainConfig(method=method, lora_rank=4, lora_vision=True, gradient_checkpointing=True,
                       checkpointing_scope=scope)  # fmt: skip
-    plain = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
+    plain = strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
     loss0, grads0, calls0 = step(plain, *batch)
     assert calls0 == {"vision": 1, "language": 1}
-    selective = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
+    selective = strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
     recomputing = checkpoint_only(selective, scope)
     base = selective.get_base_model() if hasattr(selective, "get_base_model") else selective
     expected = trained_clip_layers(base) if scope == "vision" else len(base.model.layers)
@@ -78,7 +79,9 @@ def test_only_the_chosen_layers_recompute_and_gradients_are_unchanged(tiny_token
 def test_the_trainer_switch_is_never_used_and_scope_all_leaves_frozen_clip_unwrapped(tiny_tokenizer, monkeypatch):
     """Every --gradient-checkpointing setting goes through checkpoint_only: the Trainer's own switch would also wrap
     the 23 frozen CLIP layers of lora / qlora / freeze-vision, which have nothing to recompute."""
-    from phi3v_tune.train.run import prepare_model, training_arguments
+    from phi3v_tune.train.model_setup import Checkpointing, prepare_model
+    from phi3v_tune.train.run import lora_settings, training_arguments
+    from phi3v_tune.train.runtime import Runtime
 
     def cfg(**kw):
         return TrainConfig(data="x.jsonl", model="tiny", cpu=True, report_to="none", output_dir="/tmp/x", **kw)
@@ -86,16 +89,22 @@ def test_the_trainer_switch_is_never_used_and_scope_all_leaves_frozen_clip_unwra
     def on(a) -> bool:
         return bool(getattr(a, "activation_checkpointing", None) or getattr(a, "gradient_checkpointing", None))
 
-    for kw in ({}, {"checkpointing_scope": "vision"}, {"checkpointing_layers": 1}):
-        assert not on(training_arguments(cfg(gradient_checkpointing=True, **kw).validate(), 1))
-    assert not on(training_arguments(cfg().validate(), 1))
+    def arguments(c: TrainConfig):
+        return training_arguments(c, Runtime.resolve(c, world_size=1))
 
-    import phi3v_tune.train.run as run
+    for kw in ({}, {"checkpointing_scope": "vision"}, {"checkpointing_layers": 1}):
+        assert not on(arguments(cfg(gradient_checkpointing=True, **kw).validate()))
+    assert not on(arguments(cfg().validate()))
 
     built = tiny_model(tiny_tokenizer, seed=3)
-    monkeypatch.setattr(run, "load_model", lambda c, base: built)
     lora = cfg(method="lora", lora_rank=4, gradient_checkpointing=True, compile=False).validate()
-    model = prepare_model(lora, "x")
+    model = prepare_model(
+        built,
+        Runtime.resolve(lora),
+        lora.method,
+        lora=lora_settings(lora),
+        checkpointing=Checkpointing(lora.gradient_checkpointing, lora.checkpointing_scope, lora.checkpointing_layers),
+    )
     base = model.get_base_model()
     clip = base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers
     assert not any(layer.gradient_checkpointing for layer in clip)
@@ -106,9 +115,9 @@ def test_checkpointing_layers_recomputes_only_the_first_decoder_layers(tiny_toke
     """--checkpointing-layers 1: decoder layer 0 (and the CLIP layers, scope all) recompute, layer 1 keeps its
     activations; loss and gradients stay those of the run without checkpointing."""
     cfg = TrainConfig(method="full", gradient_checkpointing=True, checkpointing_layers=1)
-    plain = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
+    plain = strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
     loss0, grads0, _ = step(plain, *batch)
-    model = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
+    model = strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
     decoder = model.model.layers
     assert len(decoder) >= 2
     assert checkpoint_only(model, "all", 1) == trained_clip_layers(model) + 1
@@ -159,7 +168,7 @@ def test_checkpointing_records_clip_for_autograd_only_where_clip_weights_train(
     cfg = TrainConfig(method=method, lora_rank=4, lora_vision=lora_vision, gradient_checkpointing=True)
     results = []
     for hooks in ("ours", "transformers"):
-        model = apply_strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
+        model = strategy(tiny_model(tiny_tokenizer, seed=3), cfg)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if hooks == "transformers":
             base.enable_input_require_grads = PreTrainedModel.enable_input_require_grads.__get__(base)
@@ -183,12 +192,12 @@ def test_frozen_clip_layers_are_not_wrapped_for_checkpointing(tiny_tokenizer):
     """lora / freeze-vision: CLIP is never recorded for autograd, so scope all checkpoints the decoder layers only
     (the count says so, and no checkpoint wrapper runs per CLIP layer)."""
     for method in ("lora", "freeze-vision"):
-        model = apply_strategy(tiny_model(tiny_tokenizer, seed=3), TrainConfig(method=method, lora_rank=4))
+        model = strategy(tiny_model(tiny_tokenizer, seed=3), TrainConfig(method=method, lora_rank=4))
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         assert trained_clip_layers(base) == 0
         assert checkpoint_only(model, "all", 1) == 1
         clip = base.model.vision_embed_tokens.img_processor.vision_model.encoder.layers
         assert not any(layer.gradient_checkpointing for layer in clip)
-    full = apply_strategy(tiny_model(tiny_tokenizer, seed=3), TrainConfig(method="full"))
+    full = strategy(tiny_model(tiny_tokenizer, seed=3), TrainConfig(method="full"))
     used = len(full.model.vision_embed_tokens.img_processor.vision_model.encoder.layers) - 1  # the last is unused
     assert trained_clip_layers(full) == used and checkpoint_only(full, "vision") == used

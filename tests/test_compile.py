@@ -9,7 +9,7 @@ from PIL import Image
 from phi3v_tune.model.tiny import build_tiny_tokenizer, tiny_model
 from phi3v_tune.processing.processor import Phi3VProcessor
 from phi3v_tune.train.compile import compile_layers
-from phi3v_tune.train.config import TrainConfig
+from phi3v_tune.config import TrainConfig
 
 
 def _loss_and_grads(compiled: bool, backend="aot_eager", fall_back: bool = False):
@@ -44,18 +44,22 @@ def test_compile_may_be_asked_for_qlora():
 
 
 def test_compile_is_on_by_default_only_on_a_gpu_without_engines_and_qlora(monkeypatch):
-    from phi3v_tune.train import run
+    from phi3v_tune.train.runtime import Runtime
 
-    assert run.compile_on(TrainConfig(method="full")) is False  # this CPU machine: eager, quick to start
+    def compile_on(cfg: TrainConfig) -> bool:
+        return Runtime.resolve(cfg).compile
+
+    assert compile_on(TrainConfig(method="full")) is False  # this CPU machine: eager, quick to start
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert run.compile_on(TrainConfig(method="full")) is True
-    assert run.compile_on(TrainConfig(method="lora")) is True
-    assert run.compile_on(TrainConfig(method="qlora")) is False  # measured slower without checkpointing
-    assert run.compile_on(TrainConfig(method="qlora", gradient_checkpointing=True)) is True
-    assert run.compile_on(TrainConfig(method="full", deepspeed="configs/deepspeed/zero2.json")) is False
-    assert run.compile_on(TrainConfig(method="full", fsdp=True)) is False
-    assert run.compile_on(TrainConfig(method="full", cpu=True)) is False
-    assert run.compile_on(TrainConfig(method="lora", compile=False)) is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert compile_on(TrainConfig(method="full")) is True
+    assert compile_on(TrainConfig(method="lora")) is True
+    assert compile_on(TrainConfig(method="qlora")) is False  # measured slower without checkpointing
+    assert compile_on(TrainConfig(method="qlora", gradient_checkpointing=True)) is True
+    assert compile_on(TrainConfig(method="full", deepspeed="configs/deepspeed/zero2.json")) is False
+    assert compile_on(TrainConfig(method="full", fsdp=True)) is False
+    assert compile_on(TrainConfig(method="full", cpu=True)) is False
+    assert compile_on(TrainConfig(method="lora", compile=False)) is False
 
 
 def test_default_compile_falls_back_to_eager_when_a_layer_cannot_compile(request):

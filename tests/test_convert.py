@@ -284,7 +284,7 @@ def test_a_wrong_frame_count_in_the_header_does_not_change_the_frames(tmp_path):
 
 def test_frames_per_video_below_one_are_refused(tmp_path, capsys):
     from phi3v_tune.cli import main as cli
-    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.config import TrainConfig
 
     with pytest.raises(ValueError, match="frames per video must be >= 1, got 0"):
         frame_indices(20, 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from phi3v_tune.demo import run_demo
+from phi3v_tune.train.demo import run_demo
 
 
 def test_short_demo_learns_the_colour_task(tmp_path):

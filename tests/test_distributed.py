@@ -117,7 +117,7 @@ def test_wrapper_names_are_removed_from_state_keys():
 def test_fsdp_flag_gives_fsdp2_layer_wrapping():
     from transformers import TrainingArguments
 
-    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.config import TrainConfig
     from phi3v_tune.train.run import fsdp_arguments
 
     with pytest.raises(ValueError, match="exclusive"):
@@ -182,7 +182,7 @@ def test_two_processes_text_only_ddp_sharded_eval_then_resume_on_one(dist_data, 
     from phi3v_tune import Phi3VForCausalLM, Phi3VProcessor
     from phi3v_tune.data import load_records
     from phi3v_tune.evaluate.runner import evaluate_records, split_questions
-    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.config import TrainConfig
     from phi3v_tune.train.run import run_training
 
     train, evaluation = dist_data

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from phi3v_tune.data.synthetic import demo_split, write_jsonl
-from phi3v_tune.train.config import TrainConfig
-from phi3v_tune.train.gc_control import ScheduledGC, collector_restored
+from phi3v_tune.train.callbacks import ScheduledGC
+from phi3v_tune.config import TrainConfig
+from phi3v_tune.train.gc_control import collector_restored
 from phi3v_tune.train.run import run_training
 
 
@@ -144,7 +145,7 @@ class TensorsInCycles(ScheduledGC):
 def test_training_steps_leave_no_tensors_in_reference_cycles(tmp_path: Path, monkeypatch, setting):
     """With automatic collection off, memory held in reference cycles waits for the next scheduled collection: no
     training step may leave a tensor (activations, gradients) reachable only through a cycle."""
-    import phi3v_tune.train.gc_control as gc_control
+    import phi3v_tune.train.run as run
 
     made: list[TensorsInCycles] = []
 
@@ -152,6 +153,6 @@ def test_training_steps_leave_no_tensors_in_reference_cycles(tmp_path: Path, mon
         made.append(TensorsInCycles(interval))
         return made[-1]
 
-    monkeypatch.setattr(gc_control, "ScheduledGC", make)
+    monkeypatch.setattr(run, "ScheduledGC", make)  # the run's garbage-collection callback
     train_tiny(tmp_path, 4, ("colour", "compare"), logging_steps=2, **setting)
     assert made and made[0].found == [(2, 0), (4, 0)]

@@ -1,4 +1,4 @@
-"""AdamWSR (train/optim.py): bf16 weights that follow the fp32-master run, exact resume, and the Trainer path."""
+"""AdamWSR (train/optim/adamw_sr.py): bf16 weights that follow the fp32-master run, exact resume, and the Trainer path."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3v_tune.train.config import TrainConfig
-from phi3v_tune.train.optim import AdamWSR, stochastic_round_bf16
+from phi3v_tune.config import TrainConfig
+from phi3v_tune.train.optim.adamw_sr import AdamWSR, stochastic_round_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 HP = dict(lr=5e-6, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.01)  # the recipe's AdamW at a full-FT learning rate
@@ -109,7 +109,7 @@ def test_stochastic_rounding_is_unbiased_and_exact_on_representable_values():
 def test_random_bits_are_uniform_and_independent_across_streams():
     """The 16 noise bits of the hash (index, key): uniform (chi-square over 256 bins of the top byte and of the low
     byte), and streams of different keys uncorrelated; mix32 on tensors equals the integer version."""
-    from phi3v_tune.train.optim import index_hash, mix32, mix32_int, stream_keys
+    from phi3v_tune.train.optim.adamw_sr import index_hash, mix32, mix32_int, stream_keys
 
     xs = [0, 1, 2, 65535, 2**31 - 1, 2**31, 2**32 - 1, 123456789]
     assert mix32(torch.tensor(xs)).tolist() == [mix32_int(x) for x in xs]
@@ -165,7 +165,14 @@ def test_state_dict_resume_equals_an_uninterrupted_run(state_dtype):
 
 
 def test_master_weights_config():
-    from phi3v_tune.train.run import master_weights, precision
+    from phi3v_tune.train.runtime import Runtime
+
+    def master_weights(cfg: TrainConfig) -> str:
+        return Runtime.resolve(cfg).master_weights
+
+    def precision(cfg: TrainConfig) -> tuple[bool, bool]:
+        runtime = Runtime.resolve(cfg)
+        return runtime.bf16, runtime.fp16
 
     assert master_weights(TrainConfig(cpu=True)) == "fp32"  # auto: CPU stays exact fp32
     assert master_weights(TrainConfig(method="lora", cpu=True)) == "fp32"
@@ -245,6 +252,7 @@ def test_lora_bf16_sr_trains_bf16_adapters_without_autocast(tmp_path, built_opti
     """--method lora --master-weights bf16-sr: adapters in bf16, AdamWSR, no autocast (TrainingArguments bf16 off)."""
     from phi3v_tune.data.synthetic import demo_split, write_jsonl
     from phi3v_tune.train.run import run_training, training_arguments
+    from phi3v_tune.train.runtime import Runtime
 
     train, _ = demo_split(2, 0, seed=5, tasks=("colour",), as_png=True)
     data = write_jsonl(train, tmp_path / "data")
@@ -252,7 +260,7 @@ def test_lora_bf16_sr_trains_bf16_adapters_without_autocast(tmp_path, built_opti
                       batch_size_per_device=1, learning_rate=1e-2, warmup_steps=0, seed=3, logging_steps=1,
                       report_to="none", num_workers=0, progress=False, cpu=True, method="lora", lora_rank=4,
                       master_weights="bf16-sr", max_steps=3)  # fmt: skip
-    assert training_arguments(cfg, 1).bf16 is False
+    assert training_arguments(cfg, Runtime.resolve(cfg, world_size=1)).bf16 is False
     run_training(cfg)
     first = built_optimizers[0][0]
     assert isinstance(first, AdamWSR)

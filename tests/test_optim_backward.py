@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 
 from phi3v_tune.data.synthetic import demo_split, write_jsonl
 from phi3v_tune.model.tiny import build_tiny_tokenizer, tiny_model
-from phi3v_tune.train.config import TrainConfig
-from phi3v_tune.train.optim import AdamWSR
-from phi3v_tune.train.optim_backward import OptimizerInBackward
+from phi3v_tune.config import TrainConfig
+from phi3v_tune.train.optim import AdamWSR, OptimizerInBackward
 from phi3v_tune.train.run import run_training
 
 IDS = [torch.tensor([[1, 5, 9, 4, 7, 3, 8]]), torch.tensor([[2, 6, 6, 1, 9, 5, 4]]), torch.tensor([[7, 7, 3, 2, 1]])]
@@ -168,9 +167,11 @@ def test_several_processes_are_refused(tmp_path: Path, monkeypatch):
     """Under DDP each rank would update its weights from its own gradients before they are averaged."""
     from phi3v_tune.train.trainer import Phi3VTrainer, Phi3VTrainingArguments
 
-    cfg = TrainConfig(data="x.jsonl", batch_size=1, max_grad_norm=0.0, optimizer_in_backward=True).validate()
-    args = Phi3VTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_grad_norm=0.0)
-    trainer = Phi3VTrainer(model=tiny_model(build_tiny_tokenizer()), args=args, train_config=cfg)
+    TrainConfig(data="x.jsonl", batch_size=1, max_grad_norm=0.0, optimizer_in_backward=True).validate()
+    args = Phi3VTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_grad_norm=0.0, optimizer_in_backward=True
+    )
+    trainer = Phi3VTrainer(model=tiny_model(build_tiny_tokenizer()), args=args)
     monkeypatch.setattr(Phi3VTrainingArguments, "world_size", property(lambda self: 2))
     with pytest.raises(ValueError, match="--optimizer-in-backward runs in one process"):
         trainer.create_optimizer()

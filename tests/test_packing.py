@@ -324,8 +324,16 @@ def test_offsets_are_checked_on_the_host_and_never_read_back_from_a_device():
 
 # --------------------------------------------------------------------------------------------------------------------
 def test_training_uses_packing_only_with_several_samples_per_device(tiny_tokenizer, tiny_processor):
-    from phi3v_tune.train.config import TrainConfig
-    from phi3v_tune.train.run import attention_implementation, data_collators
+    from phi3v_tune.config import TrainConfig
+    from phi3v_tune.train.inputs import collators
+    from phi3v_tune.train.runtime import Runtime
+
+    def attention_implementation(cfg: TrainConfig) -> str:
+        return Runtime.resolve(cfg).attn_implementation
+
+    def data_collators(cfg: TrainConfig, processor, model):  # what the run builds from its settings
+        pad, switch = processor.tokenizer.pad_token_id, model.config.rope_switch_length
+        return collators(pad, Runtime.resolve(cfg).packing, cfg.packing_max_tokens, switch)
 
     model = tiny_model(tiny_tokenizer, seed=0, original_max_position_embeddings=SWITCH)
     train, evaluation = data_collators(
@@ -345,7 +353,7 @@ def test_training_run_packed_equals_padded(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from phi3v_tune.data.synthetic import demo_split, write_jsonl
-    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.config import TrainConfig
     from phi3v_tune.train.run import run_training
 
     train, _ = demo_split(3, 0, seed=7, tasks=("colour", "shape", "compare"), as_png=True)

@@ -403,7 +403,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
         "accuracy",
         "--max-new-tokens",
         "3",
-        "--batch-size",
+        "--eval-batch-size",
         "2",
     ]
     single = subprocess.run(
@@ -440,8 +440,8 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
 
 def test_eval_and_predict_sample_videos_as_the_model_was_trained(tmp_path):
     """--video-frames defaults to the value in the model folder's train_config.yaml (what train wrote), else 8."""
-    from phi3v_tune.cli_extra import trained_video_frames
-    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.cli.infer import trained_video_frames
+    from phi3v_tune.config import TrainConfig
 
     TrainConfig(video_frames=4).save(tmp_path / "trained" / "train_config.yaml")
     assert trained_video_frames(str(tmp_path / "trained")) == 4

@@ -198,12 +198,13 @@ def test_gloo_run_device_is_plain_cpu_and_the_process_group_ends_before_exit(tmp
         import io
         import torch
         from transformers import TrainingArguments
-        from phi3v_tune.train.config import TrainConfig
+        from phi3v_tune.config import TrainConfig
         from phi3v_tune.train.run import training_arguments
+        from phi3v_tune.train.runtime import Runtime
 
         cfg = TrainConfig(data="unused.jsonl", model="tiny", output_dir={str(tmp_path)!r}, cpu=True, batch_size=1,
                           batch_size_per_device=1, report_to="none")
-        args = training_arguments(cfg, 1)
+        args = training_arguments(cfg, Runtime.resolve(cfg, world_size=1))
         assert str(args.distributed_state.distributed_type).endswith("MULTI_CPU"), args.distributed_state
         print("accelerate", TrainingArguments.device.fget(args), "ours", args.device)
         assert args.device == torch.device("cpu"), args.device
@@ -218,7 +219,7 @@ def test_gloo_run_device_is_plain_cpu_and_the_process_group_ends_before_exit(tmp
         assert state["state"][0]["exp_avg"].device.type == "cpu"
 
         import os, types
-        from phi3v_tune.train.run import leave_process_group
+        from phi3v_tune.train.distributed import leave_process_group
 
         def gloo_threads():
             names = []

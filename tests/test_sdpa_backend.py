@@ -8,7 +8,7 @@ import unittest.mock
 import pytest
 import torch
 
-from phi3v_tune.train.config import TrainConfig
+from phi3v_tune.config import TrainConfig
 from phi3v_tune.train.run import select_sdpa_backend
 
 
@@ -19,16 +19,21 @@ def restore():
     torch.backends.cuda.enable_cudnn_sdp(before)
 
 
+def select(cfg: TrainConfig) -> None:
+    """What a run does with --sdpa-backend (on a CUDA GPU unless --cpu, as `Runtime.on_cuda` says)."""
+    select_sdpa_backend(not cfg.cpu and torch.cuda.is_available(), cfg.sdpa_backend)
+
+
 def test_flash_by_default_disables_cudnn_attention_and_cudnn_restores_it():
     assert TrainConfig().sdpa_backend == "flash"
     with unittest.mock.patch("torch.cuda.is_available", return_value=True):
         torch.backends.cuda.enable_cudnn_sdp(True)
-        select_sdpa_backend(TrainConfig())
+        select(TrainConfig())
         assert torch.backends.cuda.cudnn_sdp_enabled() is False
-        select_sdpa_backend(TrainConfig(sdpa_backend="cudnn"))
+        select(TrainConfig(sdpa_backend="cudnn"))
         assert torch.backends.cuda.cudnn_sdp_enabled() is True
         torch.backends.cuda.enable_cudnn_sdp(True)
-        select_sdpa_backend(TrainConfig(cpu=True))  # a CPU run changes nothing
+        select(TrainConfig(cpu=True))  # a CPU run changes nothing
         assert torch.backends.cuda.cudnn_sdp_enabled() is True
 
 

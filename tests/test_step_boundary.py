@@ -7,21 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from config_helpers import strategy
 from transformers import Trainer
 
 from phi3v_tune.data.synthetic import demo_split, write_jsonl
 from phi3v_tune.model.tiny import build_tiny_tokenizer, tiny_model
-from phi3v_tune.train.config import TrainConfig
+from phi3v_tune.config import TrainConfig
 from phi3v_tune.train.run import run_training
 from phi3v_tune.train.step_boundary import ModuleTree, install, uninstall
-from phi3v_tune.train.strategies import apply_strategy
 from phi3v_tune.train.trainer import Phi3VTrainer
 
 
 @pytest.fixture()
 def lora_model():
     model = tiny_model(build_tiny_tokenizer())
-    return apply_strategy(model, TrainConfig(method="lora", lora_rank=4, cpu=True))
+    return strategy(model, TrainConfig(method="lora", lora_rank=4, cpu=True))
 
 
 def test_train_restores_every_module_after_evaluation_and_is_the_class_method_otherwise(lora_model):

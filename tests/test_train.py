@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from config_helpers import strategy
 from safetensors.torch import load_file
 
+from phi3v_tune.cli.args import add_train_arguments as add_arguments
 from phi3v_tune.data.synthetic import demo_split, write_jsonl
 from phi3v_tune.model.tiny import tiny_model
 from phi3v_tune.train.checkpoints import MARKER, latest_complete
-from phi3v_tune.train.config import TrainConfig, add_arguments, resolve
+from phi3v_tune.config import TrainConfig, resolve
 from phi3v_tune.train.run import run_summary, run_training
-from phi3v_tune.train.strategies import apply_strategy, count_parameters
+from phi3v_tune.train.strategies import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,8 +93,12 @@ def test_every_flag_has_help():
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and len(action.help) > 10, action.dest
-    text = parser.format_help()  # rendered as argparse renders it: "~30% slower" stays text, not a format directive
-    assert "~30% slower" in text and "option_strings" not in text
+    text = parser.format_help()  # rendered as argparse renders it: a "%" in a help text stays text
+    assert "option_strings" not in text
+    from phi3v_tune.cli import build_parser
+
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
+    assert "below 90% accuracy" in demo.format_help()
     helps = {a.dest: a.help for a in parser._actions}
     # every set default is stated, zero ones too (0 == False once hid them), switches as on/off
     assert helps["lora_dropout"].endswith("(default: 0.0)") and helps["eval_holdout"].endswith("(default: 0)")
@@ -102,7 +108,7 @@ def test_every_flag_has_help():
 
 
 def test_eval_writes_predictions_next_to_a_local_model_else_here(tmp_path, monkeypatch):
-    from phi3v_tune.cli_extra import default_predictions_path
+    from phi3v_tune.cli.infer import default_predictions_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run").mkdir()
@@ -121,7 +127,7 @@ def test_strategies_train_the_right_parameters(tiny_tokenizer, method):
     model = tiny_model(tiny_tokenizer)
     name, _, extra = method.partition("+")
     cfg = TrainConfig(method=name, freeze_projector=extra == "projector", lora_vision=extra == "vision", lora_rank=4)
-    trained = apply_strategy(model, cfg)
+    trained = strategy(model, cfg)
     names = {n for n, p in trained.named_parameters() if p.requires_grad}
     counts = count_parameters(trained)
     assert 0 < counts.trainable < counts.total
@@ -155,8 +161,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data_file, tmp_pa
     # continue the 4-step run to 8 steps from its checkpoint (same data order, LR schedule and RNG)
     resumed_metrics = run_training(small_config(data_file, first, max_steps=8, resume="latest"))
     # the closing summary reports the whole run's loss, also after a resume (steps 1 -> 8, as uninterrupted)
-    summary = run_summary(resumed_metrics, small_config(data_file, first), first).splitlines()[0]
-    assert summary == run_summary(straight_metrics, small_config(data_file, first), first).splitlines()[0]
+    summary = run_summary(resumed_metrics, small_config(data_file, first).metric, first).splitlines()[0]
+    assert summary == run_summary(straight_metrics, small_config(data_file, first).metric, first).splitlines()[0]
     assert (
         summary.startswith("done: 8 steps, train loss ") and "(step 1) ->" in summary and summary.endswith("(step 8)")
     )
@@ -380,11 +386,12 @@ def test_ddp_settings_skip_unused_parameter_search_and_buffer_broadcasts(tmp_pat
     """Every trainable weight gets a gradient each step and the buffers are constants: DDP needs neither the unused-
     parameter search nor a buffer broadcast before every forward."""
     from phi3v_tune.model.tiny import tiny_model
-    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.config import TrainConfig
     from phi3v_tune.train.run import training_arguments
+    from phi3v_tune.train.runtime import Runtime
 
     cfg = TrainConfig(data="x.jsonl", model="tiny", cpu=True, report_to="none", output_dir=str(tmp_path))
-    args = training_arguments(cfg.validate(), 1)
+    args = training_arguments(cfg.validate(), Runtime.resolve(cfg, world_size=1))
     assert args.ddp_find_unused_parameters is False and args.ddp_broadcast_buffers is False
     from phi3v_tune.model.tiny import build_tiny_tokenizer
 
@@ -398,15 +405,17 @@ def test_ddp_settings_skip_unused_parameter_search_and_buffer_broadcasts(tmp_pat
 
 def test_batches_reach_the_gpu_asynchronously_from_pinned_memory(tmp_path, monkeypatch):
     """A blocking host-to-GPU copy waits for every queued kernel: on a GPU batches are pinned and copied without it."""
+    import dataclasses
+
     from phi3v_tune.train import run
-    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.config import TrainConfig
+    from phi3v_tune.train.runtime import Runtime
 
     cfg = TrainConfig(data="x.jsonl", model="tiny", cpu=True, report_to="none", output_dir=str(tmp_path)).validate()
-    args = run.training_arguments(cfg, 1)
+    runtime = Runtime.resolve(cfg, world_size=1)
+    args = run.training_arguments(cfg, runtime)
     assert args.dataloader_pin_memory is False and args.accelerator_config.non_blocking is False
-    monkeypatch.setattr(run, "on_cuda", lambda cfg: True)
-    monkeypatch.setattr(run, "precision", lambda cfg: (False, False))
-    args = run.training_arguments(cfg, 1)
+    args = run.training_arguments(cfg, dataclasses.replace(runtime, on_cuda=True, bf16=False, fp16=False))
     assert args.dataloader_pin_memory is True and args.accelerator_config.non_blocking is True
 
 
@@ -485,8 +494,6 @@ def test_lora_alpha_follows_the_rank_as_the_recipe(rank, alpha, want):
     """The recipe's `lora_alpha=round(rank * 2)`: --lora-rank 32 alone gives alpha 64; --lora-alpha overrides."""
     from phi3v_tune.model.tiny import build_tiny_tokenizer
 
-    model = apply_strategy(
-        tiny_model(build_tiny_tokenizer()), TrainConfig(method="lora", lora_rank=rank, lora_alpha=alpha)
-    )
+    model = strategy(tiny_model(build_tiny_tokenizer()), TrainConfig(method="lora", lora_rank=rank, lora_alpha=alpha))
     config = model.peft_config["default"]
     assert (config.r, config.lora_alpha) == (rank, want)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from config_helpers import strategy
 from PIL import Image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -27,13 +28,14 @@ def test_bf16_sdpa_on_gpu_matches_fp32_cpu(tiny_tokenizer, tiny_processor):
 def test_qlora_strategy_quantizes_the_language_model(tiny_tokenizer, tmp_path):
     pytest.importorskip("bitsandbytes")
     from phi3v_tune.model.tiny import save_tiny_checkpoint
-    from phi3v_tune.train.config import TrainConfig
-    from phi3v_tune.train.run import load_model
-    from phi3v_tune.train.strategies import apply_strategy, count_parameters
+    from phi3v_tune.config import TrainConfig
+    from phi3v_tune.train.model_setup import load_model
+    from phi3v_tune.train.runtime import Runtime
+    from phi3v_tune.train.strategies import count_parameters
 
     folder = save_tiny_checkpoint(tmp_path / "tiny", num_crops=1)
     cfg = TrainConfig(method="qlora", bf16=True, lora_rank=4)
-    model = apply_strategy(load_model(cfg, str(folder)), cfg)
+    model = strategy(load_model(str(folder), Runtime.resolve(cfg), cfg.method), cfg)
     names = {type(m).__name__ for m in model.modules()}
     assert "Linear4bit" in names
     counts = count_parameters(model)
@@ -46,7 +48,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps(tmp_path, monkeypatch):
 
     from phi3v_tune.data.synthetic import demo_split, write_jsonl
     from phi3v_tune.train import trainer as trainer_module
-    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.config import TrainConfig
     from phi3v_tune.train.run import run_training
 
     train, _ = demo_split(4, 0, seed=1, tasks=("colour",), as_png=True)
@@ -89,7 +91,7 @@ def test_qlora_trains_bf16_adapters_by_default_and_fp32_on_request(tmp_path, wei
     from safetensors.torch import load_file
 
     from phi3v_tune.data.synthetic import demo_split, write_jsonl
-    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.config import TrainConfig
     from phi3v_tune.train.optim import AdamWSR
     from phi3v_tune.train.run import run_training
 
@@ -119,7 +121,6 @@ def test_sdpa_backend_flash_avoids_cudnn_attention_with_the_same_loss(tiny_token
     from torch.profiler import ProfilerActivity, profile
 
     from phi3v_tune.model.tiny import tiny_model
-    from phi3v_tune.train.config import TrainConfig
     from phi3v_tune.train.run import select_sdpa_backend
 
     text = tiny_processor.apply_chat_template([{"role": "user", "content": "<|image_1|>\nWhat is shown?"}]) + "a dog"
@@ -131,7 +132,7 @@ def test_sdpa_backend_flash_avoids_cudnn_attention_with_the_same_loss(tiny_token
     before = torch.backends.cuda.cudnn_sdp_enabled()
     try:
         for backend in ("cudnn", "flash"):
-            select_sdpa_backend(TrainConfig(sdpa_backend=backend))
+            select_sdpa_backend(True, backend)
             model = tiny_model(tiny_tokenizer, seed=3).to("cuda", torch.bfloat16).train()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 loss = model(**inputs, labels=labels).loss
@@ -153,8 +154,7 @@ def test_optimizer_in_backward_on_gpu_equals_the_ordinary_step(tiny_tokenizer):
     import copy
 
     from phi3v_tune.model.tiny import tiny_model
-    from phi3v_tune.train.optim import AdamWSR
-    from phi3v_tune.train.optim_backward import OptimizerInBackward
+    from phi3v_tune.train.optim import AdamWSR, OptimizerInBackward
 
     base = tiny_model(tiny_tokenizer, seed=4).to("cuda", torch.bfloat16).train()
     ids = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2]], device="cuda")
@@ -182,7 +182,7 @@ def test_lora_run_with_evaluation_on_gpu(tmp_path):
     from safetensors.torch import load_file
 
     from phi3v_tune.data.synthetic import demo_split, write_jsonl
-    from phi3v_tune.train.config import TrainConfig
+    from phi3v_tune.config import TrainConfig
     from phi3v_tune.train.run import run_training
 
     train, _ = demo_split(4, 0, seed=1, tasks=("colour",), as_png=True)

@@ -1,4 +1,4 @@
-"""AdamWSR's Triton kernel against the torch reference (train/optim.py): bit for bit equal to it; every result is
+"""AdamWSR's Triton kernel against the torch reference (train/optim/adamw_sr.py): bit for bit equal to it; every result is
 one of the two bf16 neighbours of the fp32 update, rounded up as often as the fp32 value's position between them
 says (unbiased), exact where the fp32 result is representable, and deterministic per seed.
 
@@ -38,14 +38,14 @@ def neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def keys(seed: int) -> tuple[int, int, int]:
-    from phi3v_tune.train.optim import stream_keys
+    from phi3v_tune.train.optim.adamw_sr import stream_keys
 
     return stream_keys(seed, STEP, 0)
 
 
 def kernel(p, g, m, v, seed, lr=LR):
-    from phi3v_tune.train.optim import AdamWScalars
-    from phi3v_tune.train.optim_triton import adamw_sr_
+    from phi3v_tune.train.optim.adamw_sr import AdamWScalars
+    from phi3v_tune.train.optim.adamw_sr_triton import adamw_sr_
 
     p, m, v = p.clone(), m.clone(), v.clone()
     adamw_sr_(p, g, m, v, AdamWScalars.of(lr, B1, B2, EPS, WD, STEP), keys(seed))
@@ -53,7 +53,7 @@ def kernel(p, g, m, v, seed, lr=LR):
 
 
 def reference(p, g, m, v, seed, lr=LR):
-    from phi3v_tune.train.optim import AdamWScalars, adamw_sr_torch_
+    from phi3v_tune.train.optim.adamw_sr import AdamWScalars, adamw_sr_torch_
 
     p, m, v = p.clone(), m.clone(), v.clone()
     adamw_sr_torch_(p, g, m, v, AdamWScalars.of(lr, B1, B2, EPS, WD, STEP), keys(seed))
@@ -151,7 +151,7 @@ def test_optimizer_uses_the_kernel_on_cuda_and_fp32_moments_work():
 def test_the_optimizer_checks_the_kernel_and_picks_it_by_default():
     if DEVICE != "cuda":
         pytest.skip("the optimizer dispatches to the kernel on CUDA tensors only")
-    from phi3v_tune.train.optim import AdamWSR, kernel_matches_reference
+    from phi3v_tune.train.optim.adamw_sr import AdamWSR, kernel_matches_reference
 
     assert kernel_matches_reference(torch.device("cuda", torch.cuda.current_device()))
     assert AdamWSR([torch.nn.Parameter(torch.zeros(4, device="cuda"))]).use_triton in (None, True)

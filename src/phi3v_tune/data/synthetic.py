@@ -33,6 +33,8 @@ from .schema import ImageRef, Record, Turn
 TASKS: tuple[str, ...] = ("colour", "shape", "compare", "motion", "video")
 #: Tasks a tiny model learns on a CPU in minutes: one image, two images, an 8-frame video.
 DEMO_TASKS: tuple[str, ...] = ("colour", "compare", "video")
+#: The demo's data: samples per task for training and for the held-out split.
+DEMO_SIZES = {"train_per_task": 100, "eval_per_task": 20}
 
 #: task -> the answer words (lowercase, one word each).
 CLASSES: dict[str, list[str]] = {

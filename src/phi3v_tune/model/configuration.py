@@ -96,6 +96,11 @@ class Phi3VConfig(Phi3Config):
     def long_rope(self) -> bool:
         return self.rope_parameters.get("rope_type") == "longrope"
 
+    @property
+    def rope_switch_length(self) -> int | None:
+        """The length past which su-RoPE takes its long factors (None without longrope)."""
+        return self.original_max_position_embeddings if self.long_rope else None
+
     def to_dict(self) -> dict[str, Any]:
         """Write the publisher's field names (`rope_scaling` type `su`, `rope_theta`) instead of `rope_parameters`."""
         out = super().to_dict()

@@ -44,6 +44,21 @@ Document question answering: what is the date, the total, the name? 0 1 2 3 4 5 
 """
 
 
+TINY = "tiny"  # `--model tiny` (or `tiny:N`, N decoder layers): a tiny random model written on the fly
+
+
+def tiny_layers(model: str | None) -> int | None:
+    """For a `--model` value: None when it names no tiny model, 0 for `tiny` (the default size), N for `tiny:N`."""
+    if model == TINY:
+        return 0
+    if model and model.startswith(TINY + ":"):
+        count = model[len(TINY) + 1 :]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--model {model}: expected 'tiny' or 'tiny:N' with N >= 1 decoder layers")
+        return int(count)
+    return None
+
+
 def build_tiny_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """A BPE tokenizer with the Phi-3 special tokens, the published normaliser and chat template."""
     from ..processing.tokenizer import CHAT_TEMPLATE

@@ -15,18 +15,34 @@ import argparse
 import gc
 import json
 import os
+import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from PIL import Image
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, schedule
 from transformers import TrainerCallback
 
+from ..data.examples import build_example
+from ..data.sources import read_jsonl
+from ..model.configuration import Phi3VConfig
+from ..model.modeling import Phi3VForCausalLM
+from ..model.presets import phi35_vision_config
+from ..model.tiny import build_tiny_tokenizer, save_tiny_checkpoint
+from ..processing.image import hd_size, num_image_tokens
+from ..processing.processor import Phi3VProcessor
+from ..config import FIELDS, TrainConfig
+from ..train.run import TrainingRun
+from .baseline import build_plain, plain_step
 from .flops import SampleShape, training_flops
-from .workloads import WORKLOADS, write_workload
-
-METHODS = ("full", "freeze-vision", "lora", "qlora")
+from .options import add_arguments, check
+from .workloads import write_workload
 
 #: `--tuned`: the fastest setting measured so far per (method, checkpointing row) at the DocVQA shape, within the plain
 #: build's memory for that row (benchmarks/RESULTS.md, fourth to seventh sessions). Rows without an entry (lora's
@@ -110,9 +126,6 @@ def free_gpu() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def sample_shapes(records, lengths: list[int], num_crops: int, tokenizer) -> dict[str, SampleShape]:
     """Per sample id: LM tokens (as planned), real crops and image tokens (from the image header), label tokens."""
-    from PIL import Image
-
-    from ..processing.image import hd_size, num_image_tokens
 
     shapes = {}
     for rec, length in zip(records, lengths):
@@ -196,7 +209,6 @@ def is_annotation(event) -> bool:
 def is_kernel(event) -> bool:
     """A kernel on the GPU timeline. The CPU-side op that launched it (aten::mm, a compiled graph's triton launcher
     of the same name) reports the kernel's time as its own 'self' device time too: counting it would count twice."""
-    from torch.autograd import DeviceType
 
     return getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU and not is_annotation(event)
 
@@ -245,7 +257,6 @@ class profiled:
     def __enter__(self):
         if not self.folder:
             return self
-        from torch.profiler import ProfilerActivity, profile, schedule
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
         when = schedule(wait=max(self.warmup - 1, 0), warmup=min(self.warmup, 1), active=2, repeat=1)
@@ -303,10 +314,6 @@ def summarise(
 # ----------------------------------------------------------------------------------------------------------------
 def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int, peak: float, **overrides) -> Row:
     """`steps` timed optimizer steps (after `warmup`) of our training path on workload files `wl`."""
-    from ..processing.processor import Phi3VProcessor
-    from ..train import run as run_mod
-    from ..train.config import TrainConfig
-
     free_gpu()
     settings = dict(
         data=str(wl.jsonl),
@@ -337,16 +344,12 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
     cfg = TrainConfig(**settings)
     row.batch = cfg.batch_size_per_device  # --set / --tuned may change how many samples a forward pass takes
     row.checkpointing = cfg.gradient_checkpointing
-    row.packing = cfg.packing and cfg.batch_size_per_device > 1
-    processor = Phi3VProcessor.from_pretrained(str(model_dir), num_crops=wl.num_crops)
-    data = run_mod.read_data(cfg, processor, work / "run")
-    shapes = sample_shapes(data.train, data.train_plan.lengths, wl.num_crops, processor.tokenizer)
-    from ..model.configuration import Phi3VConfig
-
+    run = TrainingRun(cfg).setup()  # the path `phi3v-tune train` takes, up to the training loop
+    row.packing = run.runtime.packing
+    row.extra.setdefault("compile", run.runtime.compile)
+    shapes = sample_shapes(run.data.train, run.data.train_plan.lengths, wl.num_crops, run.processor.tokenizer)
     config = Phi3VConfig.from_pretrained(str(model_dir))
-    model = run_mod.prepare_model(cfg, str(model_dir))
-    row.extra.setdefault("compile", run_mod.compile_on(cfg))
-    trainer = run_mod.build_trainer(cfg, data, processor, model, world=1)
+    trainer, model = run.trainer, run.trainer.model
     timer = StepTimer(trainer, sync_after=(warmup - 1, warmup + steps - 1))
     trainer.add_callback(timer)
     with profiled(warmup, f"ours-{row.workload}-{row.method}", trainer):
@@ -364,14 +367,13 @@ def run_ours(row: Row, model_dir: Path, wl, work: Path, steps: int, warmup: int,
         samples.append(len(batch))
     summarise(row, cycles, gaps, flops, toks, samples, peak)
     trainer.accelerator.free_memory()
-    del trainer, model
+    del trainer, model, run
     free_gpu()
     return row
 
 
 def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: int, peak: float) -> Row:
     """The plain build on the same per-sample shapes (CLIP on all crop slots: 17 at num_crops 16)."""
-    from .baseline import build_plain, plain_step
 
     free_gpu()
     row.packing = False  # one sample per step
@@ -405,16 +407,10 @@ def run_plain(row: Row, config, shapes: list[SampleShape], steps: int, warmup: i
 # ----------------------------------------------------------------------------------------------------------------
 def write_checkpoint(folder: Path, tiny: bool = False) -> None:
     """A full-size random-weight bf16 checkpoint in the published layout, with a small local tokenizer."""
-    from ..model.modeling import Phi3VForCausalLM
-    from ..model.presets import phi35_vision_config
-    from ..model.tiny import build_tiny_tokenizer
-    from ..processing.processor import Phi3VProcessor
 
     if (folder / "config.json").is_file():
         return
     if tiny:
-        from ..model.tiny import save_tiny_checkpoint
-
         save_tiny_checkpoint(folder, num_crops=16)
         return
     torch.manual_seed(0)
@@ -432,7 +428,6 @@ def write_checkpoint(folder: Path, tiny: bool = False) -> None:
 
 def markdown(rows: list[Row], peak: float, command: str) -> str:
     card = torch.cuda.get_device_name() if ON_GPU else "CPU (tiny model smoke run)"
-    import transformers
 
     head = (
         f"\n## {time.strftime('%Y-%m-%d')} — training throughput, {card}, torch {torch.__version__}, "
@@ -460,60 +455,14 @@ def markdown(rows: list[Row], peak: float, command: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="phi3v-tune bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--methods", default=",".join(METHODS), help="Strategies to measure (comma separated).")
-    ap.add_argument("--workloads", default="docvqa,memes", help=f"Workloads: {', '.join(WORKLOADS)}.")
-    ap.add_argument("--builds", default="plain,ours", help="plain (the Hugging Face baseline), ours, or both.")
-    ap.add_argument("--checkpointing", default="no,yes", help="Activation checkpointing settings to measure.")
-    ap.add_argument("--steps", type=int, default=8, help="Timed optimizer steps per row.")
-    ap.add_argument(
-        "--warmup", type=int, default=3, help="Untimed steps first (allocator, kernels, workers); at least 1."
-    )
-    ap.add_argument("--samples", type=int, default=64, help="Samples written per workload.")
-    ap.add_argument("--short-batch", type=int, default=8, help="Samples per step on the short workload.")
-    ap.add_argument(
-        "--padded-too",
-        default="full,lora",
-        help="Methods also measured with padded batches on the short workload (packing's baseline).",
-    )
-    ap.add_argument(
-        "--fixed-plain",
-        action="store_true",
-        help="Also time the plain full row at the fixed 17-crop 2560-token shape of the issue's table.",
-    )
-    ap.add_argument(
-        "--tuned",
-        action="store_true",
-        help="Our DocVQA rows use the fastest setting measured within the plain row's memory (perf/bench.py: TUNED; "
-        "e.g. full: two packed documents per pass with the CLIP layers checkpointed; in the checkpointed column, full and "
-        "freeze-vision update each weight in backward); the row's notes list it.",
-    )
-    ap.add_argument("--work", default="/tmp/phi3v-bench", help="Where data and runs go.")
-    ap.add_argument("--model-dir", default="/dev/shm/phi3v-random", help="Random checkpoint (written if missing).")
-    ap.add_argument("--json", default=None, help="Also write every row as JSON lines here.")
-    ap.add_argument("--results", default=None, help="Append the markdown table to this file (e.g. RESULTS.md).")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run of this script on a tiny model (for tests).")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Extra TrainConfig settings for our rows (repeatable), e.g. --set compile=true.",
-    )
+    ap = argparse.ArgumentParser(prog="phi3v-tune bench", description=__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(ap)
     args = ap.parse_args(argv)
-    for flag, given, known in (
-        ("--methods", args.methods, METHODS),
-        ("--workloads", args.workloads, tuple(WORKLOADS)),
-        ("--builds", args.builds, ("plain", "ours")),
-        ("--checkpointing", args.checkpointing, ("no", "yes", "false", "true", "0", "1")),
-    ):
-        unknown = [x for x in given.split(",") if x not in known]
-        if unknown:
-            ap.error(f"{flag}: unknown {', '.join(unknown)} (expected some of {', '.join(known)})")
-    if args.warmup < 1 or args.steps < 1:
-        ap.error("--warmup and --steps must be at least 1 (the timed window starts after a synchronised warm-up step)")
+    try:
+        check(args)
+    except ValueError as err:
+        ap.error(str(err))
     return args
 
 
@@ -539,9 +488,6 @@ def docvqa_docs_per_step(tuned: bool, overrides: dict[str, Any]) -> int:
 
 def docvqa_plain_shapes(wl, model_dir: Path, n: int) -> list[SampleShape]:
     """The first `n` DocVQA samples' shapes, for the plain rows (same lengths as ours, CLIP on all 17 slots)."""
-    from ..data.examples import build_example
-    from ..data.sources import read_jsonl
-    from ..processing.processor import Phi3VProcessor
 
     proc = Phi3VProcessor.from_pretrained(str(model_dir), num_crops=wl.num_crops)
     recs = read_jsonl(wl.jsonl)[0][:n]
@@ -550,16 +496,19 @@ def docvqa_plain_shapes(wl, model_dir: Path, n: int) -> list[SampleShape]:
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    import sys
-
-    global ON_GPU
+    """`benchmarks/bench_train.py`: parse the flags, then `run`."""
     args = parse_args(argv)
+    return run(args, command="phi3v-tune bench " + " ".join(sys.argv[1:] if argv is None else argv))
+
+
+def run(args: argparse.Namespace, command: str) -> list[Row]:
+    """Every row the flags ask for; `command` is printed with the table."""
+    global ON_GPU
     ON_GPU = torch.cuda.is_available() and not args.tiny
     if not ON_GPU and not args.tiny:
         raise SystemExit("phi3v-tune bench needs a CUDA GPU (it measures GPU training throughput); --tiny: CPU smoke")
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k.replace("-", "_"): _value(v) for k, v in overrides.items()}
-    from ..train.config import FIELDS
 
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:  # a mistyped --set must not silently measure the default setting
@@ -570,15 +519,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     t = time.time()
     write_checkpoint(model_dir, tiny=args.tiny)
     print(f"random checkpoint ready in {time.time() - t:.0f} s", flush=True)
-    from ..model.presets import phi35_vision_config
-
-    if args.tiny:
-        from ..model.configuration import Phi3VConfig
-
-        config = Phi3VConfig.from_pretrained(str(model_dir))
-    else:
-        config = phi35_vision_config()
+    config = Phi3VConfig.from_pretrained(str(model_dir)) if args.tiny else phi35_vision_config()
     methods = args.methods.split(",")
+    if not ON_GPU and "qlora" in methods:  # bitsandbytes' 4-bit kernels run on CUDA only
+        methods.remove("qlora")
+        print("skipped on the CPU: the qlora rows (4-bit kernels need a CUDA GPU)", flush=True)
     ckpts = [c.strip() in ("yes", "true", "1") for c in args.checkpointing.split(",")]
     builds = args.builds.split(",")
     rows: list[Row] = []
@@ -589,8 +534,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
         try:
             fn(row, *a, **kw)
         except Exception as err:  # one failing row must not lose the others
-            import traceback
-
             traceback.print_exc()
             row.error = f"{type(err).__name__}: {err}"
             free_gpu()
@@ -632,7 +575,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     ours(Row(name, "ours", method, ck, args.short_batch, packing=True), wl)
                     if method in padded:
                         ours(Row(name, "ours", method, ck, args.short_batch, packing=False), wl)
-    command = "phi3v-tune bench " + " ".join(sys.argv[1:] if argv is None else argv)
     table = markdown(rows, peak, command)
     print(table)
     if args.results:

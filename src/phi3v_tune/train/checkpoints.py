@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -90,8 +91,6 @@ def rotate(newest: str | Path, keep: int | None) -> list[Path]:
     complete one. After a resume from an earlier checkpoint the folder may still hold higher-numbered checkpoints
     of the abandoned run: those go first (however recently they were written), then the least recently completed.
     """
-    import shutil
-
     newest = Path(newest)
     if not keep or keep < 1:
         return []

@@ -3,8 +3,11 @@ stop when a partitioned DeepSpeed checkpoint is resumed on another number of GPU
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,6 @@ _WRAPPER_PARTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_mo
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now (for a process group's store on one machine)."""
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,3 +167,38 @@ def peak_memory_per_rank(on_gpu: bool) -> list[float] | None:
     parts: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, mine)
     return [float(p) for p in parts]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def single_process_engine(deepspeed: str | None) -> None:
+    """`phi3v-tune train --deepspeed ...` started without a launcher: DeepSpeed would look for MPI to learn its
+    rank (and fail without mpi4py); give it the one-process group torchrun would have given."""
+    if not deepspeed or "WORLD_SIZE" in os.environ:
+        return
+    mpi_or_slurm = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")  # launchers DeepSpeed finds ranks from
+    if any(int(os.environ.get(key, "1") or 1) > 1 for key in mpi_or_slurm):
+        return
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**defaults, "MASTER_PORT": str(free_port())}.items():  # the process group's store
+        os.environ.setdefault(key, value)
+
+
+def leave_process_group(trainer) -> None:
+    """End a distributed run for good while the interpreter is fully alive: a last barrier (every rank waits for
+    rank 0's writes), release the DDP wrapper / DeepSpeed engine, then destroy the process group.
+
+    `destroy_process_group()` only unregisters the group: the DDP wrapper (its `process_group` and C++ reducer)
+    still owns the ProcessGroupGloo, so gloo's worker and socket threads were still running when the interpreter
+    shut down, and the group was torn down (or not) in whatever order finalization reached it while the peer exited
+    at the same time; now and then a rank aborted at exit ("terminate called without an active exception").
+    The wrappers go first: DeepSpeed's engine.destroy() (called by accelerate's free_memory) still talks to the
+    group, and once nothing else holds the group, destroying it frees it (and joins its threads) right there.
+    """
+    if not is_distributed():
+        return
+    trainer.accelerator.wait_for_everyone()
+    trainer.model_wrapped = trainer.model  # the DDP wrapper or DeepSpeed engine
+    trainer.accelerator.free_memory()  # its list of prepared models holds the wrapper too; destroys a DS engine
+    gc.collect()  # the Trainer and its callbacks form reference cycles
+    torch.distributed.destroy_process_group()
+    gc.collect()

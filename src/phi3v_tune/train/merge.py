@@ -30,7 +30,7 @@ def load_for_inference(
     model_dir: str | Path, base: str | None = None, dtype: torch.dtype = torch.float32, merge: bool = True, **kwargs
 ) -> Phi3VForCausalLM:
     """A full checkpoint, or base + LoRA adapter (merged unless `merge=False`)."""
-    from .config import check_model_path, is_hub_id
+    from ..config import check_model_path, is_hub_id
 
     if not Path(model_dir).is_dir() and is_hub_id(str(model_dir)):
         return load_hub_model(str(model_dir), dtype=dtype, **kwargs)

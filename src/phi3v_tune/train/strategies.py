@@ -15,9 +15,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import BitsAndBytesConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from ..model.modeling import Phi3VForCausalLM
-from .config import TrainConfig
+from ..config import METHODS
 
 LM_LORA = r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
 VISION_PREFIX = r"model\.vision_embed_tokens"
@@ -62,15 +65,22 @@ def count_parameters(model: nn.Module) -> ParamCount:
     return ParamCount(trainable, total)
 
 
-def qlora_quantization_config(cfg: TrainConfig):
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapters of lora/qlora (the recipe's defaults: rank 64, alpha 2 x rank, no dropout, lm_head too)."""
+
+    rank: int = 64
+    alpha: int = 128
+    dropout: float = 0.0
+    lm_head: bool = True
+    vision: bool = False  # also CLIP's attention and MLP projections and the image projector
+
+
+def qlora_quantization_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
     """bitsandbytes NF4 for the LM linears; the vision tower, projector and lm_head stay in higher precision."""
     if not torch.cuda.is_available():
         raise RuntimeError("--method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use lora on CPU")
-    try:
-        from transformers import BitsAndBytesConfig
-    except ImportError as err:  # pragma: no cover
-        raise RuntimeError("QLoRA needs bitsandbytes: pip install 'phi3v-tune[qlora]'") from err
-    compute = torch.float16 if cfg.fp16 else torch.bfloat16
+    compute = torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -80,14 +90,27 @@ def qlora_quantization_config(cfg: TrainConfig):
     )
 
 
-def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
-    """Set what trains for `cfg.method`; returns the model to train (a PEFT model for lora/qlora)."""
+def apply_strategy(
+    model: Phi3VForCausalLM,
+    method: str,
+    *,
+    freeze_projector: bool = False,
+    lora: LoraSettings | None = None,
+    bf16_adapters: bool = False,
+) -> nn.Module:
+    """Set what trains for `method`; returns the model to train (a PEFT model for lora/qlora).
+
+    `lora`: the adapters' settings (lora/qlora; default `LoraSettings()`). `bf16_adapters`: bf16 adapters trained
+    without autocast (bf16-sr master weights) instead of PEFT's fp32 adapters (and, for qlora, PEFT's k-bit
+    preparation)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     vision = model.model.vision_embed_tokens
-    if cfg.method in ("full", "freeze-vision"):
+    if method in ("full", "freeze-vision"):
         model.requires_grad_(True)
-        if cfg.method == "freeze-vision":
+        if method == "freeze-vision":
             vision.img_processor.requires_grad_(False)
-            if cfg.freeze_projector:
+            if freeze_projector:
                 vision.img_projection.requires_grad_(False)
                 vision.glb_GN.requires_grad_(False)
                 vision.sub_GN.requires_grad_(False)
@@ -96,10 +119,9 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
 
     from peft import LoraConfig, get_peft_model
 
-    from .run import master_weights
-
-    bf16_sr = master_weights(cfg) == "bf16-sr"
-    if cfg.method == "qlora" and not bf16_sr:
+    lora = lora or LoraSettings()
+    bf16_sr = bf16_adapters
+    if method == "qlora" and not bf16_sr:
         from peft import prepare_model_for_kbit_training
 
         # fp32 norms, embeddings and vision tower under autocast (PEFT's recipe); bf16-sr keeps them bf16. The
@@ -107,10 +129,10 @@ def apply_strategy(model: Phi3VForCausalLM, cfg: TrainConfig) -> nn.Module:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.requires_grad_(False)
     lora = LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.effective_lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=lora_target_regex(model, cfg.lora_lm_head, cfg.lora_vision),
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_target_regex(model, lora.lm_head, lora.vision),
         init_lora_weights="gaussian",
         bias="none",
         task_type="CAUSAL_LM",
@@ -130,9 +152,6 @@ def checkpoint_only(model: nn.Module, scope: str, decoder_layers: int | None = N
     those with a trainable weight), the decoder layers ('language') or both ('all'), and of the decoder layers only
     the first `decoder_layers` when given; returns how many layers recompute. Every `--gradient-checkpointing` run
     comes here rather than to the Trainer's switch, which would wrap every CLIP layer, frozen ones included."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

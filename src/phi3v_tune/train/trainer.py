@@ -1,30 +1,56 @@
 """The HF `Trainer` with what the original recipe lacked: complete-or-marked checkpoints, resume, throughput logging,
-a progress bar with loss / lr / samples/s / tokens/s / ETA, and sample ids in error messages."""
+exact evaluation loss, per-epoch sample accounting, and sample ids in error messages."""
 
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+import shutil
+import signal
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ..data.collate import IGNORE_INDEX
 from ..model.modeling import set_rope_per_sample
-from .checkpoints import MARKER, write_marker
+from .checkpoints import MARKER, latest_complete, rotate, write_marker
+from .optim import AdamWSR, OptimizerInBackward
+from .step_boundary import install, uninstall
 
 
+@dataclass
 class Phi3VTrainingArguments(TrainingArguments):
-    """`TrainingArguments` whose CPU device is plain `cpu`.
+    """`TrainingArguments` plus the options only our Trainer reads (resolved by `train/run.py`, passed as values).
 
-    accelerate names the device of a multi-process CPU (gloo) run `torch.device("cpu", 0)`, and the Trainer of
-    transformers < 5.24 loads the optimizer state of a distributed resume with `map_location=args.device`;
-    `torch.load` cannot map storages to "cpu:0" ("don't know how to restore data location ... (tagged with cpu:0)").
-    CPU tensors have no device index anyway, so nothing else changes.
+    Its CPU device is plain `cpu`: accelerate names the device of a multi-process CPU (gloo) run
+    `torch.device("cpu", 0)`, and the Trainer of transformers < 5.24 loads the optimizer state of a distributed resume
+    with `map_location=args.device`; `torch.load` cannot map storages to "cpu:0" ("don't know how to restore data
+    location ... (tagged with cpu:0)"). CPU tensors have no device index anyway, so nothing else changes.
     """
+
+    skip_nonfinite: int = field(default=0, metadata={"help": "Batches with a NaN/inf loss skipped before stopping."})
+    optimizer_in_backward: bool = field(
+        default=False, metadata={"help": "Update each weight in backward as soon as its gradient is complete."}
+    )
+    master_weights: str = field(
+        default="fp32", metadata={"help": "fp32 (the Trainer's optimizer) or bf16-sr (AdamW with stochastic rounding)."}
+    )
+    length_grouped_batches: bool = field(
+        default=True, metadata={"help": "Batches of similar token lengths (per-epoch seeded), with several per pass."}
+    )
+    checkpoints_to_keep: int | None = field(
+        default=None, metadata={"help": "Keep the newest N complete checkpoints (rotated once a new one is marked)."}
+    )
+    settings_file: str | None = field(
+        default=None, metadata={"help": "The run's settings (train_config.yaml), copied into every checkpoint."}
+    )
 
     @property
     def device(self) -> torch.device:
@@ -51,17 +77,66 @@ class LengthGroupedEpochSampler(torch.utils.data.Sampler):
         return len(self.lengths)
 
     def __iter__(self):
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=g))
 
 
-class Phi3VTrainer(Trainer):
-    """`Trainer` for Phi3V batches (pops the `ids` that travel with a batch, counts tokens, marks checkpoints)."""
+EPOCH_PROGRESS = "epoch_progress.json"  # in each checkpoint: the epoch's accounting so far (see SampleLedger)
 
-    def __init__(self, *args, train_config=None, eval_data_collator=None, **kwargs):
+
+class SampleLedger:
+    """The samples this rank trained on in the running epoch, and those of batches skipped for a non-finite loss.
+
+    The Trainer fills it; `callbacks.EpochReport` reads it at each epoch's end; a checkpoint stores it (all ranks'
+    lists, on rank 0), so a run resumed mid-epoch accounts for the samples trained before the stop.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.nonfinite: list[str] = []
+
+    def gather(self) -> tuple[list[str], list[str]]:
+        """(seen, nonfinite) of every rank (a collective: all ranks call it)."""
+        seen, bad = list(self.seen), list(self.nonfinite)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, (seen, bad))
+            seen = [i for p in parts for i in p[0]]
+            bad = [i for p in parts for i in p[1]]
+        return seen, bad
+
+    def clear(self) -> None:
+        self.seen.clear()
+        self.nonfinite.clear()
+
+    @staticmethod
+    def write(folder: Path, epoch: float | None, seen: list[str], bad: list[str]) -> None:
+        (folder / EPOCH_PROGRESS).write_text(json.dumps({"epoch": epoch, "epoch_ids": seen, "epoch_nonfinite": bad}))
+
+    def restore(self, checkpoint: str | Path) -> None:
+        """A run resumed in the middle of an epoch continues that epoch's accounting; from an epoch boundary there is
+        nothing to continue. Called on rank 0 only (it holds the lists; the report gathers every rank's)."""
+        path = Path(checkpoint) / EPOCH_PROGRESS
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        epoch = saved.get("epoch") or 0.0
+        if epoch != math.floor(epoch):  # mid-epoch
+            self.seen[:0] = saved.get("epoch_ids", [])
+            self.nonfinite[:0] = saved.get("epoch_nonfinite", [])
+
+
+class Phi3VTrainer(Trainer):
+    """`Trainer` for Phi3V batches (pops the `ids` that travel with a batch, counts tokens, marks checkpoints).
+
+    Our options ride on `Phi3VTrainingArguments`; `eval_data_collator` builds evaluation batches (padded) when the
+    training collator packs.
+    """
+
+    args: Phi3VTrainingArguments
+
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         use_cache = getattr(getattr(model, "config", None), "use_cache", None)
         super().__init__(*args, **kwargs)
@@ -72,39 +147,31 @@ class Phi3VTrainer(Trainer):
         # every sample of a padded batch takes the su-RoPE factor set of its own length: training on a batch then
         # computes what the recipe computes on its samples one by one (and what packed rows compute)
         set_rope_per_sample(self.model)
-        self.train_config = train_config
         self.eval_data_collator = eval_data_collator  # evaluation batches (None: the training collator)
+        self.ledger = SampleLedger()
+        self.nonfinite_skipped = 0
         self._tokens = 0
         self._samples = 0
         self._last_log = (time.time(), 0, 0)
         self.last_batch_ids: list[str] = []
-        self.epoch_ids: list[str] = []  # samples trained on this epoch (this rank)
-        self.epoch_nonfinite: list[str] = []  # samples of batches skipped for a non-finite loss
         self._tree = None  # step_boundary.ModuleTree of the model being trained (see training_step)
         self._flop_params: int | None = None  # num_parameters(exclude_embeddings=True), counted once
         self._eval_token_loss: list[torch.Tensor] | None = None  # [token losses' sum, tokens] of the running eval
 
     # ----------------------------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
-        """With --master-weights bf16-sr: AdamWSR (train/optim.py) with HF's parameter groups (no decay on biases
-        and norms) and hyper-parameters; otherwise the Trainer's own choice."""
-        from .run import master_weights
-
-        cfg = self.train_config
-        if self.optimizer is None and cfg is not None and master_weights(cfg) == "bf16-sr":
-            from .optim import AdamWSR
-
-            args = self.args
+        """With bf16-sr master weights: AdamWSR (train/optim/adamw_sr.py) with HF's parameter groups (no decay on biases and
+        norms) and hyper-parameters; otherwise the Trainer's own choice. Wrapped to step in backward when asked."""
+        args = self.args
+        if self.optimizer is None and args.master_weights == "bf16-sr":
             self.optimizer_cls_and_kwargs = (
                 AdamWSR,
                 dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                      weight_decay=args.weight_decay, seed=args.seed),
             )  # fmt: skip
         optimizer = super().create_optimizer(model)
-        from .optim_backward import OptimizerInBackward
-
-        if cfg is not None and cfg.optimizer_in_backward and not isinstance(optimizer, OptimizerInBackward):
-            if self.args.world_size > 1:
+        if args.optimizer_in_backward and not isinstance(optimizer, OptimizerInBackward):
+            if args.world_size > 1:
                 raise ValueError(
                     "--optimizer-in-backward runs in one process: under DDP each rank would update its weights before "
                     "the gradients are averaged across ranks"
@@ -114,15 +181,14 @@ class Phi3VTrainer(Trainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         """No norm to log when backward has already used and freed every gradient (--optimizer-in-backward)."""
-        if grad_norm is None and self.train_config is not None and self.train_config.optimizer_in_backward:
+        if grad_norm is None and self.args.optimizer_in_backward:
             return None
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
         lengths = getattr(ds, "lengths", None)
-        cfg = self.train_config
-        if cfg is not None and cfg.group_by_length and lengths and self.args.per_device_train_batch_size > 1:
+        if self.args.length_grouped_batches and lengths and self.args.per_device_train_batch_size > 1:
             group = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedEpochSampler(lengths, group, self.args.data_seed or self.args.seed)
         return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
@@ -143,8 +209,6 @@ class Phi3VTrainer(Trainer):
         own those calls and the gradient norm."""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return None
-        from .step_boundary import install, uninstall
-
         if self._tree is None or self._tree.model is not model:
             if self._tree is not None:
                 uninstall(self._tree.model)
@@ -153,14 +217,12 @@ class Phi3VTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         resume = kwargs.get("resume_from_checkpoint")
-        if isinstance(resume, str):
-            self._restore_epoch_progress(resume)
+        if isinstance(resume, str) and self.is_world_process_zero():
+            self.ledger.restore(resume)
         try:
             return super().train(*args, **kwargs)
         finally:
             if self._tree is not None:
-                from .step_boundary import uninstall
-
                 uninstall(self._tree.model)
                 self._tree = None
 
@@ -189,7 +251,7 @@ class Phi3VTrainer(Trainer):
         if ids is not None:
             self.last_batch_ids = list(ids)
             if model.training:
-                self.epoch_ids.extend(self.last_batch_ids)
+                self.ledger.seen.extend(self.last_batch_ids)
         inputs["return_logits"] = False  # the loss path needs no full-vocabulary logits, in evaluation neither
         if model.training:
             self._tokens += int(num_tokens) if num_tokens is not None else int(inputs["attention_mask"].sum())
@@ -226,11 +288,8 @@ class Phi3VTrainer(Trainer):
             bad = [p for p in parts if p[0] in ("nan", "inf", "-inf")] or parts
         loss_text = ", ".join(sorted({value for value, _ in bad}))
         ids = ", ".join(i for _, batch in bad for i in batch) or "unknown"
-        allowed = self.train_config.skip_nonfinite if self.train_config is not None else 0
-        self.nonfinite_skipped = getattr(self, "nonfinite_skipped", 0)
+        allowed = self.args.skip_nonfinite
         if self.nonfinite_skipped >= allowed:
-            from .checkpoints import latest_complete
-
             last = latest_complete(self.args.output_dir)
             raise FloatingPointError(
                 f"non-finite loss ({loss_text}) at step {step}; samples in the batch: {ids}. "
@@ -238,7 +297,7 @@ class Phi3VTrainer(Trainer):
                 f"--skip-nonfinite N to skip up to N such batches."
             )
         self.nonfinite_skipped += 1
-        self.epoch_nonfinite.extend(self.last_batch_ids)
+        self.ledger.nonfinite.extend(self.last_batch_ids)
         if self.is_world_process_zero():
             print(
                 f"warning: non-finite loss at step {step} (samples: {ids}); batch skipped "
@@ -316,8 +375,6 @@ class Phi3VTrainer(Trainer):
             del model.save_pretrained  # the class's method again
 
     def _save_checkpoint(self, model, trial) -> None:
-        from pathlib import Path
-
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         if self.is_world_process_zero():
             # the same step saved again after a resume from an earlier checkpoint: the old marker goes first, so a
@@ -327,8 +384,6 @@ class Phi3VTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except OSError as err:
-            from .checkpoints import latest_complete
-
             last = latest_complete(self.args.output_dir)
             raise OSError(
                 f"could not write checkpoint-{self.state.global_step} ({err.strerror or err}); it is left incomplete "
@@ -337,185 +392,21 @@ class Phi3VTrainer(Trainer):
             ) from err
         fault_injection("kill_in_save", self.state.global_step)  # files written, marker not yet
         self.accelerator.wait_for_everyone()
-        progress = self._gather_epoch_progress()
+        seen, bad = self.ledger.gather()
         if self.is_world_process_zero():
-            import json
-
-            if self.train_config is not None:
-                self.train_config.save(folder / "train_config.yaml")
-            (folder / EPOCH_PROGRESS).write_text(json.dumps({"epoch": self.state.epoch, **progress}))
+            if self.args.settings_file and Path(self.args.settings_file).is_file():
+                shutil.copyfile(self.args.settings_file, folder / "train_config.yaml")
+            SampleLedger.write(folder, self.state.epoch, seen, bad)
             write_marker(folder, self.state.global_step)
-            if self.train_config is not None:
-                from .checkpoints import rotate
-
-                rotate(folder, self.train_config.save_total_limit)
+            rotate(folder, self.args.checkpoints_to_keep)
         self.accelerator.wait_for_everyone()
-
-    def _gather_epoch_progress(self) -> dict[str, list[str]]:
-        """The samples trained (and skipped as non-finite) so far this epoch, on all ranks (EpochReport's lists)."""
-        seen, bad = list(self.epoch_ids), list(self.epoch_nonfinite)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, (seen, bad))
-            seen = [i for p in parts for i in p[0]]
-            bad = [i for p in parts for i in p[1]]
-        return {"epoch_ids": seen, "epoch_nonfinite": bad}
-
-    def _restore_epoch_progress(self, checkpoint: str) -> None:
-        """A run resumed in the middle of an epoch continues that epoch's accounting (the samples trained before the
-        stop were trained this epoch); from an epoch boundary there is nothing to continue. Rank 0 holds the lists;
-        EpochReport gathers every rank's."""
-        import json
-        import math
-        from pathlib import Path
-
-        path = Path(checkpoint) / EPOCH_PROGRESS
-        if not path.is_file() or not self.is_world_process_zero():
-            return
-        saved = json.loads(path.read_text())
-        epoch = saved.get("epoch") or 0.0
-        if epoch != math.floor(epoch):  # mid-epoch
-            self.epoch_ids[:0] = saved.get("epoch_ids", [])
-            self.epoch_nonfinite[:0] = saved.get("epoch_nonfinite", [])
-
-
-class ProgressBar(TrainerCallback):
-    """One bar over optimizer steps: loss, learning rate, samples/s, tokens/s, and tqdm's ETA."""
-
-    def __init__(self, disable: bool = False):
-        self.disable = disable
-        self.bar: tqdm | None = None
-        self.shown: dict[str, str] = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and not self.disable:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", dynamic_ncols=True)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-
-    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
-        if self.bar is None or not logs:
-            return
-        post = self.shown
-        for key, name, fmt in (
-            ("loss", "loss", "{:.4f}"),
-            ("eval_loss", "eval_loss", "{:.4f}"),
-            ("eval_anls", "anls", "{:.4f}"),
-            ("eval_accuracy", "accuracy", "{:.4f}"),
-            ("learning_rate", "lr", "{:.2e}"),
-            ("train_samples_per_second", "samples/s", "{:.2f}"),
-            ("train_tokens_per_second", "tok/s", "{:.0f}"),
-        ):
-            value = logs.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                post[name] = fmt.format(value)
-        if post:
-            self.bar.set_postfix(post, refresh=True)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def fault_injection(point: str, step: int) -> None:
     """Crash tests: `PHI3V_FAULT_INJECT=kill_at_step:N` or `kill_in_save:N` SIGKILLs rank 0 at that point."""
-    import os
-    import signal
-
     spec = os.environ.get("PHI3V_FAULT_INJECT")
     if not spec or int(os.environ.get("RANK", "0")) != 0:
         return
     name, _, at = spec.partition(":")
     if name == point and int(at) == step:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class FaultInjection(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        fault_injection("kill_at_step", state.global_step)
-
-
-class StopAtStep(TrainerCallback):
-    """Save and stop at a given step; the LR schedule and data order stay those of the whole run."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_save = True
-            control.should_training_stop = True
-
-
-class LogFinalStep(TrainerCallback):
-    """Log the loss at the run's last step (also a --stop-at-step stop) even off the --logging-steps grid, so the
-    loss curve and the closing summary end where training did."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps or control.should_training_stop:
-            control.should_log = True
-
-
-EPOCH_PROGRESS = "epoch_progress.json"  # in each checkpoint: the epoch's accounting so far (see EpochReport)
-
-
-class EpochReport(TrainerCallback):
-    """At the end of every epoch: every input sample accounted for (trained, truncated, refused, invalid, skipped)."""
-
-    def __init__(self, trainer, data, path, start_step: int = 0):
-        """`start_step`: where this run starts (the checkpoint resumed from, else 0). Reports of epochs that ended
-        after it (an abandoned or killed run's, or a finished run's in a reused folder) are dropped: this run
-        reports those epochs again, so each epoch is reported once."""
-        self.trainer = trainer
-        self.data = data
-        self.path = path
-        if trainer.is_world_process_zero() and path.is_file():
-            import json
-
-            lines = path.read_text(encoding="utf-8").splitlines()
-            kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= start_step]
-            path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        import json
-
-        progress = self.trainer._gather_epoch_progress()
-        seen, bad = progress["epoch_ids"], progress["epoch_nonfinite"]
-        self.trainer.epoch_ids.clear()
-        self.trainer.epoch_nonfinite.clear()
-        plan = self.data.train_plan
-        kept = {r.id for r in self.data.train}
-        trained = kept & (set(seen) - set(bad))
-        report = {
-            "epoch": round(state.epoch or 0, 3),
-            "step": state.global_step,
-            "input_samples": self.data.input_total,
-            "held_out_for_eval": self.data.input_total - self.data.invalid - len(kept) - len(plan.refused)
-            if self.data.input_total
-            else 0,
-            "trained": len(trained),
-            "of_which_truncated": len(trained & set(plan.truncated)),
-            "refused": len(plan.refused),
-            "refused_reasons": {r: sum(1 for x in plan.refused if x[1] == r) for r in {x[1] for x in plan.refused}},
-            "invalid_skipped": self.data.invalid,
-            "nonfinite_skipped": len(set(bad)),
-            "not_reached_this_epoch": len(kept - set(seen)),
-        }
-        epoch_done = state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-9
-        stopped = control.should_training_stop and state.global_step < state.max_steps and not epoch_done
-        if stopped:  # --stop-at-step mid-epoch: the epoch goes on after --resume, which reports it whole
-            report["stopped_at_step"] = state.global_step
-        if self.trainer.is_world_process_zero():
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(report) + "\n")
-            print(
-                f"epoch {report['epoch']:g}: {report['input_samples']} input samples = {report['trained']} trained "
-                f"({report['of_which_truncated']} truncated) + {report['refused']} refused + "
-                f"{report['invalid_skipped']} invalid + {report['nonfinite_skipped']} skipped (non-finite) + "
-                f"{report['not_reached_this_epoch']} not reached + {report['held_out_for_eval']} held out"
-                + (" (stopped here; the epoch continues on --resume)" if stopped else ""),
-                flush=True,
-            )

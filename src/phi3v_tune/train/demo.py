@@ -16,15 +16,13 @@ from typing import Any
 
 import torch
 
-from .data.synthetic import CLASSES, DEMO_TASKS, demo_split, write_jsonl
-from .evaluate.generate import generate_answers
-from .evaluate.metrics import is_correct
-from .train.config import TrainConfig
-from .train.run import run_training
-
-DEFAULTS = {"train_per_task": 100, "eval_per_task": 20, "epochs": 3.5}
-#: The demo's tiny model: 4 decoder layers (hidden 64) learn the three tasks in a few CPU minutes.
-DEMO_MODEL = {"num_hidden_layers": 4}
+from ..data.synthetic import CLASSES, DEMO_SIZES, DEMO_TASKS, demo_split, write_jsonl
+from ..evaluate.generate import generate_answers
+from ..evaluate.metrics import is_correct
+from ..model.modeling import Phi3VForCausalLM
+from ..processing.processor import Phi3VProcessor
+from ..config import TrainConfig, recipe
+from .run import TrainingRun, ensure_base_model
 
 
 def per_task_accuracy(records, answers) -> dict[str, float]:
@@ -35,13 +33,18 @@ def per_task_accuracy(records, answers) -> dict[str, float]:
 
 
 def evaluate(model_dir: Path, records, label: str) -> tuple[dict[str, float], list[str]]:
-    from .model.modeling import Phi3VForCausalLM
-    from .processing.processor import Phi3VProcessor
-
     model = Phi3VForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     processor = Phi3VProcessor.from_pretrained(model_dir)
     answers = generate_answers(model, processor, records, batch_size=8, max_new_tokens=4, desc=f"evaluating ({label})")
     return per_task_accuracy(records, answers), answers
+
+
+def demo_config(output_dir: Path, train_file: Path, eval_file: Path, **overrides: Any) -> TrainConfig:
+    """The packaged recipe `demo` with this demo's files and folder (and --seed / --epochs when given)."""
+    settings = recipe("demo")
+    settings.update(data=str(train_file), eval_data=str(eval_file), output_dir=str(output_dir))
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**settings).validate()
 
 
 def run_demo(
@@ -49,55 +52,28 @@ def run_demo(
     train_per_task: int | None = None,
     eval_per_task: int | None = None,
     epochs: float | None = None,
-    seed: int = 0,
-    learning_rate: float = 1.5e-3,
+    seed: int | None = None,
     quiet: bool = False,
     tasks: tuple[str, ...] = DEMO_TASKS,
 ) -> dict[str, Any]:
-    """Generate data, evaluate, train, evaluate; print a before/after table; return the metrics."""
+    """Generate data, evaluate, train (recipe `demo`), evaluate; print a before/after table; return the metrics."""
     started = time.time()
     out = Path(output_dir)
-    n_train = train_per_task or DEFAULTS["train_per_task"]
-    n_eval = eval_per_task or DEFAULTS["eval_per_task"]
-    n_epochs = epochs or DEFAULTS["epochs"]
+    n_train = train_per_task or DEMO_SIZES["train_per_task"]
+    n_eval = eval_per_task or DEMO_SIZES["eval_per_task"]
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
 
-    train, held_out = demo_split(n_train, n_eval, seed=seed, tasks=tasks, as_png=True)
+    data_seed = seed if seed is not None else recipe("demo").get("seed", 0)
+    train, held_out = demo_split(n_train, n_eval, seed=data_seed, tasks=tasks, as_png=True)
     train_file = write_jsonl(train, out / "data" / "train")
     eval_file = write_jsonl(held_out, out / "data" / "eval")
     say(f"demo data: {len(train)} training and {len(held_out)} held-out samples in {train_file.parent.parent}")
     say("tasks: " + "; ".join(f"{t} ({'/'.join(CLASSES[t])})" for t in tasks))
 
-    cfg = TrainConfig(
-        data=str(train_file),
-        eval_data=str(eval_file),
-        model="tiny",
-        method="full",
-        num_crops=1,
-        output_dir=str(out),
-        epochs=n_epochs,
-        batch_size=8,
-        batch_size_per_device=1,  # no padding, and every step mixes tasks (accumulation over 8 samples)
-        learning_rate=learning_rate,
-        warmup_steps=5,
-        lr_scheduler="constant_with_warmup",
-        adam_beta2=0.999,
-        weight_decay=0.0,
-        seed=seed,
-        save_steps=10_000,
-        save_total_limit=1,
-        logging_steps=5,
-        report_to="tensorboard",
-        num_workers=1,
-        progress=not quiet,
-    )
-    from .model.tiny import save_tiny_checkpoint
-
-    base = out / "base-tiny"  # run_training uses this folder for model="tiny"
-    if not (base / "config.json").is_file():
-        save_tiny_checkpoint(base, seed=seed, num_crops=1, **DEMO_MODEL)
-    before, _ = evaluate(base, held_out, "before")
-    metrics = run_training(cfg)
+    cfg = demo_config(out, train_file, eval_file, seed=seed, epochs=epochs, progress=not quiet)
+    base = ensure_base_model(cfg.model, out, seed=cfg.seed, num_crops=cfg.num_crops)  # the run trains this folder
+    before, _ = evaluate(Path(base), held_out, "before")
+    metrics = TrainingRun(cfg).setup().train()
     after, answers = evaluate(out / "final", held_out, "after")
 
     chance = {t: 1 / len(CLASSES[t]) for t in before}

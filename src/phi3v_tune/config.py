@@ -6,8 +6,9 @@ The resolved config is written to the output folder (`train_config.yaml`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import importlib.util
+import json
 import os
 import types
 import typing
@@ -18,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from ..data.examples import MULTI_TURN
-from ..data.video import RECIPE_FRAMES
-from ..evaluate.metrics import QUESTIONS
+from .data.examples import MULTI_TURN
+from .data.video import RECIPE_FRAMES
+from .evaluate.metrics import QUESTIONS
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")
@@ -39,32 +40,43 @@ class TrainConfig:
         "(save_to_disk folder, parquet/arrow files) or a hub id; several are read in order. Required (a recipe or "
         "--config may set it).",
         nargs="+",
+        group="data",
     )
     eval_data: str | list[str] | None = _f(
-        None, "Evaluation data in the same forms (one or several). Default: none (unless --eval-holdout).", nargs="+"
+        None,
+        "Evaluation data in the same forms (one or several). Default: none (unless --eval-holdout).",
+        nargs="+",
+        group="data",
     )
     eval_holdout: int = _f(
         0,
         "Hold out the first N training records as the evaluation set (the recipe's NLVR2/"
         "hateful-memes split) when --eval-data is not given.",
+        group="data",
     )
     image_dir: str | None = _f(
-        None, "Folder that relative image paths are relative to (default: the jsonl's folder, then images/ below it)."
+        None,
+        "Folder that relative image paths are relative to (default: the jsonl's folder, then images/ below it).",
+        group="data",
     )
     split: str = _f(
-        "train", "Split to read from a Hugging Face data set (or SPLIT.jsonl / NAME_SPLIT.jsonl in a data folder)."
+        "train",
+        "Split to read from a Hugging Face data set (or SPLIT.jsonl / NAME_SPLIT.jsonl in a data folder).",
+        group="data",
     )
     eval_split: str | None = _f(
         None,
         "Split to read from --eval-data when it is a data set with splits, e.g. validation (default: --split).",
+        group="data",
     )
     max_length: int | None = _f(
         None,
         "Truncate samples to this many tokens (text after the last image only; samples "
         "whose images alone are longer are refused and reported). Default: no truncation.",
+        group="data",
     )
-    num_crops: int = _f(16, "HD crops per image, 1..16 (the recipe uses 4 for video frames).")
-    video_frames: int = _f(RECIPE_FRAMES, "Frames sampled from each video given as a turn's 'video'.")
+    num_crops: int = _f(16, "HD crops per image, 1..16 (the recipe uses 4 for video frames).", group="data")
+    video_frames: int = _f(RECIPE_FRAMES, "Frames sampled from each video given as a turn's 'video'.", group="data")
     multi_turn: str = _f(
         "conversation",
         "Layout of a sample with several turns: conversation (one chat, images numbered 1..n across it, every answer "
@@ -72,20 +84,25 @@ class TrainConfig:
         "own <s> and images numbered from 1, each answer followed by <|endoftext|>, concatenated). Single-turn "
         "samples are the same either way.",
         choices=MULTI_TURN,
+        group="data",
     )
     skip_bad_samples: bool = _f(
         False,
         "Train on the valid samples when the data has problems; the skipped ids and reasons are written to "
         "OUTPUT_DIR/skipped_samples.tsv (samples too long for --max-length: refused_samples.tsv, and "
         "refused_eval_samples.tsv for evaluation data). Default: stop and report.",
+        group="data",
     )
-    max_image_pixels: int | None = _f(178956970, "Refuse images with more pixels than this (decompression bombs).")
+    max_image_pixels: int | None = _f(
+        178956970, "Refuse images with more pixels than this (decompression bombs).", group="data"
+    )
     apply_exif_orientation: bool | None = _f(
         None,
         "Rotate photos by their EXIF orientation tag, as image viewers show them. Default: as the base model's "
         "processor says, which is off for published checkpoints: the published processor ignores the tag (so does "
         "inference with it), and a model should be trained on images as it will see them. Saved with the model's "
         "processor, so eval and predict follow it.",
+        group="data",
     )
     # -- model and method --------------------------------------------------------------------------------------------
     model: str | None = _f(
@@ -93,46 +110,72 @@ class TrainConfig:
         "Base model: a local folder in the published layout (config.json, safetensors, "
         "tokenizer) or a hub id. 'tiny' builds a tiny random model (smoke tests). Required (a recipe or --config "
         "may set it).",
+        group="model and method",
     )
-    method: str = _f("full", "Strategy: full | freeze-vision | lora | qlora.", choices=METHODS)
-    freeze_projector: bool = _f(False, "With freeze-vision: also freeze the image projector and separators.")
-    lora_rank: int = _f(64, "LoRA rank.")
+    method: str = _f(
+        "full", "Strategy: full | freeze-vision | lora | qlora.", choices=METHODS, group="model and method"
+    )
+    freeze_projector: bool = _f(
+        False, "With freeze-vision: also freeze the image projector and separators.", group="model and method"
+    )
+    lora_rank: int = _f(64, "LoRA rank.", group="model and method")
     lora_alpha: int | None = _f(
-        None, "LoRA alpha. Default: 2 x --lora-rank, the recipe's ratio (128 at rank 64; 64 at rank 32)."
+        None,
+        "LoRA alpha. Default: 2 x --lora-rank, the recipe's ratio (128 at rank 64; 64 at rank 32).",
+        group="model and method",
     )
-    lora_dropout: float = _f(0.0, "LoRA dropout.")
-    lora_lm_head: bool = _f(True, "Also put LoRA on lm_head (the recipe does).")
-    lora_vision: bool = _f(False, "Also put LoRA on the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.", group="model and method")
+    lora_lm_head: bool = _f(True, "Also put LoRA on lm_head (the recipe does).", group="model and method")
+    lora_vision: bool = _f(
+        False, "Also put LoRA on the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector.", group="model and method"
+    )
     attn_implementation: str = _f(
         "sdpa",
         "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager. With --packing, sdpa runs packed rows "
         "through variable-length attention.",
         choices=("sdpa", "eager"),
+        group="precision, memory and speed",
     )
     sdpa_backend: str = _f(
         "flash",
         "Which PyTorch SDPA kernels sdpa may use on a GPU: flash (FlashAttention, or memory-efficient where a mask "
-        "needs it; cuDNN's off) or cudnn (PyTorch's default order, cuDNN first on H100). With lengths that vary "
-        "from step to step cuDNN attention took ~1.1-1.6 ms of CPU time per layer call on an H100 "
-        "(benchmarks/RESULTS.md).",
+        "needs it; cuDNN's off) or cudnn (PyTorch's default order, which tries cuDNN first on Hopper GPUs; its "
+        "host-side cost per call grows when sequence lengths vary from step to step).",
         choices=("flash", "cudnn"),
+        group="precision, memory and speed",
     )
-    cpu: bool = _f(False, "Train on the CPU even when a GPU is present (smoke tests, exact fp32 reproducibility).")
-    bf16: bool = _f(False, "bf16 mixed precision (default on GPUs that support it unless --fp16).")
-    fp16: bool = _f(False, "fp16 mixed precision with loss scaling (fp32 master weights).")
-    gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing (less memory, ~30% slower).")
+    cpu: bool = _f(
+        False,
+        "Train on the CPU even when a GPU is present (smoke tests, exact fp32 reproducibility).",
+        group="precision, memory and speed",
+    )
+    bf16: bool = _f(
+        False,
+        "bf16 mixed precision (default on GPUs that support it unless --fp16).",
+        group="precision, memory and speed",
+    )
+    fp16: bool = _f(
+        False, "fp16 mixed precision with loss scaling (fp32 master weights).", group="precision, memory and speed"
+    )
+    gradient_checkpointing: bool = _f(
+        False,
+        "Non-reentrant activation checkpointing: less memory, one more forward pass of the checkpointed layers.",
+        group="precision, memory and speed",
+    )
     checkpointing_scope: str = _f(
         "all",
         "With --gradient-checkpointing, the layers that recompute their forward in backward: all, vision (CLIP "
         "layers only: when the tower trains, its 17 crops x 577 tokens per document hold more activations than the "
         "decoder's ~2.5k tokens, for a small share of the compute) or language (decoder layers only).",
         choices=("all", "vision", "language"),
+        group="precision, memory and speed",
     )
     checkpointing_layers: int | None = _f(
         None,
         "With --gradient-checkpointing and scope all or language: recompute only the first N decoder layers (the "
         "others keep their activations). A dial between speed and memory, e.g. to fit two packed documents per "
         "forward pass in the memory one unpacked document takes without checkpointing. Default: all decoder layers.",
+        group="precision, memory and speed",
     )
     compile: bool | None = _f(
         None,
@@ -140,6 +183,7 @@ class TrainConfig:
         "launches per step, after a one-off compile of about a minute. Default: on for full, freeze-vision and lora "
         "on a CUDA GPU without DeepSpeed/FSDP (and for qlora only with --gradient-checkpointing, where it "
         "pays), off elsewhere (CPU runs stay quick to start).",
+        group="precision, memory and speed",
     )
     master_weights: str = _f(
         "auto",
@@ -150,111 +194,160 @@ class TrainConfig:
         "8 bytes/parameter, small updates are not lost, no autocast; bf16 only, not with --deepspeed or --fsdp). "
         "auto: bf16-sr on a CUDA GPU with bf16 without DeepSpeed or FSDP2, else fp32.",
         choices=MASTER_WEIGHTS,
+        group="precision, memory and speed",
     )
     # -- optimisation ------------------------------------------------------------------------------------------------
-    output_dir: str = _f("outputs/run", "Where checkpoints, logs, loss.png and the final model go.")
-    epochs: float = _f(1.0, "Training epochs.")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).")
-    batch_size: int = _f(64, "Global batch size (samples per optimizer step, all GPUs together).")
-    batch_size_per_device: int = _f(1, "Samples per forward pass per device; gradient accumulation makes up the rest.")
-    learning_rate: float = _f(4e-5, "Peak learning rate.")
-    weight_decay: float = _f(0.01, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.95, "AdamW beta2.")
-    adam_epsilon: float = _f(1e-7, "AdamW epsilon.")
-    warmup_steps: int = _f(50, "Linear warm-up steps.")
+    output_dir: str = _f(
+        "outputs/run", "Where checkpoints, logs, loss.png and the final model go.", group="output and checkpoints"
+    )
+    epochs: float = _f(1.0, "Training epochs.", group="optimisation")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).", group="optimisation")
+    batch_size: int = _f(64, "Global batch size (samples per optimizer step, all GPUs together).", group="optimisation")
+    batch_size_per_device: int = _f(
+        1, "Samples per forward pass per device; gradient accumulation makes up the rest.", group="optimisation"
+    )
+    learning_rate: float = _f(4e-5, "Peak learning rate.", group="optimisation")
+    weight_decay: float = _f(0.01, "AdamW weight decay.", group="optimisation")
+    adam_beta1: float = _f(0.9, "AdamW beta1.", group="optimisation")
+    adam_beta2: float = _f(0.95, "AdamW beta2.", group="optimisation")
+    adam_epsilon: float = _f(1e-7, "AdamW epsilon.", group="optimisation")
+    warmup_steps: int = _f(50, "Linear warm-up steps.", group="optimisation")
     lr_scheduler: str = _f(
         "linear",
         "Learning-rate schedule after warm-up (transformers' names: linear, cosine, constant_with_warmup, ...).",
+        group="optimisation",
     )
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: no clipping).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: no clipping).", group="optimisation")
     optimizer_in_backward: bool = _f(
         False,
         "Update each weight as soon as its gradient is complete in backward and free the gradient, so the gradients "
-        "of all weights are never held at once (bf16 gradients: 7.7 GiB for full, 7.2 GiB for freeze-vision); pays with "
-        "--gradient-checkpointing, where those gradients set the peak. Same AdamW update; needs --max-grad-norm 0, one forward pass per optimizer step (--batch-size = "
+        "of all weights are never held at once; pays with --gradient-checkpointing, where those gradients set the peak. "
+        "Same AdamW update; needs --max-grad-norm 0, one forward pass per optimizer step (--batch-size = "
         "--batch-size-per-device), one process without --deepspeed/--fsdp, no --fp16 and --skip-nonfinite 0.",
+        group="precision, memory and speed",
     )
     group_by_length: bool = _f(
-        True, "Batch samples of similar token length together (less padding) when --batch-size-per-device > 1."
+        True,
+        "Batch samples of similar token length together (less padding) when --batch-size-per-device > 1.",
+        group="precision, memory and speed",
     )
     packing: bool = _f(
         True,
         "Padding-free training when --batch-size-per-device > 1: the samples of a forward pass are concatenated into "
         "one row with attention kept inside each sample (varlen attention), so no compute goes to padding. Exact: "
         "the same loss and gradients as the padded batch. Evaluation batches stay padded.",
+        group="precision, memory and speed",
     )
     packing_max_tokens: int | None = _f(
         None,
         "With --packing: at most this many tokens per packed row (samples fill rows in order; a longer sample gets a "
         "row of its own). Default: one row per forward pass.",
+        group="precision, memory and speed",
     )
-    seed: int = _f(42, "Random seed (data order, initialisation of adapters).")
+    seed: int = _f(42, "Random seed (data order, initialisation of adapters).", group="optimisation")
     # -- checkpoints, logging, evaluation ----------------------------------------------------------------------------
-    save_steps: int = _f(500, "Write a checkpoint every N optimizer steps (and always at the end).")
+    save_steps: int = _f(
+        500, "Write a checkpoint every N optimizer steps (and always at the end).", group="output and checkpoints"
+    )
     save_checkpoints: bool = _f(
         True,
         "Write checkpoints and the final model (--no-save-checkpoints: neither, for benchmarks and smoke runs).",
+        group="output and checkpoints",
     )
-    save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints. Default: keep all.")
+    save_total_limit: int | None = _f(
+        None, "Keep only the newest N checkpoints. Default: keep all.", group="output and checkpoints"
+    )
     resume: str | None = _f(
         None,
         "Resume: 'latest' (also --resume alone: the newest complete checkpoint in --output-dir; none yet: start at step "
         "0) or a checkpoint path. Default: start from step 0.",
         nargs="?",
         const="latest",
+        group="output and checkpoints",
     )
     stop_at_step: int | None = _f(
         None,
         "Checkpoint and stop at this step while keeping the schedule of the whole run "
         "(time-sliced jobs: continue later with --resume). Default: run to the end.",
+        group="output and checkpoints",
     )
     skip_nonfinite: int = _f(
         0,
         "Skip up to N batches whose loss is NaN/inf (reported with step and sample ids) "
         "instead of stopping at the first one.",
+        group="optimisation",
     )
-    logging_steps: int = _f(10, "Log loss, learning rate and throughput every N steps.")
+    logging_steps: int = _f(10, "Log loss, learning rate and throughput every N steps.", group="output and checkpoints")
     eval_steps: int | None = _f(
         None,
         "Evaluate (loss; task metric where set) every N steps, plus before and after. Default: only before and "
         "after training.",
+        group="evaluation",
     )
     metric: str | None = _f(
         None,
         "Task metric computed by greedy generation on the evaluation data before, during "
         "(--eval-steps) and after training: anls | accuracy. Default: none (the evaluation loss only).",
         choices=("anls", "accuracy"),
+        group="evaluation",
     )
     eval_questions: str = _f(
         "all",
         "Which questions of a multi-question evaluation sample (the_cauldron rows) the task metric scores: all "
         "(each on its own, with the sample's images) or first (the recipe's NLVR2 and hateful-memes scripts).",
         choices=QUESTIONS,
+        group="evaluation",
     )
-    eval_batch_size: int = _f(8, "Prompts per generation batch during evaluation.")
-    eval_max_new_tokens: int = _f(64, "Longest generated answer during evaluation (the recipe: 64).")
-    report_to: str = _f("tensorboard", "Loggers: tensorboard, wandb, mlflow, none (comma separated).")
-    num_workers: int = _f(2, "Data-loader worker processes (image decoding and HD transform happen there).")
+    eval_batch_size: int = _f(8, "Prompts per generation batch during evaluation.", group="evaluation")
+    eval_max_new_tokens: int = _f(
+        64, "Longest generated answer during evaluation (the recipe: 64).", group="evaluation"
+    )
+    report_to: str = _f(
+        "tensorboard", "Loggers: tensorboard, wandb, mlflow, none (comma separated).", group="output and checkpoints"
+    )
+    num_workers: int = _f(
+        2, "Data-loader worker processes (image decoding and HD transform happen there).", group="data"
+    )
     gc_interval: int = _f(
         100,
         "Run Python's garbage collector every N optimizer steps (and after each evaluation) on all ranks at once, "
         "automatic collection off while training (its pauses otherwise land at a different step on every rank, "
         "and all ranks wait); 0: Python's automatic collection.",
+        group="precision, memory and speed",
     )
     deepspeed: str | None = _f(
         None,
         "DeepSpeed JSON config: configs/deepspeed/zero2.json, zero3.json or zero3_offload.json (launch with "
         "torchrun). Default: none (DDP under torchrun, or what accelerate launch configures).",
+        group="precision, memory and speed",
     )
     fsdp: bool = _f(
         False,
         "PyTorch FSDP2 under torchrun: full sharding, one unit per decoder and CLIP layer, full state dict on save "
         "(the same as `accelerate launch --config_file configs/accelerate/fsdp2.yaml`).",
+        group="precision, memory and speed",
     )
-    progress: bool = _f(True, "Show the progress bar (--no-progress: logs still go to the loggers).")
+    progress: bool = _f(
+        True, "Show the progress bar (--no-progress: logs still go to the loggers).", group="output and checkpoints"
+    )
 
     # ----------------------------------------------------------------------------------------------------------------
+    # settings groups: what one part of the run needs, as a plain value (the part never sees the whole config)
+    def data_settings(self) -> DataSettings:
+        return DataSettings(
+            sources=self.data,
+            split=self.split,
+            eval_sources=self.eval_data,
+            eval_split=self.eval_split or self.split,
+            eval_holdout=self.eval_holdout,
+            image_dir=self.image_dir,
+            max_image_pixels=self.max_image_pixels,
+            max_length=self.max_length,
+            multi_turn=self.multi_turn,
+            video_frames=self.video_frames,
+            skip_bad_samples=self.skip_bad_samples,
+        )
+
     @property
     def effective_lora_alpha(self) -> int:
         """--lora-alpha, or 2 x --lora-rank when not given (the recipe's `lora_alpha=round(rank * 2)`)."""
@@ -293,7 +386,7 @@ class TrainConfig:
             raise ValueError("batch sizes must be >= 1")
         if self.fsdp and self.deepspeed:
             raise ValueError("--fsdp and --deepspeed are exclusive (two ways of sharding the same model)")
-        fsdp = fsdp_on(self)
+        fsdp = fsdp_on(self.fsdp)
         if fsdp and self.method == "qlora":
             raise ValueError("--fsdp does not shard 4-bit (qlora) weights; use --method lora or plain torchrun")
         if fsdp and self.cpu:
@@ -355,10 +448,8 @@ class TrainConfig:
 
     def check_environment(self) -> None:
         """What the settings need from this machine (files, packages), checked before any data or model loads."""
-        import importlib.util
-
         if self.method == "qlora":
-            import torch
+            import torch  # the settings module loads without torch (fast --help); this check needs it
 
             if self.cpu or not torch.cuda.is_available():
                 raise ValueError("--method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use lora on the CPU")
@@ -387,12 +478,29 @@ class TrainConfig:
         return path
 
 
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the training and evaluation data come from and how samples are laid out (`TrainConfig.data_settings`)."""
+
+    sources: str | list[str] | None
+    split: str
+    eval_sources: str | list[str] | None
+    eval_split: str
+    eval_holdout: int
+    image_dir: str | None
+    max_image_pixels: int | None
+    max_length: int | None
+    multi_turn: str
+    video_frames: int
+    skip_bad_samples: bool
+
+
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def fsdp_on(cfg: TrainConfig) -> bool:
+def fsdp_on(flag: bool) -> bool:
     """--fsdp, or `accelerate launch` with an FSDP config (which says so in the environment)."""
-    return bool(cfg.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    return bool(flag) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
 def zero_stage(deepspeed: str | None) -> int | None:
@@ -403,8 +511,6 @@ def zero_stage(deepspeed: str | None) -> int | None:
         return int(stage) if stage.isdigit() else None
     if not Path(deepspeed).is_file():
         return None
-    import json
-
     try:
         stage = json.loads(Path(deepspeed).read_text()).get("zero_optimization", {}).get("stage")
     except (json.JSONDecodeError, AttributeError) as err:
@@ -418,14 +524,14 @@ def is_hub_id(model: str) -> bool:
     path = Path(model).expanduser()
     local = path.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1
     local = local or ("/" in model and path.parent.is_dir())
-    return not local and model != "tiny"
+    return not local and model != "tiny" and not model.startswith("tiny:")
 
 
 def check_model_path(model: str, flag: str) -> None:
     """A model given as a local path must be a model folder (not missing, not a LoRA adapter to train on top of);
     hub ids ("org/name") and "tiny" pass."""
     path = Path(model).expanduser()
-    if model == "tiny" or is_hub_id(model):
+    if model == "tiny" or model.startswith("tiny:") or is_hub_id(model):
         return
     if not path.is_dir():
         raise ValueError(f"{flag} {model}: no such folder (expected a model folder with config.json, or a hub id)")
@@ -436,7 +542,7 @@ def check_model_path(model: str, flag: str) -> None:
         )
 
 
-def _base_type(tp: Any) -> Any:
+def base_type(tp: Any) -> Any:
     if isinstance(tp, str):
         tp = eval(tp, {**vars(typing), "types": types})  # annotations are strings (from __future__)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -453,7 +559,7 @@ def coerce(name: str, value: Any) -> Any:
         raise ValueError(f"unknown setting {name!r} (see `phi3v-tune train --help`)")
     if value is None:
         return None
-    tp = _base_type(FIELDS[name].type)
+    tp = base_type(FIELDS[name].type)
     if name in SOURCE_LISTS and isinstance(value, list):
         if not value or not all(isinstance(v, str) for v in value):
             raise ValueError(f"setting {name}: expected a path or a list of paths, got {value!r}")
@@ -482,8 +588,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def recipe(task: str) -> dict[str, Any]:
-    """Settings of a packaged recipe (`train/recipes/{task}.yaml`)."""
-    files = resources.files("phi3v_tune.train").joinpath("recipes")
+    """Settings of a packaged recipe (`recipes/{task}.yaml`)."""
+    files = resources.files("phi3v_tune").joinpath("recipes")
     path = files.joinpath(f"{task}.yaml")
     if not path.is_file():
         names = sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
@@ -492,7 +598,7 @@ def recipe(task: str) -> dict[str, Any]:
     return {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in raw.items() if k != "task"}
 
 
-def _default_note(default: Any, help_text: str) -> str:
+def default_note(default: Any, help_text: str) -> str:
     """' (default: X)' for --help, unless the help text already states it; switches read on/off, and `is` checks
     keep 0 and 0.0 visible (they compare equal to False)."""
     if default is None or "(default" in help_text:
@@ -502,30 +608,8 @@ def _default_note(default: Any, help_text: str) -> str:
     return f" (default: {default})"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field; defaults are suppressed so that only flags given on the command line override."""
-    parser.add_argument("--config", help="YAML file with settings (flags given here override it).")
-    parser.add_argument(
-        "--task", help="A packaged recipe (docvqa, hateful_memes, nlvr2, ucf101, demo) whose settings come first."
-    )
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        tp = _base_type(f.type)
-        default = f.default
-        help_text = f.metadata.get("help", "") + _default_note(default, f.metadata.get("help", ""))
-        help_text = help_text.replace("%", "%%")  # argparse formats help with %: a literal "30%" must not be a format
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = tp
-            for key in ("choices", "nargs", "const"):
-                if key in f.metadata:
-                    kwargs[key] = f.metadata[key]
-        parser.add_argument(flag, **kwargs)
-
-
-def resolve(args: argparse.Namespace) -> TrainConfig:
+def resolve(args: Any) -> TrainConfig:
+    """Settings from `--task`, then `--config`, then the flags given (attributes of `args` named like fields)."""
     values: dict[str, Any] = {}
     if getattr(args, "task", None):
         values.update(recipe(args.task))

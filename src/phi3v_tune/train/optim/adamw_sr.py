@@ -10,7 +10,7 @@ accumulate as they would in fp32. fp32 parameters in the same optimizer get the 
 The random bits are a hash of the element's index and a key derived from (seed, step, tensor index): the same seed
 gives the same run on any device, and a resume from a checkpoint (step stored per tensor, seed stored in the param
 groups) continues it identically. The update of a bf16 tensor runs as one fused Triton kernel on CUDA
-(optim_triton.py: one read of weight, gradient and moments and one write, per tensor) that computes bit for bit what
+(adamw_sr_triton.py: one read of weight, gradient and moments and one write, per tensor) that computes bit for bit what
 the torch code here computes (`adamw_sr_torch_`, the reference and the CPU path, ~40 tensor operations). Before its
 first use on a GPU the kernel is run once on a small tensor and compared with the reference; if they differ it is
 not used (a warning says so). PHI3V_TRITON_SR=0 turns it off, =1 insists on it.
@@ -121,7 +121,7 @@ def kernel_matches_reference(device: torch.device) -> bool:
     dtypes, some non-finite values). False (with a warning) means the optimizer keeps to the torch code."""
     name = str(device)
     if name not in _KERNEL_CHECKED:
-        from . import optim_triton
+        from . import adamw_sr_triton as optim_triton
 
         ok = optim_triton.available()
         if ok:
@@ -151,7 +151,7 @@ def kernel_matches_reference(device: torch.device) -> bool:
 def _triton_ok(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
     if not p.is_cuda:
         return False
-    from . import optim_triton
+    from . import adamw_sr_triton as optim_triton
 
     return optim_triton.available() and all(t.is_contiguous() for t in (p, grad, exp_avg, exp_avg_sq))
 
@@ -202,7 +202,7 @@ class AdamWSR(torch.optim.Optimizer):
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         """Update one parameter from its gradient; `index` is its position among all parameters (what `step` passes;
-        `optim_backward.OptimizerInBackward` calls this as each gradient is ready)."""
+        `in_backward.OptimizerInBackward` calls this as each gradient is ready)."""
         if p.grad.is_sparse:
             raise RuntimeError("AdamWSR does not support sparse gradients")
         if p.dtype not in (torch.bfloat16, torch.float32):
@@ -233,7 +233,7 @@ class AdamWSR(torch.optim.Optimizer):
         if self.use_triton is True and not fits:
             raise RuntimeError("use_triton=True needs CUDA tensors, contiguous, and the triton package")
         if fits and self.use_triton is not False and (self.use_triton or kernel_matches_reference(p.device)):
-            from .optim_triton import adamw_sr_
+            from .adamw_sr_triton import adamw_sr_
 
             adamw_sr_(p, grad, exp_avg, exp_avg_sq, hyper, keys)
             return

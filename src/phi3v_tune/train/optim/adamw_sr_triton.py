@@ -1,4 +1,4 @@
-"""The fused CUDA kernel of AdamWSR (optim.py): one pass per tensor reads p, g, m, v and writes p, m, v.
+"""The fused CUDA kernel of AdamWSR (adamw_sr.py): one pass per tensor reads p, g, m, v and writes p, m, v.
 
 It computes exactly what optim.adamw_sr_torch_ computes, bit for bit: the same fp32 operations in the same order,
 each rounded on its own (no fused multiply-add: `enable_fp_fusion=False`; IEEE division and square root), and the
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .optim import AdamWScalars
+    from .adamw_sr import AdamWScalars
 
 try:
     import triton
@@ -37,7 +37,7 @@ if triton is not None:
 
     @triton.jit
     def _mix32(x):
-        """lowbias32 (see optim.mix32) on uint32 values; products wrap modulo 2**32."""
+        """lowbias32 (see adamw_sr.mix32) on uint32 values; products wrap modulo 2**32."""
         x = x ^ (x >> 16)
         x = x * 0x7FEB352D
         x = x ^ (x >> 15)

@@ -1,0 +1,66 @@
+"""Commands about data: `validate` (every problem of a data set at once) and `convert` (public data sets -> the
+conversations jsonl)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .args import add_data_arguments, field_option
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ..data import validate_path
+
+    report = validate_path(
+        args.data,
+        image_dir=args.image_dir,
+        split=args.split,
+        max_image_pixels=args.max_image_pixels,
+        multi_turn=args.multi_turn,
+        video_frames=args.video_frames,
+    )
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if args.kind == "ucf101":
+        from ..data.convert import convert_ucf101
+
+        files = convert_ucf101(args.src, args.out, num_frames=args.video_frames)
+    else:
+        from ..data.convert import convert_cauldron
+
+        files = convert_cauldron(args.src, args.out, split=args.split)
+    for f in files:
+        print(f)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check a data set without training and report every problem",
+        description="Check a data set (jsonl, json, HF data set) and report every problem at once: "
+        "file:line, id, field, what was expected. Exit code 1 when problems exist.",
+    )
+    p.add_argument("data", help="A conversations .jsonl/.json file, a local HF data set folder, or a hub id.")
+    add_data_arguments(p)
+    field_option(p, "max_image_pixels")
+    field_option(p, "video_frames")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a data set to the conversations jsonl (ucf101 videos, the_cauldron)",
+        description="ucf101: {split}/{class}/*.avi (or UCF101_subset.tar.gz) -> frames per video as "
+        "images/{split}/{class}/{video}.{k}.jpg + ucf101_{split}.jsonl, the original recipe's layout (ids counted "
+        "across train, val, test; one class list for all splits). cauldron: any the_cauldron-"
+        "style table -> {split}.jsonl + image files.",
+    )
+    p.add_argument("kind", choices=["ucf101", "cauldron"], help="What to convert.")
+    p.add_argument("--src", required=True, help="Source folder (or .tar.gz for ucf101, HF data set for cauldron).")
+    p.add_argument("--out", required=True, help="Output folder.")
+    field_option(p, "video_frames")
+    field_option(p, "split")
+    p.set_defaults(func=cmd_convert)

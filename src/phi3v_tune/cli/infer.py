@@ -1,0 +1,187 @@
+"""Commands that use a model: `eval` (the task metric on a data set) and `predict` (answers to a prompt or a file)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from ..data.video import RECIPE_FRAMES
+from .args import add_data_arguments, add_inference_arguments, field_option
+
+
+def trained_video_frames(model: str) -> int:
+    """The --video-frames a model folder was trained with (its train_config.yaml, written by train), else 8."""
+    path = Path(model) / "train_config.yaml"
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8")).get("video_frames")
+    except (OSError, AttributeError, yaml.YAMLError):
+        return RECIPE_FRAMES
+    return value if isinstance(value, int) and value > 0 else RECIPE_FRAMES
+
+
+def default_predictions_path(model: str, metric: str) -> Path:
+    """Next to a local model folder (a trained run keeps its scores with it); here for a hub id or a folder that
+    cannot be written, so eval never makes a `microsoft/...` tree in the working directory or fails at the end."""
+    name = f"predictions-{metric}.jsonl"
+    folder = Path(model)
+    return folder / name if folder.is_dir() and os.access(folder, os.W_OK) else Path(name)
+
+
+def _init_distributed() -> tuple[int, int]:
+    """Under torchrun: join the process group (gloo on CPU, nccl on GPUs) so evaluation is sharded."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return rank, world
+
+
+def _load(args: argparse.Namespace):
+    """(model on this process's device in eval mode, processor) for --model (+ --base)."""
+    import torch
+
+    from ..processing.processor import Phi3VProcessor
+    from ..train.merge import adapter_base, load_for_inference
+
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    model_dir = Path(args.model)
+    model = load_for_inference(args.model, base=args.base, dtype=dtype, attn_implementation=args.attn_implementation)
+    if not model_dir.is_dir():  # a hub id: its processor files come with it
+        proc_dir = args.model
+    elif (model_dir / "tokenizer.json").is_file():
+        proc_dir = model_dir
+    else:
+        proc_dir = Path(args.base or adapter_base(model_dir))
+    processor = Phi3VProcessor.from_pretrained(
+        proc_dir, num_crops=args.num_crops, apply_exif_orientation=args.apply_exif_orientation
+    )
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), processor
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import DataError, load_records, validate_records
+    from ..evaluate.runner import evaluate_records, split_questions, write_rows
+
+    if args.video_frames is None:
+        args.video_frames = trained_video_frames(args.model)
+
+    records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
+    # every problem (missing or broken images and videos included) before the model loads, not mid-way through generation
+    problems = validate_records(
+        records, problems, multi_turn=args.multi_turn, video_frames=args.video_frames, decode_videos=True
+    )
+    if problems:
+        raise DataError(problems)
+    records = split_questions(records, args.multi_turn, args.questions, args.video_frames)
+    rank, world = _init_distributed()
+    model, processor = _load(args)
+    value, rows = evaluate_records(
+        model,
+        processor,
+        records,
+        args.metric,
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.eval_max_new_tokens,
+        video_frames_per_clip=args.video_frames,
+    )
+    out = Path(args.output) if args.output else default_predictions_path(args.model, args.metric)
+    if rank == 0:
+        write_rows(rows, out)
+        print(json.dumps({args.metric: value, "samples": len(rows), "predictions": str(out), "processes": world}))
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..data import DataError, Record, Turn, load_records, validate_records
+    from ..evaluate.generate import generate_answers
+    from ..evaluate.runner import write_rows
+
+    if (args.data is None) == (args.prompt is None):
+        raise ValueError("give either --prompt (with --image/--video) or --data")
+    if args.video_frames is None:
+        args.video_frames = trained_video_frames(args.model)
+    if args.data:
+        records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split, answers_optional=True)
+    else:
+        turn = Turn(args.prompt, "", list(args.image or []), video=args.video)
+        records = [Record("prompt", None, [turn], origin="--prompt")]
+        problems = []
+    problems = validate_records(
+        records, problems, answers_required=False, video_frames=args.video_frames, decode_videos=True
+    )
+    if problems:
+        raise DataError(problems)
+    model, processor = _load(args)
+    answers = generate_answers(
+        model,
+        processor,
+        records,
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.eval_max_new_tokens,
+        video_frames_per_clip=args.video_frames,
+        progress=bool(args.data),
+    )
+    if args.data:
+        out = Path(args.output or "predictions.jsonl")
+        write_rows([{"id": r.id, "prediction": a} for r, a in zip(records, answers)], out)
+        print(f"{len(answers)} predictions written to {out}")
+    else:
+        print(answers[0])
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score a model on a data set (ANLS or accuracy) by greedy generation",
+        description="Greedy generation on every question of DATA (or each sample's first, --questions first), the "
+        "task metric, and a per-sample predictions jsonl (id, prediction, gold, score). Runs sharded under torchrun.",
+    )
+    add_inference_arguments(p)
+    p.add_argument(
+        "--data", required=True, help="Evaluation data (jsonl, json, HF data set folder or hub id). Required."
+    )
+    add_data_arguments(p, split="test")
+    field_option(p, "metric", required=True)
+    field_option(p, "eval_questions", "--questions", "--eval-questions", dest="questions")
+    p.add_argument(
+        "--output",
+        help="Predictions jsonl (default: MODEL/predictions-METRIC.jsonl when MODEL is a local folder you can write "
+        "to, else predictions-METRIC.jsonl here).",
+    )
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "predict",
+        help="answer a prompt about images (or every sample of a data file)",
+        description="Answer one prompt (--prompt with --image ... or --video) or every sample of "
+        "--data (written to --output as jsonl).",
+    )
+    add_inference_arguments(p)
+    p.add_argument("--image", action="append", help="An image file; repeat for several (tags are prepended).")
+    p.add_argument("--video", help="A video file (frames are sampled).")
+    p.add_argument("--prompt", help="The question.")
+    p.add_argument("--data", help="A data file to answer in batch instead of --prompt.")
+    add_data_arguments(p, split="test", multi_turn=False)
+    p.add_argument("--output", help="Predictions jsonl for --data (default: predictions.jsonl).")
+    p.set_defaults(func=cmd_predict)

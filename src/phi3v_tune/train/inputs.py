@@ -1,0 +1,156 @@
+"""A training run's data: read and check everything up front, plan the samples, and build the batches.
+
+Every problem of the training data is reported before the model loads (or, with --skip-bad-samples, the bad samples
+are listed in a file and left out); evaluation data follows the same rule; samples too long for --max-length are
+refused with a list. What remains is counted (`LoadedData`) so each epoch can account for every input sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data import DataError, load_records, validate_records
+from ..data.collate import Collator
+from ..data.dataset import ConversationDataset, DataPlan, plan_records, write_refused
+from ..data.packing import PackingCollator
+from ..data.schema import Problem, Record
+from ..processing.processor import Phi3VProcessor
+from ..config import DataSettings
+
+
+@dataclass
+class LoadedData:
+    train: list[Record]
+    eval: list[Record]
+    train_plan: DataPlan
+    eval_plan: DataPlan | None
+    input_total: int = 0  # every non-blank input line / row, good or bad
+    invalid: int = 0  # samples skipped for data problems (--skip-bad-samples)
+
+
+def _longer(plan: DataPlan) -> str:
+    """'raise --max-length, ' when a refusal is about length (an unreadable video is not)."""
+    return "raise --max-length, " if any(reason != "invalid" for _, reason, _ in plan.refused) else ""
+
+
+def _read_checked(settings: DataSettings, data: str | list[str], split: str) -> tuple[list[Record], list[Problem]]:
+    """Records of `data` and every problem of them, read and checked with the run's settings."""
+    records, problems = load_records(data, image_dir=settings.image_dir, split=split)
+    return records, validate_records(
+        records,
+        problems,
+        max_image_pixels=settings.max_image_pixels,
+        multi_turn=settings.multi_turn,
+        video_frames=settings.video_frames,
+    )
+
+
+def read_data(
+    settings: DataSettings, processor: Phi3VProcessor, output_dir: Path, *, is_main: bool = True, say=print
+) -> LoadedData:
+    """Load and check everything up front; stop with the full report unless --skip-bad-samples.
+
+    `is_main`: this process writes the lists of skipped and refused samples (every rank knows them; a shared folder
+    is written once). `say`: where progress lines go (rank 0's stdout in a run)."""
+    if not settings.sources:
+        raise ValueError("--data is required")
+    records, problems = _read_checked(settings, settings.sources, settings.split)
+    loaded = {r.origin for r in records}
+    bad_origins = {p.origin for p in problems}  # one origin (file:line / row) per bad sample
+    input_total = len(records) + len(bad_origins - loaded)
+    if problems:
+        if not settings.skip_bad_samples:
+            raise DataError(
+                problems,
+                header=f"{len(problems)} problem(s) in {settings.sources} (nothing was trained; fix "
+                "them or pass --skip-bad-samples):",
+            )
+        skipped = output_dir / "skipped_samples.tsv"
+        if is_main:
+            skipped.parent.mkdir(parents=True, exist_ok=True)
+            with open(skipped, "w", encoding="utf-8") as f:
+                f.write("id\torigin\tfield\tproblem\n")
+                for p in problems:  # a line that did not parse has no id: its origin (file:line) names it
+                    f.write(f"{p.id if p.id is not None else '-'}\t{p.origin}\t{p.field}\t{p.message}\n")
+        say(f"skipping {len(bad_origins)} sample(s) with {len(problems)} problem(s); listed in {skipped}")
+        records = [r for r in records if r.origin not in bad_origins]
+    eval_records: list[Record] = []
+    if settings.eval_sources:
+        eval_records, eval_problems = _read_checked(settings, settings.eval_sources, settings.eval_split)
+        if eval_problems:
+            raise DataError(eval_problems, header=f"{len(eval_problems)} problem(s) in {settings.eval_sources}:")
+    elif settings.eval_holdout > 0:
+        eval_records, records = records[: settings.eval_holdout], records[settings.eval_holdout :]
+    plan = plan_records(
+        records,
+        processor,
+        settings.max_length,
+        settings.video_frames,
+        progress=is_main,
+        multi_turn=settings.multi_turn,
+    )
+    say(plan.summary("training data"))
+    if plan.refused:
+        path = output_dir / "refused_samples.tsv"
+        if is_main:
+            write_refused(plan, path)
+        if not settings.skip_bad_samples:
+            raise DataError(
+                [],
+                header=f"{len(plan.refused)} sample(s) cannot be trained on as they are (listed in "
+                f"{path}); fix them, {_longer(plan)}or pass --skip-bad-samples",
+            )
+    eval_plan = None
+    if eval_records:
+        eval_plan = plan_records(
+            eval_records,
+            processor,
+            settings.max_length,
+            settings.video_frames,
+            progress=False,
+            multi_turn=settings.multi_turn,
+        )
+        say(eval_plan.summary("evaluation data"))
+        if eval_plan.refused:  # same rule as training: a metric over fewer samples than given is not silent
+            path = output_dir / "refused_eval_samples.tsv"
+            if is_main:
+                write_refused(eval_plan, path)
+            if not settings.skip_bad_samples:
+                raise DataError(
+                    [],
+                    header=f"{len(eval_plan.refused)} evaluation sample(s) cannot be evaluated as they are (listed "
+                    f"in {path}); fix them, {_longer(eval_plan)}or pass --skip-bad-samples to evaluate without them",
+                )
+    if not plan.kept:
+        raise DataError([], header="no trainable samples left")
+    return LoadedData(plan.kept, eval_plan.kept if eval_plan else [], plan, eval_plan, input_total, len(bad_origins))
+
+
+def datasets(
+    data: LoadedData, processor: Phi3VProcessor, settings: DataSettings
+) -> tuple[ConversationDataset, ConversationDataset | None]:
+    """(training dataset, evaluation dataset or None) over the planned records."""
+    layout = dict(multi_turn=settings.multi_turn)
+    train = ConversationDataset(
+        data.train, processor, settings.max_length, settings.video_frames, data.train_plan.lengths, **layout
+    )
+    evaluation = (
+        ConversationDataset(data.eval, processor, settings.max_length, settings.video_frames, **layout)
+        if data.eval
+        else None
+    )
+    return train, evaluation
+
+
+def collators(
+    pad_token_id: int, packing: bool, packing_max_tokens: int | None, rope_switch: int | None
+) -> tuple[Collator | PackingCollator, Collator]:
+    """(training collator, evaluation collator): packed rows for training when packing is on, padded evaluation.
+
+    `rope_switch`: the length past which a sample takes su-RoPE's long factors (the model's
+    `original_max_position_embeddings` under longrope; None without), which packed rows decide per sample."""
+    padded = Collator(pad_token_id)
+    if not packing:
+        return Collator(pad_token_id, omit_full_mask=True), padded
+    return PackingCollator(pad_token_id, packing_max_tokens, rope_switch), padded
