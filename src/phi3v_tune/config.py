@@ -25,6 +25,8 @@ from .evaluate.metrics import QUESTIONS
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")
+LORA_VARIANTS = ("lora", "dora", "rslora")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -129,6 +131,13 @@ class TrainConfig:
     lora_vision: bool = _f(
         False, "Also put LoRA on the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector.", group="model and method"
     )
+    lora_variant: str = _f(
+        "lora",
+        "Adapter variant (lora/qlora): lora; dora (weight-decomposed LoRA: a learned magnitude per output feature, "
+        "slower per step); rslora (rank-stabilised scaling alpha/sqrt(rank) instead of alpha/rank).",
+        choices=LORA_VARIANTS,
+        group="model and method",
+    )
     attn_implementation: str = _f(
         "sdpa",
         "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager. With --packing, sdpa runs packed rows "
@@ -206,7 +215,23 @@ class TrainConfig:
     batch_size_per_device: int = _f(
         1, "Samples per forward pass per device; gradient accumulation makes up the rest.", group="optimisation"
     )
-    learning_rate: float = _f(4e-5, "Peak learning rate.", group="optimisation")
+    learning_rate: float = _f(
+        4e-5,
+        "Peak learning rate of the language model (and of LoRA adapters on it), and of every part without a rate "
+        "of its own.",
+        group="optimisation",
+    )
+    vision_lr: float | None = _f(
+        None,
+        "Peak learning rate of the CLIP tower (and of LoRA adapters on it). Default: --learning-rate.",
+        group="optimisation",
+    )
+    projector_lr: float | None = _f(
+        None,
+        "Peak learning rate of the image projector and the separators glb_GN / sub_GN (and of LoRA adapters on the "
+        "projector). Default: --learning-rate.",
+        group="optimisation",
+    )
     weight_decay: float = _f(0.01, "AdamW weight decay.", group="optimisation")
     adam_beta1: float = _f(0.9, "AdamW beta1.", group="optimisation")
     adam_beta2: float = _f(0.95, "AdamW beta2.", group="optimisation")
@@ -303,7 +328,10 @@ class TrainConfig:
         64, "Longest generated answer during evaluation (the recipe: 64).", group="evaluation"
     )
     report_to: str = _f(
-        "tensorboard", "Loggers: tensorboard, wandb, mlflow, none (comma separated).", group="output and checkpoints"
+        "tensorboard",
+        "Experiment trackers, comma separated: tensorboard, wandb, mlflow, or none (wandb and mlflow need their "
+        "package installed and configured as those tools document).",
+        group="output and checkpoints",
     )
     num_workers: int = _f(
         2, "Data-loader worker processes (image decoding and HD transform happen there).", group="data"
@@ -348,6 +376,16 @@ class TrainConfig:
             skip_bad_samples=self.skip_bad_samples,
         )
 
+    def trackers(self) -> list[str]:
+        """--report-to as a list (empty for none)."""
+        names = [x.strip() for x in str(self.report_to or "").split(",") if x.strip()]
+        return [] if names in ([], ["none"]) else names
+
+    def part_learning_rates(self) -> dict[str, float]:
+        """The parts whose learning rate differs from --learning-rate: {"vision": ..., "projector": ...}."""
+        rates = {"vision": self.vision_lr, "projector": self.projector_lr}
+        return {part: rate for part, rate in rates.items() if rate is not None}
+
     @property
     def effective_lora_alpha(self) -> int:
         """--lora-alpha, or 2 x --lora-rank when not given (the recipe's `lora_alpha=round(rank * 2)`)."""
@@ -370,8 +408,18 @@ class TrainConfig:
             raise ValueError(f"--epochs must be > 0 (or give --max-steps), got {self.epochs:g}")
         if self.stop_at_step is not None and 0 < self.max_steps <= self.stop_at_step:
             raise ValueError(f"--stop-at-step {self.stop_at_step} is not before --max-steps {self.max_steps}")
-        if self.learning_rate < 0:
-            raise ValueError(f"--learning-rate must be >= 0, got {self.learning_rate:g}")
+        for name in ("learning_rate", "vision_lr", "projector_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value:g}")
+        trackers = self.trackers()
+        unknown = [t for t in trackers if t not in TRACKERS]
+        if unknown:
+            raise ValueError(
+                f"--report-to: unknown tracker(s) {', '.join(unknown)}; expected some of {', '.join(TRACKERS)}, or none"
+            )
+        if self.lora_variant != "lora" and self.method not in ("lora", "qlora"):
+            raise ValueError(f"--lora-variant {self.lora_variant} needs --method lora or qlora (got {self.method})")
         if self.method in ("lora", "qlora") and self.lora_rank < 1:
             raise ValueError(f"--lora-rank must be >= 1, got {self.lora_rank}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
@@ -460,6 +508,11 @@ class TrainConfig:
                 "--skip-nonfinite cannot be combined with ZeRO-3: a skipped batch's zero loss needs whole weights "
                 "on every rank, which ZeRO-3 partitions (use --skip-nonfinite 0, or zero2.json)"
             )
+        for tracker in self.trackers():
+            if tracker != "tensorboard" and importlib.util.find_spec(tracker) is None:
+                raise ValueError(f"--report-to {tracker} needs the {tracker} package: pip install {tracker}")
+        if "tensorboard" in self.trackers() and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
         if self.deepspeed:
             if not Path(self.deepspeed).is_file():
                 raise ValueError(f"--deepspeed {self.deepspeed}: no such file (configs/deepspeed/ has zero2.json, ...)")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..data.synthetic import DEMO_SIZES
 from ..config import resolve
+from ..data.synthetic import DEMO_SIZES
 from .args import add_train_arguments, int_in
 
 

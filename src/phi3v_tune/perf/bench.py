@@ -29,6 +29,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 from transformers import TrainerCallback
 
+from ..config import FIELDS, TrainConfig
 from ..data.examples import build_example
 from ..data.sources import read_jsonl
 from ..model.configuration import Phi3VConfig
@@ -37,7 +38,6 @@ from ..model.presets import phi35_vision_config
 from ..model.tiny import build_tiny_tokenizer, save_tiny_checkpoint
 from ..processing.image import hd_size, num_image_tokens
 from ..processing.processor import Phi3VProcessor
-from ..config import FIELDS, TrainConfig
 from ..train.run import TrainingRun
 from .baseline import build_plain, plain_step
 from .flops import SampleShape, training_flops

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
+from ..config import TrainConfig, recipe
 from ..data.synthetic import CLASSES, DEMO_SIZES, DEMO_TASKS, demo_split, write_jsonl
 from ..evaluate.generate import generate_answers
 from ..evaluate.metrics import is_correct
 from ..model.modeling import Phi3VForCausalLM
 from ..processing.processor import Phi3VProcessor
-from ..config import TrainConfig, recipe
 from .run import TrainingRun, ensure_base_model
 
 

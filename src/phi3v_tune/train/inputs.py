@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import DataSettings
 from ..data import DataError, load_records, validate_records
 from ..data.collate import Collator
 from ..data.dataset import ConversationDataset, DataPlan, plan_records, write_refused
 from ..data.packing import PackingCollator
 from ..data.schema import Problem, Record
 from ..processing.processor import Phi3VProcessor
-from ..config import DataSettings
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
+from ..config import TrainConfig
 from ..evaluate.runner import split_questions
 from ..model.tiny import save_tiny_checkpoint, tiny_layers
 from ..processing.processor import Phi3VProcessor
@@ -31,7 +32,6 @@ from .callbacks import (
     TaskMetricCallback,
 )
 from .checkpoints import marked_step, quarantine_incomplete, resolve_resume, write_marker
-from ..config import TrainConfig
 from .distributed import (
     check_complete,
     check_resume_world_size,
@@ -229,6 +229,7 @@ def lora_settings(cfg: TrainConfig) -> LoraSettings:
         dropout=cfg.lora_dropout,
         lm_head=cfg.lora_lm_head,
         vision=cfg.lora_vision,
+        variant=cfg.lora_variant,
     )
 
 
@@ -264,7 +265,6 @@ def training_arguments(cfg: TrainConfig, runtime: Runtime) -> Phi3VTrainingArgum
         raise ValueError(
             f"--batch-size {cfg.batch_size} must be a multiple of --batch-size-per-device x devices = {per_step}"
         )
-    report = [] if cfg.report_to in ("", "none") else [x.strip() for x in cfg.report_to.split(",") if x.strip()]
     evaluate = cfg.eval_steps is not None and (cfg.eval_data or cfg.eval_holdout)
     on_cuda = runtime.on_cuda
     return Phi3VTrainingArguments(
@@ -297,7 +297,7 @@ def training_arguments(cfg: TrainConfig, runtime: Runtime) -> Phi3VTrainingArgum
         logging_nan_inf_filter=False,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=cfg.eval_steps if evaluate else None,
-        report_to=report,
+        report_to=cfg.trackers(),
         dataloader_num_workers=cfg.num_workers,
         # keep the workers across epochs: re-forking them at every epoch start leaves the GPU waiting
         dataloader_persistent_workers=cfg.num_workers > 0,
@@ -322,6 +322,7 @@ def training_arguments(cfg: TrainConfig, runtime: Runtime) -> Phi3VTrainingArgum
         master_weights=runtime.master_weights,
         length_grouped_batches=cfg.group_by_length,
         checkpoints_to_keep=cfg.save_total_limit,
+        part_learning_rates=cfg.part_learning_rates(),
         settings_file=str(Path(cfg.output_dir) / SETTINGS_FILE),
     )
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.packed_attention import ATTN_NAME as PACKED_ATTENTION
 from ..config import TrainConfig, fsdp_on, zero_stage
+from ..model.packed_attention import ATTN_NAME as PACKED_ATTENTION
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,25 @@ from transformers import BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from ..model.modeling import Phi3VForCausalLM
 from ..config import METHODS
+from ..model.modeling import Phi3VForCausalLM
 
 LM_LORA = r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
 VISION_PREFIX = r"model\.vision_embed_tokens"
+
+
+PARTS = ("language", "vision", "projector")
+
+
+def parameter_part(name: str) -> str:
+    """Which part of the model a parameter (or a LoRA adapter on it) belongs to, by its name: vision (the CLIP
+    tower), projector (the image projection and the separators glb_GN / sub_GN) or language (everything else: the
+    decoder, embeddings, lm_head). Wrapper prefixes (PEFT's base_model.model.) do not matter."""
+    if "vision_embed_tokens.img_processor." in name:
+        return "vision"
+    if any(f"vision_embed_tokens.{part}" in name for part in ("img_projection", "glb_GN", "sub_GN")):
+        return "projector"
+    return "language"
 
 
 def lora_target_regex(model: Phi3VForCausalLM, lm_head: bool, vision: bool) -> str:
@@ -74,6 +88,7 @@ class LoraSettings:
     dropout: float = 0.0
     lm_head: bool = True
     vision: bool = False  # also CLIP's attention and MLP projections and the image projector
+    variant: str = "lora"  # lora | dora (PEFT use_dora) | rslora (PEFT use_rslora)
 
 
 def qlora_quantization_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
@@ -134,6 +149,8 @@ def apply_strategy(
         lora_dropout=lora.dropout,
         target_modules=lora_target_regex(model, lora.lm_head, lora.vision),
         init_lora_weights="gaussian",
+        use_dora=lora.variant == "dora",
+        use_rslora=lora.variant == "rslora",
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -23,6 +23,7 @@ from ..model.modeling import set_rope_per_sample
 from .checkpoints import MARKER, latest_complete, rotate, write_marker
 from .optim import AdamWSR, OptimizerInBackward
 from .step_boundary import install, uninstall
+from .strategies import PARTS, parameter_part
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Phi3VTrainingArguments(TrainingArguments):
     )
     checkpoints_to_keep: int | None = field(
         default=None, metadata={"help": "Keep the newest N complete checkpoints (rotated once a new one is marked)."}
+    )
+    part_learning_rates: dict[str, float] | None = field(
+        default=None,
+        metadata={"help": "Peak learning rates of model parts (vision, projector) that differ from learning_rate."},
     )
     settings_file: str | None = field(
         default=None, metadata={"help": "The run's settings (train_config.yaml), copied into every checkpoint."}
@@ -169,6 +174,8 @@ class Phi3VTrainer(Trainer):
                 dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                      weight_decay=args.weight_decay, seed=args.seed),
             )  # fmt: skip
+        if self.optimizer is None and args.part_learning_rates:
+            self.optimizer = self._optimizer_with_part_rates(model if model is not None else self.model)
         optimizer = super().create_optimizer(model)
         if args.optimizer_in_backward and not isinstance(optimizer, OptimizerInBackward):
             if args.world_size > 1:
@@ -178,6 +185,29 @@ class Phi3VTrainer(Trainer):
                 )
             self.optimizer = optimizer = OptimizerInBackward(optimizer)
         return optimizer
+
+    def _optimizer_with_part_rates(self, model) -> torch.optim.Optimizer:
+        """The Trainer's parameter groups (weight decay except on biases and norms), split by model part, each part
+        with its own peak learning rate (the schedule scales every group alike)."""
+        decay = set(self.get_decay_parameter_names(model))
+        rates = self.args.part_learning_rates or {}
+        groups = []
+        for part in PARTS:
+            lr = rates.get(part, self.args.learning_rate)
+            for decays in (True, False):
+                params = [
+                    p
+                    for n, p in model.named_parameters()
+                    if p.requires_grad and parameter_part(n) == part and (n in decay) == decays
+                ]
+                if params:
+                    wd = self.args.weight_decay if decays else 0.0
+                    groups.append({"params": params, "weight_decay": wd, "lr": lr, "part": part})
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        return optimizer_cls(groups, **kwargs)
 
     def _get_grad_norm(self, model, grad_norm=None):
         """No norm to log when backward has already used and freed every gradient (--optimizer-in-backward)."""
