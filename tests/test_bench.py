@@ -10,10 +10,10 @@ from config_helpers import strategy
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from phi3v_tune.config import TrainConfig
 from phi3v_tune.model.tiny import build_tiny_tokenizer, tiny_model
 from phi3v_tune.perf.flops import SampleShape, training_flops
 from phi3v_tune.processing.processor import Phi3VProcessor
-from phi3v_tune.config import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import torch
 from answer_batch import answer_batch
 from config_helpers import strategy
 
-from phi3v_tune.model.tiny import tiny_model
 from phi3v_tune.config import TrainConfig
+from phi3v_tune.model.tiny import tiny_model
 from phi3v_tune.train.strategies import checkpoint_only
 
 

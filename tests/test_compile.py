@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from phi3v_tune.config import TrainConfig
 from phi3v_tune.model.tiny import build_tiny_tokenizer, tiny_model
 from phi3v_tune.processing.processor import Phi3VProcessor
 from phi3v_tune.train.compile import compile_layers
-from phi3v_tune.config import TrainConfig
 
 
 def _loss_and_grads(compiled: bool, backend="aot_eager", fall_back: bool = False):

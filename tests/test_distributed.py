@@ -180,9 +180,9 @@ def test_two_processes_text_only_ddp_sharded_eval_then_resume_on_one(dist_data, 
     dummy crop); the task metric computed sharded before training equals one process on the same weights; the
     2-rank checkpoint resumes in 1 process and finishes."""
     from phi3v_tune import Phi3VForCausalLM, Phi3VProcessor
+    from phi3v_tune.config import TrainConfig
     from phi3v_tune.data import load_records
     from phi3v_tune.evaluate.runner import evaluate_records, split_questions
-    from phi3v_tune.config import TrainConfig
     from phi3v_tune.train.run import run_training
 
     train, evaluation = dist_data

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from phi3v_tune.config import TrainConfig
 from phi3v_tune.data.synthetic import demo_split, write_jsonl
 from phi3v_tune.train.callbacks import ScheduledGC
-from phi3v_tune.config import TrainConfig
 from phi3v_tune.train.gc_control import collector_restored
 from phi3v_tune.train.run import run_training
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from phi3v_tune.config import TrainConfig
 from phi3v_tune.data.synthetic import demo_split, write_jsonl
 from phi3v_tune.model.tiny import build_tiny_tokenizer, tiny_model
-from phi3v_tune.config import TrainConfig
 from phi3v_tune.train.optim import AdamWSR, OptimizerInBackward
 from phi3v_tune.train.run import run_training
 

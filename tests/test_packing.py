@@ -352,8 +352,8 @@ def test_training_run_packed_equals_padded(tmp_path, monkeypatch):
     """The real training path (HF Trainer, num_items_in_batch, gradient accumulation): same losses and weights."""
     from safetensors.torch import load_file
 
-    from phi3v_tune.data.synthetic import demo_split, write_jsonl
     from phi3v_tune.config import TrainConfig
+    from phi3v_tune.data.synthetic import demo_split, write_jsonl
     from phi3v_tune.train.run import run_training
 
     train, _ = demo_split(3, 0, seed=7, tasks=("colour", "shape", "compare"), as_png=True)

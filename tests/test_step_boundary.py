@@ -10,9 +10,9 @@ import torch
 from config_helpers import strategy
 from transformers import Trainer
 
+from phi3v_tune.config import TrainConfig
 from phi3v_tune.data.synthetic import demo_split, write_jsonl
 from phi3v_tune.model.tiny import build_tiny_tokenizer, tiny_model
-from phi3v_tune.config import TrainConfig
 from phi3v_tune.train.run import run_training
 from phi3v_tune.train.step_boundary import ModuleTree, install, uninstall
 from phi3v_tune.train.trainer import Phi3VTrainer

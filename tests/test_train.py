@@ -14,10 +14,10 @@ from config_helpers import strategy
 from safetensors.torch import load_file
 
 from phi3v_tune.cli.args import add_train_arguments as add_arguments
+from phi3v_tune.config import TrainConfig, resolve
 from phi3v_tune.data.synthetic import demo_split, write_jsonl
 from phi3v_tune.model.tiny import tiny_model
 from phi3v_tune.train.checkpoints import MARKER, latest_complete
-from phi3v_tune.config import TrainConfig, resolve
 from phi3v_tune.train.run import run_summary, run_training
 from phi3v_tune.train.strategies import count_parameters
 
@@ -385,8 +385,8 @@ def test_no_save_checkpoints_writes_neither_checkpoints_nor_final_model(data_fil
 def test_ddp_settings_skip_unused_parameter_search_and_buffer_broadcasts(tmp_path):
     """Every trainable weight gets a gradient each step and the buffers are constants: DDP needs neither the unused-
     parameter search nor a buffer broadcast before every forward."""
-    from phi3v_tune.model.tiny import tiny_model
     from phi3v_tune.config import TrainConfig
+    from phi3v_tune.model.tiny import tiny_model
     from phi3v_tune.train.run import training_arguments
     from phi3v_tune.train.runtime import Runtime
 
@@ -407,8 +407,8 @@ def test_batches_reach_the_gpu_asynchronously_from_pinned_memory(tmp_path, monke
     """A blocking host-to-GPU copy waits for every queued kernel: on a GPU batches are pinned and copied without it."""
     import dataclasses
 
-    from phi3v_tune.train import run
     from phi3v_tune.config import TrainConfig
+    from phi3v_tune.train import run
     from phi3v_tune.train.runtime import Runtime
 
     cfg = TrainConfig(data="x.jsonl", model="tiny", cpu=True, report_to="none", output_dir=str(tmp_path)).validate()

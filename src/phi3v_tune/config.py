@@ -316,6 +316,29 @@ class TrainConfig:
         choices=("anls", "accuracy"),
         group="evaluation",
     )
+    keep_best: bool | None = _f(
+        None,
+        "Keep the best evaluated model as OUTPUT_DIR/best (the published layout, or the adapter for lora/qlora), "
+        "never deleted by --save-total-limit; the summary names its step and score. Default: on when --eval-steps "
+        "and --metric are set (with --best-by loss: when --eval-steps is set and there is evaluation data).",
+        group="evaluation",
+    )
+    best_by: str = _f(
+        "metric",
+        "What 'best' means for --keep-best and --early-stopping-patience: metric (the task metric, higher is better) "
+        "or loss (the evaluation loss, lower is better).",
+        choices=("metric", "loss"),
+        group="evaluation",
+    )
+    early_stopping_patience: int | None = _f(
+        None,
+        "Stop training after this many evaluations (--eval-steps) without an improvement of the best score by at "
+        "least --early-stopping-threshold; final/ is then the last state and best/ the best. Default: no early stop.",
+        group="evaluation",
+    )
+    early_stopping_threshold: float = _f(
+        0.0, "The smallest improvement of the best score that counts for --early-stopping-patience.", group="evaluation"
+    )
     eval_questions: str = _f(
         "all",
         "Which questions of a multi-question evaluation sample (the_cauldron rows) the task metric scores: all "
@@ -376,6 +399,21 @@ class TrainConfig:
             skip_bad_samples=self.skip_bad_samples,
         )
 
+    def has_eval_data(self) -> bool:
+        return bool(self.eval_data) or self.eval_holdout > 0
+
+    def best_key(self) -> str | None:
+        """The logged value that --keep-best and --early-stopping-patience compare: eval_<metric> or eval_loss."""
+        if self.best_by == "loss":
+            return "eval_loss"
+        return f"eval_{self.metric}" if self.metric else None
+
+    def keeps_best(self) -> bool:
+        """--keep-best, or its default: on when evaluations during training give the score it compares."""
+        if self.keep_best is not None:
+            return self.keep_best
+        return self.eval_steps is not None and self.best_key() is not None and self.has_eval_data()
+
     def trackers(self) -> list[str]:
         """--report-to as a list (empty for none)."""
         names = [x.strip() for x in str(self.report_to or "").split(",") if x.strip()]
@@ -418,6 +456,20 @@ class TrainConfig:
             raise ValueError(
                 f"--report-to: unknown tracker(s) {', '.join(unknown)}; expected some of {', '.join(TRACKERS)}, or none"
             )
+        wants_best = self.keep_best or self.early_stopping_patience is not None
+        if wants_best and self.best_key() is None:
+            raise ValueError(
+                "--keep-best / --early-stopping-patience compare the task metric: set --metric, or --best-by loss"
+            )
+        if wants_best and (self.eval_steps is None or not self.has_eval_data()):
+            raise ValueError(
+                "--keep-best / --early-stopping-patience need evaluations during training: --eval-steps N and "
+                "evaluation data (--eval-data or --eval-holdout)"
+            )
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"--early-stopping-patience must be >= 1, got {self.early_stopping_patience}")
+        if self.early_stopping_threshold < 0:
+            raise ValueError(f"--early-stopping-threshold must be >= 0, got {self.early_stopping_threshold:g}")
         if self.lora_variant != "lora" and self.method not in ("lora", "qlora"):
             raise ValueError(f"--lora-variant {self.lora_variant} needs --method lora or qlora (got {self.method})")
         if self.method in ("lora", "qlora") and self.lora_rank < 1:

@@ -27,8 +27,8 @@ def test_bf16_sdpa_on_gpu_matches_fp32_cpu(tiny_tokenizer, tiny_processor):
 
 def test_qlora_strategy_quantizes_the_language_model(tiny_tokenizer, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from phi3v_tune.model.tiny import save_tiny_checkpoint
     from phi3v_tune.config import TrainConfig
+    from phi3v_tune.model.tiny import save_tiny_checkpoint
     from phi3v_tune.train.model_setup import load_model
     from phi3v_tune.train.runtime import Runtime
     from phi3v_tune.train.strategies import count_parameters
@@ -46,9 +46,9 @@ def test_fp16_loss_scaling_skips_overflowing_steps(tmp_path, monkeypatch):
     """fp16: fp32 master weights + GradScaler; an overflowing step lowers the scale instead of corrupting weights."""
     from safetensors.torch import load_file
 
+    from phi3v_tune.config import TrainConfig
     from phi3v_tune.data.synthetic import demo_split, write_jsonl
     from phi3v_tune.train import trainer as trainer_module
-    from phi3v_tune.config import TrainConfig
     from phi3v_tune.train.run import run_training
 
     train, _ = demo_split(4, 0, seed=1, tasks=("colour",), as_png=True)
@@ -90,8 +90,8 @@ def test_qlora_trains_bf16_adapters_by_default_and_fp32_on_request(tmp_path, wei
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
 
-    from phi3v_tune.data.synthetic import demo_split, write_jsonl
     from phi3v_tune.config import TrainConfig
+    from phi3v_tune.data.synthetic import demo_split, write_jsonl
     from phi3v_tune.train.optim import AdamWSR
     from phi3v_tune.train.run import run_training
 
@@ -181,8 +181,8 @@ def test_lora_run_with_evaluation_on_gpu(tmp_path):
 
     from safetensors.torch import load_file
 
-    from phi3v_tune.data.synthetic import demo_split, write_jsonl
     from phi3v_tune.config import TrainConfig
+    from phi3v_tune.data.synthetic import demo_split, write_jsonl
     from phi3v_tune.train.run import run_training
 
     train, _ = demo_split(4, 0, seed=1, tasks=("colour",), as_png=True)

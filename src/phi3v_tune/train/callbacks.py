@@ -9,6 +9,8 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -257,3 +259,95 @@ class ScheduledGC(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         restore_collector(self._was_enabled)
+
+
+class BestModel(TrainerCallback):
+    """The best evaluated model and early stopping, from the scores the run logs (`eval_<metric>` or `eval_loss`).
+
+    The scores come from the Trainer's log history, which every checkpoint stores and a resume restores: the best so
+    far and the evaluations since it are the same after a kill and `--resume` as in an uninterrupted run. Each new
+    best is written to OUTPUT_DIR/best (`save(folder)` writes a model folder) through a temporary folder, so `best/` is
+    always a complete model. Scores of step 0 (before training) are the baseline, not a candidate.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        save: Callable[[Path], None] | None,
+        output_dir: Path,
+        patience: int | None = None,
+        threshold: float = 0.0,
+    ):
+        """`key`: the logged score; higher is better except for a loss. `save`: None to only track (early stopping
+        without --keep-best)."""
+        self.key = key
+        self.greater_is_better = not key.endswith("loss")
+        self.save = save
+        self.folder = Path(output_dir) / "best"
+        self.patience = patience
+        self.threshold = threshold
+        self.stopped_early_at: int | None = None
+
+    def scores(self, state) -> list[tuple[int, float]]:
+        """(step, score) of every evaluation after step 0, once per step, in order."""
+        seen: dict[int, float] = {}
+        for entry in state.log_history:
+            value, step = entry.get(self.key), entry.get("step", 0)
+            if isinstance(value, (int, float)) and step > 0 and step not in seen:
+                seen[step] = float(value)
+        return sorted(seen.items())
+
+    def better(self, value: float, than: float) -> bool:
+        gain = value - than if self.greater_is_better else than - value
+        return gain > self.threshold or (self.threshold == 0 and gain > 0)
+
+    def standing(self, state) -> tuple[tuple[int, float] | None, int]:
+        """(best (step, score) so far, evaluations since it without an improvement)."""
+        best, since = None, 0
+        for step, value in self.scores(state):
+            if best is None or self.better(value, best[1]):
+                best, since = (step, value), 0
+            else:
+                since += 1
+        return best, since
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or self.key not in logs or state.global_step == 0:
+            return
+        here = [e for e in state.log_history if self.key in e and e.get("step") == state.global_step]
+        if len(here) != 1:  # the same step scored again (the final evaluation repeats the last one): nothing new
+            return
+        best, since = self.standing(state)
+        if best is not None and best[0] == state.global_step and since == 0 and self.save is not None:
+            self.write(best, state)
+        if self.patience is not None and since >= self.patience and state.global_step < state.max_steps:
+            control.should_training_stop = True
+            self.stopped_early_at = state.global_step
+
+    def write(self, best: tuple[int, float], state) -> None:
+        """The model as it is now, as OUTPUT_DIR/best (replaced whole: written next to it, then renamed)."""
+        tmp = self.folder.with_name("best.tmp")
+        if state.is_world_process_zero and tmp.exists():
+            shutil.rmtree(tmp)
+        self.save(tmp)
+        if state.is_world_process_zero:
+            (tmp / "best.json").write_text(json.dumps({"step": best[0], self.key: best[1]}))
+            old = self.folder.with_name("best.old")
+            if self.folder.exists():
+                os.replace(self.folder, old)
+            os.replace(tmp, self.folder)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def summary(self, state) -> list[str]:
+        best, since = self.standing(state)
+        lines = []
+        if best is not None:
+            where = f" -> {self.folder}" if self.save is not None else ""
+            lines.append(f"  best {self.key.removeprefix('eval_')}: {best[1]:.4f} at step {best[0]}{where}")
+        if self.stopped_early_at is not None:
+            lines.append(
+                f"  stopped early at step {self.stopped_early_at}: no improvement of {self.key} by more than "
+                f"{self.threshold:g} in {since} evaluations (--early-stopping-patience {self.patience})"
+            )
+        return lines

@@ -23,6 +23,7 @@ from ..evaluate.runner import split_questions
 from ..model.tiny import save_tiny_checkpoint, tiny_layers
 from ..processing.processor import Phi3VProcessor
 from .callbacks import (
+    BestModel,
     EpochReport,
     FaultInjection,
     LogFinalStep,
@@ -133,7 +134,33 @@ class TrainingRun:
                 progress=cfg.progress,
             )
             trainer.add_callback(self.task_metric)
+        self.best = None
+        key = cfg.best_key()
+        if self.data.eval and key and (cfg.keeps_best() or cfg.early_stopping_patience is not None):
+            self.best = BestModel(
+                key,
+                save=self.save_model_folder if cfg.keeps_best() else None,
+                output_dir=self.out,
+                patience=cfg.early_stopping_patience,
+                threshold=cfg.early_stopping_threshold,
+            )
+            trainer.add_callback(self.best)
         return self
+
+    def save_model_folder(self, folder: Path) -> None:
+        """The model as it is now as a folder that loads and serves like the base: the weights (full, published
+        layout) or the adapter, the processor, the run's settings and a completion marker. Every rank calls it
+        (gathering sharded weights is collective); rank 0 writes."""
+        trainer, cfg = self.trainer, self.cfg
+        save_final(trainer, cfg.method, self.runtime.compute_dtype, folder)
+        if trainer.is_world_process_zero():
+            self.processor.save_pretrained(folder)
+            cfg.save(folder / SETTINGS_FILE)
+            if cfg.method in ("lora", "qlora"):
+                base = self.base
+                (folder / "base_model.txt").write_text(str(Path(base).resolve()) if Path(base).exists() else base)
+            write_marker(folder, trainer.state.global_step)
+        trainer.accelerator.wait_for_everyone()
 
     def train(self) -> dict[str, Any]:
         """Train; returns the final metrics (also written to OUTPUT_DIR/metrics.json)."""
@@ -168,16 +195,17 @@ class TrainingRun:
                 f"(checkpoint-{trainer.state.global_step}); continue with --resume"
             )
         if cfg.save_checkpoints and not stopped:
-            save_final(trainer, cfg.method, self.runtime.compute_dtype, final)
+            self.save_model_folder(final)
+            metrics["final_dir"] = str(final)
+        if self.best is not None:
+            best, _ = self.best.standing(trainer.state)
+            if best is not None:
+                metrics["best"] = {"step": best[0], self.best.key: best[1]}
+                if self.best.save is not None and (out / "best").is_dir():
+                    metrics["best"]["dir"] = str(out / "best")
+            if self.best.stopped_early_at is not None:
+                metrics["stopped_early_at_step"] = self.best.stopped_early_at
         if trainer.is_world_process_zero():
-            if cfg.save_checkpoints and not stopped:
-                self.processor.save_pretrained(final)
-                cfg.save(final / SETTINGS_FILE)
-                if cfg.method in ("lora", "qlora"):
-                    base = self.base
-                    (final / "base_model.txt").write_text(str(Path(base).resolve()) if Path(base).exists() else base)
-                write_marker(final, trainer.state.global_step)
-                metrics["final_dir"] = str(final)
             metrics["data"] = {
                 "train_samples": len(self.data.train),
                 "train_refused": len(self.data.train_plan.refused),
@@ -186,7 +214,10 @@ class TrainingRun:
             }
             (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
             plot_losses(trainer.state.log_history, out / "loss.png")
-            say(run_summary(metrics, cfg.metric, out))
+            summary = run_summary(metrics, cfg.metric, out)
+            if self.best is not None:
+                summary += "\n" + "\n".join(self.best.summary(trainer.state))
+            say(summary.rstrip())
         leave_process_group(trainer)
         return metrics
 
