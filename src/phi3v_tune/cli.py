@@ -30,15 +30,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .data import validate_path
+    from .data import SampleLayout, validate_path
 
     report = validate_path(
         args.data,
         image_dir=args.image_dir,
         split=args.split,
         max_image_pixels=args.max_image_pixels,
-        multi_turn=args.multi_turn,
-        video_frames=args.video_frames,
+        layout=SampleLayout(multi_turn=args.multi_turn, video_frames=args.video_frames),
     )
     print(report.format())
     return 0 if report.ok else 1
@@ -102,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=178956970,
         help="report images with more pixels than this (default: 178956970)",
     )
-    from .data.examples import MULTI_TURN
-    from .data.video import RECIPE_FRAMES
+    from .data.layout import MULTI_TURN
+    from .data.video import DEFAULT_VIDEO_FRAMES
 
     p.add_argument(
         "--multi-turn",
@@ -115,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--video-frames",
         type=int_in(1),
-        default=RECIPE_FRAMES,
-        help=f"frames sampled from a turn's video, as train --video-frames (default: {RECIPE_FRAMES}); they count as "
+        default=DEFAULT_VIDEO_FRAMES,
+        help=f"frames sampled from a turn's video, as train --video-frames (default: {DEFAULT_VIDEO_FRAMES}); they count as "
         "the turn's images when its image tags are checked",
     )
     p.set_defaults(func=cmd_validate)

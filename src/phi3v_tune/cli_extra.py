@@ -124,31 +124,30 @@ def trained_video_frames(model: str) -> int:
     recipe's 8."""
     import yaml
 
-    from .data.video import RECIPE_FRAMES
+    from .data.video import DEFAULT_VIDEO_FRAMES
 
     path = Path(model) / "train_config.yaml"
     try:
         value = yaml.safe_load(path.read_text(encoding="utf-8")).get("video_frames")
     except (OSError, AttributeError, yaml.YAMLError):
-        return RECIPE_FRAMES
-    return value if isinstance(value, int) and value > 0 else RECIPE_FRAMES
+        return DEFAULT_VIDEO_FRAMES
+    return value if isinstance(value, int) and value > 0 else DEFAULT_VIDEO_FRAMES
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import DataError, load_records, validate_records
+    from .data import DataError, SampleLayout, load_records, validate_records
     from .evaluate.runner import evaluate_records, split_questions, write_rows
 
     if args.video_frames is None:
         args.video_frames = trained_video_frames(args.model)
+    layout = SampleLayout(multi_turn=args.multi_turn, video_frames=args.video_frames)
 
     records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
     # every problem (missing or broken images and videos included) before the model loads, not mid-way through generation
-    problems = validate_records(
-        records, problems, multi_turn=args.multi_turn, video_frames=args.video_frames, decode_videos=True
-    )
+    problems = validate_records(records, problems, layout=layout, decode_videos=True)
     if problems:
         raise DataError(problems)
-    records = split_questions(records, args.multi_turn, args.questions, args.video_frames)
+    records = split_questions(records, layout, args.questions)
     rank, world = _init_distributed()
     model, processor = _load(args)
     value, rows = evaluate_records(
@@ -158,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.metric,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        video_frames_per_clip=args.video_frames,
+        video_frames=args.video_frames,
     )
     out = Path(args.output) if args.output else default_predictions_path(args.model, args.metric)
     if rank == 0:
@@ -171,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import DataError, Record, Turn, load_records, validate_records
+    from .data import DataError, Record, SampleLayout, Turn, load_records, validate_records
     from .evaluate.generate import generate_answers
     from .evaluate.runner import write_rows
 
@@ -180,13 +179,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.video_frames is None:
         args.video_frames = trained_video_frames(args.model)
     if args.data:
-        records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split, answers_optional=True)
+        records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split, answers_required=False)
     else:
         turn = Turn(args.prompt, "", list(args.image or []), video=args.video)
         records = [Record("prompt", None, [turn], origin="--prompt")]
         problems = []
     problems = validate_records(
-        records, problems, answers_required=False, video_frames=args.video_frames, decode_videos=True
+        records,
+        problems,
+        answers_required=False,
+        layout=SampleLayout(video_frames=args.video_frames),
+        decode_videos=True,
     )
     if problems:
         raise DataError(problems)
@@ -197,7 +200,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         records,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        video_frames_per_clip=args.video_frames,
+        video_frames=args.video_frames,
         progress=bool(args.data),
     )
     if args.data:
@@ -213,7 +216,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.kind == "ucf101":
         from .data.convert import convert_ucf101
 
-        files = convert_ucf101(args.src, args.out, num_frames=args.num_frames)
+        files = convert_ucf101(args.src, args.out, video_frames=args.num_frames)
     else:
         from .data.convert import convert_cauldron
 
@@ -238,13 +241,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="folder that relative image paths are relative to (default: the data file's folder, then images/ below it)",
     )
     p.add_argument("--split", default="test", help="split of a HF data set (default: test)")
-    p.add_argument("--metric", required=True, choices=["anls", "accuracy"], help="anls (DocVQA) or accuracy")
+    from .evaluate.metrics import METRICS
+
+    p.add_argument("--metric", required=True, choices=tuple(METRICS), help="anls (DocVQA) or accuracy")
     p.add_argument(
         "--output",
         help="predictions jsonl (default: MODEL/predictions-METRIC.jsonl when MODEL is a local folder you can write "
         "to, else predictions-METRIC.jsonl here)",
     )
-    from .data.examples import MULTI_TURN
+    from .data.layout import MULTI_TURN
     from .evaluate.metrics import QUESTIONS
 
     p.add_argument(
@@ -295,13 +300,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kind", choices=["ucf101", "cauldron"], help="what to convert")
     p.add_argument("--src", required=True, help="source folder (or .tar.gz for ucf101, HF data set for cauldron)")
     p.add_argument("--out", required=True, help="output folder")
-    from .data.video import RECIPE_FRAMES
+    from .data.video import DEFAULT_VIDEO_FRAMES
 
     p.add_argument(
         "--num-frames",
         type=int_in(1),
-        default=RECIPE_FRAMES,
-        help=f"frames per video (ucf101; default: {RECIPE_FRAMES})",
+        default=DEFAULT_VIDEO_FRAMES,
+        help=f"frames per video (ucf101; default: {DEFAULT_VIDEO_FRAMES})",
     )
     p.add_argument("--split", default="train", help="split to convert (cauldron; default: train)")
     p.set_defaults(func=cmd_convert)

@@ -1,4 +1,4 @@
-"""Tiny Phi-3-vision models for tests, the demo and smoke runs: same architecture and code path, seconds on a CPU.
+"""Tiny Phi-3-vision models for tests, the demo and smoke runs: same architecture and code path, small enough for a CPU.
 
 Everything is generated locally (no download): a small BPE tokenizer trained on the fly with the real tokenizer's
 special tokens and normalisation, a small config (LM hidden 64, CLIP hidden 32, 336-px crops so the HD layout is the
@@ -11,11 +11,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from ..processing.geometry import MAX_NUM_CROPS
+from ..processing.processor import Phi3VProcessor
+from ..processing.tokenizer import CHAT_TEMPLATE
 from .configuration import Phi3VConfig
 from .modeling import Phi3VForCausalLM
 
@@ -46,8 +49,6 @@ Document question answering: what is the date, the total, the name? 0 1 2 3 4 5 
 
 def build_tiny_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """A BPE tokenizer with the Phi-3 special tokens, the published normaliser and chat template."""
-    from ..processing.tokenizer import CHAT_TEMPLATE
-
     tok = Tokenizer(BPE(unk_token="<unk>", fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     # split at "▁" (kept at the start of each word) so frequent words become single tokens
@@ -63,8 +64,6 @@ def build_tiny_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 600) 
     )
     corpus = [_BASE_CORPUS, *extra_text]
     tok.train_from_iterator([line for text in corpus for line in text.splitlines() if line.strip()], trainer)
-    from tokenizers import AddedToken
-
     tok.add_special_tokens(
         [AddedToken(name, rstrip=rstrip, lstrip=False, normalized=False, special=True) for name, rstrip in _SPECIALS]
     )
@@ -149,11 +148,9 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides) -
 
 
 def save_tiny_checkpoint(
-    folder: str | Path, seed: int = 0, num_crops: int = 16, extra_text: Iterable[str] = (), **overrides
+    folder: str | Path, seed: int = 0, num_crops: int = MAX_NUM_CROPS, extra_text: Iterable[str] = (), **overrides
 ) -> Path:
     """Write a complete model folder (config, safetensors, tokenizer, preprocessor) like a published one."""
-    from ..processing.processor import Phi3VProcessor
-
     folder = Path(folder)
     tokenizer = build_tiny_tokenizer(extra_text)
     model = tiny_model(tokenizer, seed=seed, **overrides)

@@ -112,7 +112,7 @@ def sample_shapes(records, lengths: list[int], num_crops: int, tokenizer) -> dic
     """Per sample id: LM tokens (as planned), real crops and image tokens (from the image header), label tokens."""
     from PIL import Image
 
-    from ..processing.image import hd_size, num_image_tokens
+    from ..processing.geometry import hd_size, num_crops_used, num_image_tokens
 
     shapes = {}
     for rec, length in zip(records, lengths):
@@ -120,7 +120,7 @@ def sample_shapes(records, lengths: list[int], num_crops: int, tokenizer) -> dic
         for ref in rec.images:
             with Image.open(ref) as im:
                 h, w = hd_size(im.width, im.height, num_crops)
-            crops += 1 + (h // 336) * (w // 336)
+            crops += num_crops_used(h, w)
             image_tokens += num_image_tokens(h, w)
         answers = sum(len(tokenizer(t.assistant, add_special_tokens=False)["input_ids"]) + 2 for t in rec.turns)
         shapes[rec.id] = SampleShape(length, crops, image_tokens, answers)

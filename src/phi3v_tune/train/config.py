@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from ..data.examples import MULTI_TURN
-from ..data.video import RECIPE_FRAMES
-from ..evaluate.metrics import QUESTIONS
+from ..data.layout import MULTI_TURN
+from ..data.video import DEFAULT_VIDEO_FRAMES
+from ..evaluate.metrics import METRICS, QUESTIONS
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")
@@ -64,7 +64,7 @@ class TrainConfig:
         "whose images alone are longer are refused and reported). Default: no truncation.",
     )
     num_crops: int = _f(16, "HD crops per image, 1..16 (the recipe uses 4 for video frames).")
-    video_frames: int = _f(RECIPE_FRAMES, "Frames sampled from each video given as a turn's 'video'.")
+    video_frames: int = _f(DEFAULT_VIDEO_FRAMES, "Frames sampled from each video given as a turn's 'video'.")
     multi_turn: str = _f(
         "conversation",
         "Layout of a sample with several turns: conversation (one chat, images numbered 1..n across it, every answer "
@@ -224,7 +224,7 @@ class TrainConfig:
         None,
         "Task metric computed by greedy generation on the evaluation data before, during "
         "(--eval-steps) and after training: anls | accuracy. Default: none (the evaluation loss only).",
-        choices=("anls", "accuracy"),
+        choices=tuple(METRICS),
     )
     eval_questions: str = _f(
         "all",

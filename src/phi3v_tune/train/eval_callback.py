@@ -31,7 +31,7 @@ class TaskMetricCallback(TrainerCallback):
             self.cfg.metric,
             batch_size=self.cfg.eval_batch_size,
             max_new_tokens=self.cfg.eval_max_new_tokens,
-            video_frames_per_clip=self.cfg.video_frames,
+            video_frames=self.cfg.video_frames,
             progress=self.cfg.progress,
         )
         if self.trainer.is_world_process_zero():

@@ -14,6 +14,7 @@ import torch
 from ..data import DataError, load_records, validate_records
 from ..data.collate import Collator
 from ..data.dataset import ConversationDataset, DataPlan, plan_records, write_refused
+from ..data.layout import SampleLayout
 from ..data.packing import PackingCollator
 from ..data.schema import Problem, Record
 from ..model.modeling import Phi3VForCausalLM
@@ -183,6 +184,11 @@ def _longer(plan: DataPlan) -> str:
     return "raise --max-length, " if any(reason != "invalid" for _, reason, _ in plan.refused) else ""
 
 
+def sample_layout(cfg: TrainConfig) -> SampleLayout:
+    """How every sample of the run is laid out (validation, planning, examples and evaluation questions)."""
+    return SampleLayout(max_length=cfg.max_length, multi_turn=cfg.multi_turn, video_frames=cfg.video_frames)
+
+
 def _read_checked(cfg: TrainConfig, data: str | list[str], split: str) -> tuple[list[Record], list[Problem]]:
     """Records of `data` and every problem of them, read and checked with the run's settings."""
     records, problems = load_records(data, image_dir=cfg.image_dir, split=split)
@@ -190,8 +196,7 @@ def _read_checked(cfg: TrainConfig, data: str | list[str], split: str) -> tuple[
         records,
         problems,
         max_image_pixels=cfg.max_image_pixels,
-        multi_turn=cfg.multi_turn,
-        video_frames=cfg.video_frames,
+        layout=sample_layout(cfg),
     )
 
 
@@ -226,9 +231,7 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
             raise DataError(eval_problems, header=f"{len(eval_problems)} problem(s) in {cfg.eval_data}:")
     elif cfg.eval_holdout > 0:
         eval_records, records = records[: cfg.eval_holdout], records[cfg.eval_holdout :]
-    plan = plan_records(
-        records, processor, cfg.max_length, cfg.video_frames, progress=is_main_process(), multi_turn=cfg.multi_turn
-    )
+    plan = plan_records(records, processor, sample_layout(cfg), progress=is_main_process())
     say(plan.summary("training data"))
     if plan.refused:
         path = output_dir / "refused_samples.tsv"
@@ -242,9 +245,7 @@ def read_data(cfg: TrainConfig, processor: Phi3VProcessor, output_dir: Path) -> 
             )
     eval_plan = None
     if eval_records:
-        eval_plan = plan_records(
-            eval_records, processor, cfg.max_length, cfg.video_frames, progress=False, multi_turn=cfg.multi_turn
-        )
+        eval_plan = plan_records(eval_records, processor, sample_layout(cfg), progress=False)
         say(eval_plan.summary("evaluation data"))
         if eval_plan.refused:  # same rule as training: a metric over fewer samples than given is not silent
             path = output_dir / "refused_eval_samples.tsv"
@@ -362,14 +363,8 @@ def build_trainer(cfg: TrainConfig, data: LoadedData, processor: Phi3VProcessor,
     from .trainer import Phi3VTrainer, ProgressBar
 
     select_sdpa_backend(cfg)
-    train_ds = ConversationDataset(
-        data.train, processor, cfg.max_length, cfg.video_frames, data.train_plan.lengths, multi_turn=cfg.multi_turn
-    )
-    eval_ds = (
-        ConversationDataset(data.eval, processor, cfg.max_length, cfg.video_frames, multi_turn=cfg.multi_turn)
-        if data.eval
-        else None
-    )
+    train_ds = ConversationDataset(data.train, processor, sample_layout(cfg), data.train_plan.lengths)
+    eval_ds = ConversationDataset(data.eval, processor, sample_layout(cfg)) if data.eval else None
     train_collator, eval_collator = data_collators(cfg, processor, model)
     trainer = Phi3VTrainer(
         model=model,
@@ -428,9 +423,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     set_seed(cfg.seed)
     base = ensure_base_model(cfg)
     processor = Phi3VProcessor.from_pretrained(
-        base, num_crops=cfg.num_crops, apply_exif_orientation=cfg.apply_exif_orientation
+        base,
+        num_crops=cfg.num_crops,
+        apply_exif_orientation=cfg.apply_exif_orientation,
+        max_image_pixels=cfg.max_image_pixels,
     )
-    processor.image_processor.max_image_pixels = cfg.max_image_pixels
     data = read_data(cfg, processor, out)
     if (cfg.metric or cfg.eval_steps) and not data.eval:
         say(
@@ -459,7 +456,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         from .eval_callback import TaskMetricCallback
 
         task_metric = TaskMetricCallback(
-            trainer, processor, split_questions(data.eval, cfg.multi_turn, cfg.eval_questions, cfg.video_frames), cfg
+            trainer, processor, split_questions(data.eval, sample_layout(cfg), cfg.eval_questions), cfg
         )
         trainer.add_callback(task_metric)
 

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..data.collate import IGNORE_INDEX
+from ..model.loss import IGNORE_INDEX
 from ..model.modeling import set_rope_per_sample
 from .checkpoints import MARKER, write_marker
 
