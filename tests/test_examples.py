@@ -295,3 +295,28 @@ def test_questions_with_placed_tags_are_scored_one_by_one(proc, multi_turn):
         ref = proc(text=prompt, images=[a, b])
         assert ex["input_ids"].tolist() == ref["input_ids"][0].tolist()
         assert torch.equal(ex["pixel_values"], ref["pixel_values"])
+
+
+def test_data_layer_public_names(proc):
+    """`phi3v_tune.data` gives what a user of the data layer needs: `build_example` (the same function as in
+    `data.examples`), the `SampleLayout` it takes, and the multi-turn choices next to it."""
+    import phi3v_tune.data as data
+    from phi3v_tune.data import MULTI_TURN, SampleLayout, build_example as public_build_example
+    from phi3v_tune.data.video import DEFAULT_VIDEO_FRAMES
+
+    assert {"build_example", "SampleLayout", "MULTI_TURN", "SampleRefused", "Collator"} <= set(data.__all__)
+    assert all(getattr(data, name) is not None for name in data.__all__)
+    assert public_build_example is build_example and MULTI_TURN == ("conversation", "recipe")
+    assert SampleLayout() == SampleLayout(None, "conversation", DEFAULT_VIDEO_FRAMES) and DEFAULT_VIDEO_FRAMES == 8
+    with pytest.raises(AttributeError, match="frozen|cannot assign"):
+        SampleLayout().max_length = 5  # type: ignore[misc]
+    with pytest.raises(ValueError, match="frames per video must be >= 1, got 0"):
+        SampleLayout(video_frames=0)
+    rec = Record("p", None, [Turn("What is it?", "A dot.", [img(40, 30)])])
+    ex = public_build_example(rec, proc, SampleLayout(max_length=1000))
+    assert ex["id"] == "p" and ex["pixel_values"].shape[0] == 1 and not ex["truncated"]
+    assert int((ex["labels"] != IGNORE_INDEX).sum()) == len(
+        proc.tokenizer("A dot.<|end|>\n<|endoftext|>", add_special_tokens=False)["input_ids"]
+    )
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        data.nothing  # noqa: B018

@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--video-frames",
         type=int_in(1),
         default=DEFAULT_VIDEO_FRAMES,
-        help=f"frames sampled from a turn's video, as train --video-frames (default: {DEFAULT_VIDEO_FRAMES}); they count as "
-        "the turn's images when its image tags are checked",
+        help=f"frames sampled from a turn's video, as train --video-frames (default: {DEFAULT_VIDEO_FRAMES}); they "
+        "count as the turn's images when its image tags are checked",
     )
     p.set_defaults(func=cmd_validate)
 

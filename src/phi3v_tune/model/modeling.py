@@ -407,7 +407,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         see `data.packing`). `image_token_count`: optional host-side count of the ids < 0 (see `Phi3VModel.embed`).
         Logits are float32, as the published model returns them. With `labels` the loss path runs (chunked, building
         no KV cache unless `use_cache=True` is asked for); it returns the logits too unless `return_logits=False`
-        (default: in eval mode only; training never reads them, and a document's full-vocabulary logits are sequence length x 32064 floats)."""
+        (default: in eval mode only; training never reads them, and a document's full-vocabulary logits are sequence
+        length x 32064 floats)."""
         _pass_set(
             kwargs,
             output_attentions=output_attentions,

@@ -16,7 +16,7 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from ..processing.geometry import MAX_NUM_CROPS
+from ..processing.geometry import CROP_SIZE, MAX_NUM_CROPS, TOKENS_PER_CROP
 from ..processing.processor import Phi3VProcessor
 from ..processing.tokenizer import CHAT_TEMPLATE
 from .configuration import Phi3VConfig
@@ -88,7 +88,7 @@ def build_tiny_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 600) 
 PUBLISHED_DEPTH = dict(
     num_hidden_layers=32,
     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 24, "num_attention_heads": 4,
-                   "image_size": 336, "patch_size": 14, "projection_dim": 32},
+                   "image_size": CROP_SIZE, "patch_size": 14, "projection_dim": 32},
 )  # fmt: skip
 
 
@@ -116,13 +116,13 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> Phi3VConfig:
         eos_token_id=tokenizer.convert_tokens_to_ids("</s>"),
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        img_processor={"image_dim_out": 32, "num_img_tokens": 144},
+        img_processor={"image_dim_out": 32, "num_img_tokens": TOKENS_PER_CROP},
         vision_config={
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 3,
             "num_attention_heads": 4,
-            "image_size": 336,
+            "image_size": CROP_SIZE,
             "patch_size": 14,
             "projection_dim": 32,
         },

@@ -3,8 +3,9 @@
 The numbers produced here must match the published Phi-3.5-vision processor bit for bit (resize filter, white
 padding, CLIP normalisation, bicubic global view, row-major crops), because the model was trained on exactly this
 geometry: a different resize filter, padding colour or crop order would silently shift every image feature the model
-sees. The arithmetic (crop size, resize targets, token counts) lives in ``geometry``. Loading (``load_image``) is stricter than the published code: it
-fails early, with the file named, on inputs that would otherwise crash a training run hours later.
+sees. The arithmetic (crop size, resize targets, token counts) lives in ``geometry``. Loading (``load_image``) is
+stricter than the published code: it fails early, with the file named, on inputs that would otherwise crash a training
+run hours later.
 """
 
 from __future__ import annotations
