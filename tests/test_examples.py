@@ -301,7 +301,8 @@ def test_data_layer_public_names(proc):
     """`phi3v_tune.data` gives what a user of the data layer needs: `build_example` (the same function as in
     `data.examples`), the `SampleLayout` it takes, and the multi-turn choices next to it."""
     import phi3v_tune.data as data
-    from phi3v_tune.data import MULTI_TURN, SampleLayout, build_example as public_build_example
+    from phi3v_tune.data import MULTI_TURN, SampleLayout
+    from phi3v_tune.data import build_example as public_build_example
     from phi3v_tune.data.video import DEFAULT_VIDEO_FRAMES
 
     assert {"build_example", "SampleLayout", "MULTI_TURN", "SampleRefused", "Collator"} <= set(data.__all__)

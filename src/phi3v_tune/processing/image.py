@@ -38,6 +38,8 @@ from .geometry import (
     oriented_size,
 )
 
+# CROP_SIZE, DEFAULT_MAX_IMAGE_PIXELS, MAX_NUM_CROPS, hd_size and num_image_tokens are defined in `geometry` and
+# remain importable from here, where the published processor's users look for them.
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
