@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from phi3v_tune.config import TrainConfig
 from phi3v_tune.model.modeling import Phi3VForCausalLM
 from phi3v_tune.model.presets import phi35_vision_config
 from phi3v_tune.model.tiny import PUBLISHED_DEPTH, build_tiny_tokenizer, tiny_config
 from phi3v_tune.processing.processor import Phi3VProcessor
 from phi3v_tune.train.compile import compile_layers
-from phi3v_tune.config import TrainConfig
 from phi3v_tune.train.strategies import LoraSettings, apply_strategy
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 av = pytest.importorskip("av")
 
-from phi3v_tune.data import load_records  # noqa: E402
+from phi3v_tune.data import SampleLayout, load_records  # noqa: E402
 from phi3v_tune.data.convert import convert_cauldron, convert_ucf101  # noqa: E402
 from phi3v_tune.data.video import count_frames, frame_indices, sample_frames  # noqa: E402
 
@@ -58,7 +58,7 @@ def test_frame_indices_are_the_recipes():
 
 def test_ucf101_layout_ids_questions_and_frames(ucf_tree, tmp_path):
     out = tmp_path / "out"
-    files = convert_ucf101(ucf_tree, out, num_frames=8)
+    files = convert_ucf101(ucf_tree, out, video_frames=8)
     assert [f.name for f in files] == ["ucf101_train.jsonl", "ucf101_test.jsonl"]  # the recipe's file names
     lines = [json.loads(x) for x in (out / "ucf101_train.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == [f"train-{i:010d}" for i in range(4)]
@@ -103,12 +103,12 @@ def test_ucf101_classes_from_every_split_and_short_videos(tmp_path):
     assert [grey_index(out / "images" / r) for r in short] == [0, 1, 2, 3, 4]
 
 
-def test_ucf101_from_tar_and_num_frames(ucf_tree, tmp_path):
+def test_ucf101_from_tar_and_video_frames(ucf_tree, tmp_path):
     archive = tmp_path / "UCF101_subset.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(ucf_tree, arcname="UCF101_subset")
     out = tmp_path / "from_tar"
-    convert_ucf101(archive, out, num_frames=4)
+    convert_ucf101(archive, out, video_frames=4)
     line = json.loads((out / "ucf101_test.jsonl").read_text().splitlines()[3])
     assert line["id"] == "test-0000000007" and len(line["conversations"][0]["images"]) == 4
 
@@ -220,10 +220,10 @@ def test_a_video_turn_trains_as_its_sampled_frames(tmp_path, tiny_processor):
     )
     (record,), problems = read_jsonl(tmp_path / "d.jsonl")
     assert not problems and record.turns[0].video.endswith("clip.avi")
-    example = build_example(record, tiny_processor, video_frames_per_clip=8)
+    example = build_example(record, tiny_processor, SampleLayout(video_frames=8))
     assert example["num_images"] == 8 and example["pixel_values"].shape[0] == 8
     assert [int((example["input_ids"] == -k).sum() > 0) for k in range(1, 9)] == [1] * 8
-    assert build_example(record, tiny_processor, video_frames_per_clip=4)["num_images"] == 4
+    assert build_example(record, tiny_processor, SampleLayout(video_frames=4))["num_images"] == 4
 
 
 def test_evaluation_questions_of_a_video_record_keep_its_frames_and_golds(tmp_path, tiny_processor):
@@ -248,17 +248,17 @@ def test_evaluation_questions_of_a_video_record_keep_its_frames_and_golds(tmp_pa
     (tmp_path / "d.jsonl").write_text(json.dumps(line) + "\n")
     (record,), problems = read_jsonl(tmp_path / "d.jsonl")
     assert not problems and not validate_records([record])
-    first, second = split_questions([record], video_frames_per_clip=8)
+    first, second = split_questions([record], SampleLayout(video_frames=8))
     frames = sample_frames(tmp_path / "clip.avi", 8)
     for q in (first, second):
         assert len(q.turns) == 1 and q.turns[0].video is None and len(q.turns[0].images) == 9
         assert [np.asarray(f).tolist() for f in q.turns[0].images[:8]] == [np.asarray(f).tolist() for f in frames]
-        example = build_example(q, tiny_processor, for_generation=True, video_frames_per_clip=8)
+        example = build_example(q, tiny_processor, SampleLayout(video_frames=8), for_generation=True)
         assert example["num_images"] == 9
     assert first.turns[0].user == "<|image_9|>\n" + turns[0]["user"]
     assert second.turns[0].user == "".join(f"<|image_{k}|>" for k in range(1, 9)) + "\nand <|image_9|>?"
     assert golds_of(first) == ["fade"] and golds_of(second) == ["red", "crimson"]
-    (only,) = split_questions([record], questions="first", video_frames_per_clip=8)
+    (only,) = split_questions([record], SampleLayout(video_frames=8), questions="first")
     assert only.id == "v" and golds_of(only) == ["fade"] and len(only.turns[0].images) == 9
 
 

@@ -434,6 +434,38 @@ def test_docvqa_plain_question_and_generated_ids(tmp_path):
     assert problems == [] and records[0].id == "val-0000000000" and records[0].answers == ["a", "b"]
 
 
+def test_unanswered_questions_are_read_only_when_answers_are_not_required(tmp_path):
+    """`answers_required=False` (predict) reaches every reader, through a data folder, a list of sources, a .json
+    list and a table: a last turn without "assistant" (or a row without answers) is a question with an empty answer;
+    an earlier turn still needs its answer. By default each is a problem, and the choice never leaks into a later
+    read."""
+    import datasets
+
+    folder = tmp_path / "data"
+    save_image(folder / "a.png")
+    asked = {"id": "q", "conversations": [{"images": ["a.png"], "user": "What?"}]}
+    early = {"id": "e", "conversations": [{"user": "1?"}, {"user": "2?", "assistant": "x"}]}
+    write_jsonl(folder / "test.jsonl", [asked, early])
+    (folder / "more.json").write_text(json.dumps([{**asked, "id": "j"}]))
+    ds = datasets.Dataset.from_dict({"image": [png_bytes()], "question": ["Q?"], "answers": [[]]})
+    ds.save_to_disk(str(tmp_path / "table"))
+
+    records, problems = load_records([folder, folder / "more.json"], split="test", answers_required=False)
+    assert [(r.id, r.turns[-1].assistant) for r in records] == [("q", ""), ("j", "")]
+    assert [(p.id, p.field) for p in problems] == [("e", "conversations[0].assistant")]
+    assert "only the last turn's answer may be left out" in problems[0].message
+    (row,), none = load_records(tmp_path / "table", split="train", answers_required=False)
+    assert none == [] and row.answers == [""] and row.turns[0].assistant == ""
+
+    records, problems = load_records([folder, folder / "more.json"], split="test")
+    assert records == [] and [(p.id, p.field) for p in problems] == [
+        ("q", "conversations[0].assistant"),
+        ("e", "conversations[0].assistant"),
+        ("j", "conversations[0].assistant"),
+    ]
+    assert load_records(tmp_path / "table", split="train")[1][0].field == "answers"
+
+
 def test_conversations_dataset(tmp_path):
     import datasets
 

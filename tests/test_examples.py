@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from phi3v_tune import Phi3VProcessor
-from phi3v_tune.data import Record, Turn
+from phi3v_tune.data import Record, SampleLayout, Turn
 from phi3v_tune.data.examples import IGNORE_INDEX, SampleRefused, build_example
 from phi3v_tune.processing.image import Phi3VImageProcessor
 
@@ -88,7 +88,7 @@ def test_cauldron_nlvr2_row_in_the_recipe_layout_equals_its_nlvr2_script(proc, t
     datasets.Dataset.from_dict({"images": [[left, right]], "texts": [texts]}).save_to_disk(str(tmp_path / "nlvr2"))
     (record,), problems = load_records(tmp_path / "nlvr2", split="train")
     assert problems == []
-    ex = build_example(record, proc, multi_turn="recipe")
+    ex = build_example(record, proc, SampleLayout(multi_turn="recipe"))
     want_ids: list[int] = []
     want_labels: list[int] = []
     for i, text in enumerate(texts):
@@ -209,14 +209,14 @@ def test_max_length_cuts_text_after_the_last_image_only(proc):
     full = build_example(rec, proc)
     n = full["input_ids"].shape[0]
     image_end = int((full["input_ids"] < 0).nonzero().max()) + 1
-    cut = build_example(rec, proc, max_length=n - 5)
+    cut = build_example(rec, proc, SampleLayout(max_length=n - 5))
     assert cut["truncated"] and cut["input_ids"].tolist() == full["input_ids"].tolist()[: n - 5]
     assert cut["labels"].tolist() == full["labels"].tolist()[: n - 5]
     with pytest.raises(SampleRefused, match="images alone need") as err:
-        build_example(rec, proc, max_length=image_end - 1)
+        build_example(rec, proc, SampleLayout(max_length=image_end - 1))
     assert err.value.reason == "images_exceed_max_length" and err.value.record_id == "m"
     with pytest.raises(SampleRefused, match="no answer token"):
-        build_example(rec, proc, max_length=image_end + 3)
+        build_example(rec, proc, SampleLayout(max_length=image_end + 3))
 
 
 def test_header_only_lengths_equal_real_lengths(proc):
@@ -246,7 +246,7 @@ def test_recipe_multi_turn_layout_is_each_turn_as_its_own_prompt(proc):
         Turn("<|image_2|> or <|image_1|>: which is wider?", "The second.", [b, c]),
     ]
     rec = Record("r", None, turns)
-    ex = build_example(rec, proc, multi_turn="recipe")
+    ex = build_example(rec, proc, SampleLayout(multi_turn="recipe"))
     ids, labels, pixels, sizes = [], [], [], []
     for user, answer, images in [
         ("<|image_1|>\nDescribe the first.", "A red square.", [a]),
@@ -268,12 +268,12 @@ def test_recipe_multi_turn_layout_is_each_turn_as_its_own_prompt(proc):
     assert ids.count(1) == 3 + 3  # a <s> opening every turn and one after each of the 3 images
     assert [x for x in labels if x != IGNORE_INDEX].count(32000) == 3  # <|endoftext|> after every answer
     # planning from image headers gives the built length; the default layout is still one conversation
-    (length,) = plan_records([rec], proc, None, progress=False, multi_turn="recipe").lengths
+    (length,) = plan_records([rec], proc, SampleLayout(multi_turn="recipe"), progress=False).lengths
     assert length == len(ids)
     with pytest.raises(ValueError, match="numbered across the conversation"):  # the default numbers across turns
         build_example(rec, proc)
     with pytest.raises(ValueError, match="multi_turn must be one of conversation, recipe"):
-        build_example(rec, proc, multi_turn="turns")
+        build_example(rec, proc, SampleLayout(multi_turn="turns"))
 
 
 @pytest.mark.parametrize("multi_turn", ["conversation", "recipe"])
@@ -285,7 +285,7 @@ def test_questions_with_placed_tags_are_scored_one_by_one(proc, multi_turn):
     a, b = img(40, 40, 1), img(50, 40, 2)
     second = "and <|image_2|>?" if multi_turn == "conversation" else "and <|image_1|>?"
     rec = Record("r", None, [Turn("<|image_1|> what?", "x", [a]), Turn(second, "y", [b])])
-    questions = split_questions([rec], multi_turn)
+    questions = split_questions([rec], SampleLayout(multi_turn=multi_turn))
     assert [q.turns[0].user for q in questions] == ["<|image_2|>\n<|image_1|> what?", "<|image_1|>\nand <|image_2|>?"]
     for q in questions:
         ex = build_example(q, proc, for_generation=True)
@@ -295,3 +295,29 @@ def test_questions_with_placed_tags_are_scored_one_by_one(proc, multi_turn):
         ref = proc(text=prompt, images=[a, b])
         assert ex["input_ids"].tolist() == ref["input_ids"][0].tolist()
         assert torch.equal(ex["pixel_values"], ref["pixel_values"])
+
+
+def test_data_layer_public_names(proc):
+    """`phi3v_tune.data` gives what a user of the data layer needs: `build_example` (the same function as in
+    `data.examples`), the `SampleLayout` it takes, and the multi-turn choices next to it."""
+    import phi3v_tune.data as data
+    from phi3v_tune.data import MULTI_TURN, SampleLayout
+    from phi3v_tune.data import build_example as public_build_example
+    from phi3v_tune.data.video import DEFAULT_VIDEO_FRAMES
+
+    assert {"build_example", "SampleLayout", "MULTI_TURN", "SampleRefused", "Collator"} <= set(data.__all__)
+    assert all(getattr(data, name) is not None for name in data.__all__)
+    assert public_build_example is build_example and MULTI_TURN == ("conversation", "recipe")
+    assert SampleLayout() == SampleLayout(None, "conversation", DEFAULT_VIDEO_FRAMES) and DEFAULT_VIDEO_FRAMES == 8
+    with pytest.raises(AttributeError, match="frozen|cannot assign"):
+        SampleLayout().max_length = 5  # type: ignore[misc]
+    with pytest.raises(ValueError, match="frames per video must be >= 1, got 0"):
+        SampleLayout(video_frames=0)
+    rec = Record("p", None, [Turn("What is it?", "A dot.", [img(40, 30)])])
+    ex = public_build_example(rec, proc, SampleLayout(max_length=1000))
+    assert ex["id"] == "p" and ex["pixel_values"].shape[0] == 1 and not ex["truncated"]
+    assert int((ex["labels"] != IGNORE_INDEX).sum()) == len(
+        proc.tokenizer("A dot.<|end|>\n<|endoftext|>", add_special_tokens=False)["input_ids"]
+    )
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        data.nothing  # noqa: B018

@@ -46,6 +46,7 @@ from PIL import Image
 
 from phi3v_tune.data.dataset import plan_records
 from phi3v_tune.data.examples import SampleRefused, build_example
+from phi3v_tune.data.layout import SampleLayout
 from phi3v_tune.data.schema import DataError, Problem
 from phi3v_tune.data.sources import read_jsonl
 from phi3v_tune.data.validate import validate_records
@@ -105,8 +106,8 @@ def processor(max_image_pixels: int):
     from phi3v_tune import Phi3VProcessor
     from phi3v_tune.model.tiny import build_tiny_tokenizer
 
-    proc = Phi3VProcessor.from_tokenizer(build_tiny_tokenizer(), num_crops=NUM_CROPS)
-    proc.image_processor.max_image_pixels = max_image_pixels  # what train/run.py does with cfg.max_image_pixels
+    # what train/run.py does with cfg.max_image_pixels
+    proc = Phi3VProcessor.from_tokenizer(build_tiny_tokenizer(), num_crops=NUM_CROPS, max_image_pixels=max_image_pixels)
     # --apply-exif-orientation: header-only planning must then rotate too (the default, off, is the published
     # processor's behaviour, tested in test_image_processor.py)
     proc.image_processor.apply_exif_orientation = True
@@ -726,7 +727,7 @@ def run_pipeline(
     bad_origins = {p.origin for p in problems}
     usable = [r for r in records if r.origin not in bad_origins]
     proc = processor(limit)
-    plan = plan_records(usable, proc, max_length=max_length, progress=False)
+    plan = plan_records(usable, proc, SampleLayout(max_length=max_length), progress=False)
     assert len(plan.kept) + len(plan.refused) == len(usable)  # nothing dropped silently
     by_id = {r.id: r for r in usable}
     refused: dict[str, Exception] = {}
@@ -737,7 +738,7 @@ def run_pipeline(
     examples = {}
     for record, length in zip(plan.kept, plan.lengths):
         try:
-            example = build_example(record, proc, max_length=max_length)
+            example = build_example(record, proc, SampleLayout(max_length=max_length))
         except ValueError as err:  # includes SampleRefused and DataError
             assert names_a_file(str(err), jsonl, record), f"build error does not name the file: {err}"
             err.late = True  # type: ignore[attr-defined]

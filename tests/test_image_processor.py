@@ -406,6 +406,48 @@ def test_exif_orientation_applied(tmp_path):
     assert Phi3VImageProcessor(apply_exif_orientation=True)([path])["image_sizes"].tolist() == [list(hd_size(20, 40))]
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_header_size_is_the_size_load_image_returns(tmp_path, orientation):
+    """Planning reads sizes from headers (`header_size`); with or without EXIF rotation they are the sizes
+    `load_image` decodes, for every orientation value (5-8 swap width and height, 1-4 do not)."""
+    from phi3v_tune.processing.geometry import SIDE_SWAPPING_ORIENTATIONS
+    from phi3v_tune.processing.image import header_size
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "o.jpg"
+    noise(40, 20).save(path, exif=exif)
+    for rotate in (False, True):
+        assert header_size(path, rotate) == load_image(path, apply_exif_orientation=rotate).size
+        assert header_size(path.read_bytes(), rotate) == header_size(path, rotate)
+        with Image.open(path) as opened:
+            assert header_size(opened, rotate) == header_size(path, rotate)
+    assert header_size(path, True) == ((20, 40) if orientation in SIDE_SWAPPING_ORIENTATIONS else (40, 20))
+    with pytest.raises(ValueError, match="file not found"):
+        header_size(tmp_path / "none.jpg")
+
+
+def test_geometry_is_one_set_of_numbers():
+    """The crop size, crop counts and token formula that the pixel path, the model and the flags share."""
+    from phi3v_tune.model import vision
+    from phi3v_tune.processing import geometry
+
+    assert geometry.CROP_SIZE == vision.CROP_SIZE == 336
+    assert list(geometry.TRAIN_NUM_CROPS) == list(range(1, 17)) and geometry.MAX_NUM_CROPS == 16
+    assert geometry.num_crops_used(336, 336) == 2 and geometry.num_crops_used(1008, 1680) == 16
+    sizes = [[336, 336], [1008, 1680], [672, 336]]
+    assert vision.Phi3VImageEmbedding.crops_per_image(sizes) == [geometry.num_crops_used(h, w) for h, w in sizes]
+    out = Phi3VImageProcessor(num_crops=16)([noise(1000, 500), noise(30, 900)])
+    for (h, w), tokens, crops in zip(out["image_sizes"].tolist(), out["num_img_tokens"], out["pixel_values"]):
+        assert tokens == geometry.num_image_tokens(h, w)
+        used = int((crops.flatten(1).abs().sum(1) > 0).sum())
+        assert used == geometry.num_crops_used(h, w)  # every other slot is zero padding
+    assert geometry.image_tag(3) == "<|image_3|>" and geometry.IMAGE_TAG.findall("<|image_3|>x<|image_12|>") == [
+        "3",
+        "12",
+    ]
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_truncated_file_fails_with_name(fmt, tmp_path):
     buf = io.BytesIO()

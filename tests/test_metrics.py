@@ -41,3 +41,21 @@ def test_accuracy_normalises_case_dots_and_whitespace():
     assert is_correct(" Yes.", "yes")
     assert not is_correct("yes no", "yes")
     assert accuracy(["A", "b", "c."], ["a", "B", "d"]) == pytest.approx(2 / 3)
+
+
+def test_metric_registry_scores_corpora_and_single_questions():
+    """`METRICS` is the one list of metric names (the --metric choices); each entry scores a corpus, and a question
+    scored alone (`score`, the per-sample rows of eval) gives the same numbers whose mean is the corpus score."""
+    from phi3v_tune.evaluate.metrics import METRICS, score
+
+    assert tuple(METRICS) == ("anls", "accuracy")
+    predictions = ["Paris", "1,000", "no."]
+    golds = [["paris", "Paris"], ["1000"], ["No", "nope"]]
+    assert METRICS["accuracy"](predictions, golds) == pytest.approx(2 / 3)  # any gold counts; "1,000" != "1000"
+    assert METRICS["anls"](predictions, golds) == pytest.approx((1 + 0.8 + 0) / 3)  # "no" vs "No": case counts
+    for name, corpus in METRICS.items():
+        rows = [score(name, p, g) for p, g in zip(predictions, golds)]
+        assert sum(rows) / len(rows) == pytest.approx(corpus(predictions, golds))
+    assert score("accuracy", "Yes.", "yes") == 1.0  # one gold answer may be a plain string
+    with pytest.raises(ValueError, match="unknown metric 'bleu'; known: anls, accuracy"):
+        score("bleu", "a", ["a"])

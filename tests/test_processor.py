@@ -154,6 +154,24 @@ def test_save_and_reload_keeps_everything(real, real_tokenizer_dir, tmp_path):
     assert Phi3VProcessor.from_pretrained(tmp_path, num_crops=16).num_crops == 16
 
 
+def test_max_image_pixels_is_a_loading_keyword_never_saved(tiny_tokenizer, tmp_path):
+    """`max_image_pixels` is given when the processor is built (what `train` does with --max-image-pixels), refuses
+    larger images, and never lands in preprocessor_config.json (the published format has no such key)."""
+    import json
+
+    Phi3VProcessor.from_tokenizer(tiny_tokenizer, num_crops=4, max_image_pixels=1000).save_pretrained(tmp_path)
+    assert "max_image_pixels" not in json.loads((tmp_path / "preprocessor_config.json").read_text())
+    strict = Phi3VProcessor.from_pretrained(tmp_path, max_image_pixels=1000)
+    assert strict.num_crops == 4 and strict.image_processor.max_image_pixels == 1000
+    with pytest.raises(ValueError, match="max_image_pixels=1000"):
+        strict(text="<|image_1|>", images=[img(40, 30)])
+    assert strict(text="<|image_1|>", images=[img(40, 25)])["pixel_values"].shape[0] == 1
+    default = Phi3VProcessor.from_pretrained(tmp_path)
+    assert default.image_processor.max_image_pixels == 178_956_970
+    assert Phi3VProcessor.from_pretrained(tmp_path, max_image_pixels=None).image_processor.max_image_pixels is None
+    assert Phi3VImageProcessor.from_pretrained(tmp_path, max_image_pixels=5).max_image_pixels == 5
+
+
 def test_saved_preprocessor_config_has_the_published_keys(real, tmp_path, published_dir):
     """Every key of the published preprocessor_config.json, auto_map included (the publisher's remote code finds
     its classes through it), with the published values at the published num_crops."""

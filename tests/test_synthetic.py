@@ -19,11 +19,11 @@ from phi3v_tune.data.synthetic import (
     PALETTE,
     QUESTIONS,
     TASKS,
-    answer_is_correct,
     demo_split,
     make_demo_records,
     write_jsonl,
 )
+from phi3v_tune.evaluate.metrics import is_correct
 
 N_IMAGES = {"colour": 1, "shape": 1, "compare": 2, "motion": MOTION_FRAMES, "video": MOTION_FRAMES}
 
@@ -213,10 +213,11 @@ def test_bad_arguments():
 
 
 def test_answer_is_correct():
-    assert answer_is_correct(" Red. ", "red")
-    assert answer_is_correct("FIRST", "first.")
-    assert not answer_is_correct("reddish", "red")
-    assert not answer_is_correct("", "red")
+    """The demo scores its answers with the recipe's accuracy rule (one home: evaluate.metrics)."""
+    assert is_correct(" Red. ", "red")
+    assert is_correct("FIRST", "first.")
+    assert not is_correct("reddish", "red")
+    assert not is_correct("", "red")
 
 
 def test_video_task_switches_colour_halfway(records):

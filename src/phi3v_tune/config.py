@@ -19,9 +19,10 @@ from typing import Any
 
 import yaml
 
-from .data.examples import MULTI_TURN
-from .data.video import RECIPE_FRAMES
-from .evaluate.metrics import QUESTIONS
+from .data.layout import MULTI_TURN, SampleLayout
+from .data.video import DEFAULT_VIDEO_FRAMES
+from .evaluate.metrics import METRICS, QUESTIONS
+from .processing.geometry import DEFAULT_MAX_IMAGE_PIXELS, TRAIN_NUM_CROPS
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")
@@ -78,7 +79,9 @@ class TrainConfig:
         group="data",
     )
     num_crops: int = _f(16, "HD crops per image, 1..16 (the recipe uses 4 for video frames).", group="data")
-    video_frames: int = _f(RECIPE_FRAMES, "Frames sampled from each video given as a turn's 'video'.", group="data")
+    video_frames: int = _f(
+        DEFAULT_VIDEO_FRAMES, "Frames sampled from each video given as a turn's 'video'.", group="data"
+    )
     multi_turn: str = _f(
         "conversation",
         "Layout of a sample with several turns: conversation (one chat, images numbered 1..n across it, every answer "
@@ -96,7 +99,7 @@ class TrainConfig:
         group="data",
     )
     max_image_pixels: int | None = _f(
-        178956970, "Refuse images with more pixels than this (decompression bombs).", group="data"
+        DEFAULT_MAX_IMAGE_PIXELS, "Refuse images with more pixels than this (decompression bombs).", group="data"
     )
     apply_exif_orientation: bool | None = _f(
         None,
@@ -313,7 +316,7 @@ class TrainConfig:
         None,
         "Task metric computed by greedy generation on the evaluation data before, during "
         "(--eval-steps) and after training: anls | accuracy. Default: none (the evaluation loss only).",
-        choices=("anls", "accuracy"),
+        choices=tuple(METRICS),
         group="evaluation",
     )
     keep_best: bool | None = _f(
@@ -393,11 +396,13 @@ class TrainConfig:
             eval_holdout=self.eval_holdout,
             image_dir=self.image_dir,
             max_image_pixels=self.max_image_pixels,
-            max_length=self.max_length,
-            multi_turn=self.multi_turn,
-            video_frames=self.video_frames,
+            layout=self.layout(),
             skip_bad_samples=self.skip_bad_samples,
         )
+
+    def layout(self) -> SampleLayout:
+        """How every sample of the run is laid out (validation, planning, examples and evaluation questions)."""
+        return SampleLayout(max_length=self.max_length, multi_turn=self.multi_turn, video_frames=self.video_frames)
 
     def has_eval_data(self) -> bool:
         return bool(self.eval_data) or self.eval_holdout > 0
@@ -527,8 +532,10 @@ class TrainConfig:
                 raise ValueError("--checkpointing-layers counts decoder layers: use it with scope all or language")
         if self.packing_max_tokens is not None and self.packing_max_tokens < 1:
             raise ValueError(f"--packing-max-tokens must be >= 1, got {self.packing_max_tokens}")
-        if not 1 <= self.num_crops <= 16:
-            raise ValueError(f"--num-crops must be in 1..16, got {self.num_crops}")
+        if self.num_crops not in TRAIN_NUM_CROPS:
+            raise ValueError(
+                f"--num-crops must be in {TRAIN_NUM_CROPS.start}..{TRAIN_NUM_CROPS.stop - 1}, got {self.num_crops}"
+            )
         if self.video_frames < 1:
             raise ValueError(f"--video-frames must be >= 1, got {self.video_frames}")
         if self.master_weights == "bf16-sr":
@@ -594,9 +601,7 @@ class DataSettings:
     eval_holdout: int
     image_dir: str | None
     max_image_pixels: int | None
-    max_length: int | None
-    multi_turn: str
-    video_frames: int
+    layout: SampleLayout
     skip_bad_samples: bool
 
 

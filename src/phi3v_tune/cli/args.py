@@ -15,6 +15,7 @@ import difflib
 from typing import Any
 
 from ..config import FIELDS, base_type, default_note
+from ..processing.geometry import TRAIN_NUM_CROPS
 
 #: Hugging Face Trainer / script spellings users bring along, and names this tool used before.
 HF_SPELLINGS = {
@@ -67,7 +68,7 @@ def flag(name: str) -> str:
 
 #: The value types of fields whose flag takes a checked range instead of the bare type.
 FIELD_TYPES: dict[str, Any] = {
-    "num_crops": int_in(1, 16),
+    "num_crops": int_in(TRAIN_NUM_CROPS.start, TRAIN_NUM_CROPS.stop - 1),
     "video_frames": int_in(1),
     "max_image_pixels": int_in(1),
     "eval_batch_size": int_in(1),

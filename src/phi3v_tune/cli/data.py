@@ -9,15 +9,14 @@ from .args import add_data_arguments, field_option
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ..data import validate_path
+    from ..data import SampleLayout, validate_path
 
     report = validate_path(
         args.data,
         image_dir=args.image_dir,
         split=args.split,
         max_image_pixels=args.max_image_pixels,
-        multi_turn=args.multi_turn,
-        video_frames=args.video_frames,
+        layout=SampleLayout(multi_turn=args.multi_turn, video_frames=args.video_frames),
     )
     print(report.format())
     return 0 if report.ok else 1
@@ -27,7 +26,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.kind == "ucf101":
         from ..data.convert import convert_ucf101
 
-        files = convert_ucf101(args.src, args.out, num_frames=args.video_frames)
+        files = convert_ucf101(args.src, args.out, video_frames=args.video_frames)
     else:
         from ..data.convert import convert_cauldron
 

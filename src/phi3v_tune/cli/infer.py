@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ..data.video import RECIPE_FRAMES
+from ..data.video import DEFAULT_VIDEO_FRAMES
 from .args import add_data_arguments, add_inference_arguments, field_option
 
 
@@ -19,8 +19,8 @@ def trained_video_frames(model: str) -> int:
     try:
         value = yaml.safe_load(path.read_text(encoding="utf-8")).get("video_frames")
     except (OSError, AttributeError, yaml.YAMLError):
-        return RECIPE_FRAMES
-    return value if isinstance(value, int) and value > 0 else RECIPE_FRAMES
+        return DEFAULT_VIDEO_FRAMES
+    return value if isinstance(value, int) and value > 0 else DEFAULT_VIDEO_FRAMES
 
 
 def default_predictions_path(model: str, metric: str) -> Path:
@@ -75,20 +75,19 @@ def _load(args: argparse.Namespace):
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import DataError, load_records, validate_records
+    from ..data import DataError, SampleLayout, load_records, validate_records
     from ..evaluate.runner import evaluate_records, split_questions, write_rows
 
     if args.video_frames is None:
         args.video_frames = trained_video_frames(args.model)
+    layout = SampleLayout(multi_turn=args.multi_turn, video_frames=args.video_frames)
 
     records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
     # every problem (missing or broken images and videos included) before the model loads, not mid-way through generation
-    problems = validate_records(
-        records, problems, multi_turn=args.multi_turn, video_frames=args.video_frames, decode_videos=True
-    )
+    problems = validate_records(records, problems, layout=layout, decode_videos=True)
     if problems:
         raise DataError(problems)
-    records = split_questions(records, args.multi_turn, args.questions, args.video_frames)
+    records = split_questions(records, layout, args.questions)
     rank, world = _init_distributed()
     model, processor = _load(args)
     value, rows = evaluate_records(
@@ -98,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.metric,
         batch_size=args.eval_batch_size,
         max_new_tokens=args.eval_max_new_tokens,
-        video_frames_per_clip=args.video_frames,
+        video_frames=args.video_frames,
     )
     out = Path(args.output) if args.output else default_predictions_path(args.model, args.metric)
     if rank == 0:
@@ -111,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..data import DataError, Record, Turn, load_records, validate_records
+    from ..data import DataError, Record, SampleLayout, Turn, load_records, validate_records
     from ..evaluate.generate import generate_answers
     from ..evaluate.runner import write_rows
 
@@ -120,13 +119,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.video_frames is None:
         args.video_frames = trained_video_frames(args.model)
     if args.data:
-        records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split, answers_optional=True)
+        records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split, answers_required=False)
     else:
         turn = Turn(args.prompt, "", list(args.image or []), video=args.video)
         records = [Record("prompt", None, [turn], origin="--prompt")]
         problems = []
     problems = validate_records(
-        records, problems, answers_required=False, video_frames=args.video_frames, decode_videos=True
+        records,
+        problems,
+        answers_required=False,
+        layout=SampleLayout(video_frames=args.video_frames),
+        decode_videos=True,
     )
     if problems:
         raise DataError(problems)
@@ -137,7 +140,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         records,
         batch_size=args.eval_batch_size,
         max_new_tokens=args.eval_max_new_tokens,
-        video_frames_per_clip=args.video_frames,
+        video_frames=args.video_frames,
         progress=bool(args.data),
     )
     if args.data:

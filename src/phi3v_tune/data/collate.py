@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .examples import IGNORE_INDEX
+from ..model.loss import IGNORE_INDEX
 
 
 class Collator:

@@ -13,7 +13,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .schema import DataError, Record
-from .video import RECIPE_FRAMES, sample_frames
+from .sources import read_hf_dataset
+from .validate import check_media
+from .video import DEFAULT_VIDEO_FRAMES, sample_frames
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 
@@ -54,12 +56,12 @@ def _split_order(names: list[str]) -> list[str]:
     return [n for n in RECIPE_SPLITS if n in names] + sorted(n for n in names if n not in RECIPE_SPLITS)
 
 
-def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = RECIPE_FRAMES) -> list[Path]:
+def convert_ucf101(src: str | Path, out: str | Path, video_frames: int = DEFAULT_VIDEO_FRAMES) -> list[Path]:
     """`{split}/{class}/*.avi` -> `images/{split}/{class}/{stem}.{k}.jpg` + `ucf101_{split}.jsonl`, as the recipe.
 
     The layout is the original recipe's `convert_ucf101.py`, so its data loaders and ours both read the output:
-    - frames at `arange(0, total, total/num_frames).astype(int)` (total counted by decoding), each frame once (a video
-      shorter than `num_frames` gives fewer), RGB, not resized;
+    - frames at `arange(0, total, total/video_frames).astype(int)` (total counted by decoding), each frame once (a
+      video shorter than `video_frames` gives fewer), RGB, not resized;
     - one class list for every split: the sorted names of the class folders that hold videos, in any split;
     - ids `{split}-{i:010d}` with one counter over all videos, split after split (train, val, test, then others),
       class after class, file names sorted;
@@ -93,7 +95,7 @@ def convert_ucf101(src: str | Path, out: str | Path, num_frames: int = RECIPE_FR
             stems = _frame_stems([video for _, video in videos_of[split]])
             for label, video in tqdm(videos_of[split], desc=f"ucf101 {split}", leave=False):
                 paths = []
-                for k, frame in enumerate(sample_frames(video, num_frames, distinct=True)):  # counted by decoding
+                for k, frame in enumerate(sample_frames(video, video_frames, distinct=True)):  # counted by decoding
                     rel = f"{split}/{label}/{stems[video]}.{k}.jpg"
                     (out / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
                     frame.save(out / "images" / rel)
@@ -188,9 +190,6 @@ def convert_cauldron(src: str | Path, out: str | Path, split: str = "train") -> 
 
     Every image is read first: an unreadable one stops the conversion with its row, id and field, before anything
     is written."""
-    from .sources import read_hf_dataset
-    from .validate import check_media
-
     records, problems = read_hf_dataset(src, split=split)
     problems = problems or check_media(records)
     if problems:

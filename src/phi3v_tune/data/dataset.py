@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from ..processing.processor import Phi3VProcessor
 from .examples import SampleRefused, build_example
+from .layout import DEFAULT_LAYOUT, SampleLayout
 from .schema import Record
-from .video import RECIPE_FRAMES
 
 
 @dataclass
@@ -45,23 +45,14 @@ class DataPlan:
 def plan_records(
     records: list[Record],
     processor: Phi3VProcessor,
-    max_length: int | None,
-    video_frames_per_clip: int = RECIPE_FRAMES,
+    layout: SampleLayout = DEFAULT_LAYOUT,
     progress: bool = True,
-    multi_turn: str = "conversation",
 ) -> DataPlan:
     """Token lengths from image headers (no decoding), truncation and refusals, for every record."""
     plan = DataPlan()
     for rec in tqdm(records, desc="planning samples", disable=not progress or len(records) < 500, leave=False):
         try:
-            ex = build_example(
-                rec,
-                processor,
-                max_length=max_length,
-                load_pixels=False,
-                video_frames_per_clip=video_frames_per_clip,
-                multi_turn=multi_turn,
-            )
+            ex = build_example(rec, processor, layout, load_pixels=False)
         except SampleRefused as err:
             plan.refused.append((rec.id, err.reason, str(err)))
             continue
@@ -93,26 +84,16 @@ class ConversationDataset(Dataset):
         self,
         records: list[Record],
         processor: Phi3VProcessor,
-        max_length: int | None = None,
-        video_frames_per_clip: int = RECIPE_FRAMES,
+        layout: SampleLayout = DEFAULT_LAYOUT,
         lengths: list[int] | None = None,
-        multi_turn: str = "conversation",
     ):
         self.records = records
-        self.multi_turn = multi_turn
         self.processor = processor
-        self.max_length = max_length
-        self.video_frames_per_clip = video_frames_per_clip
+        self.layout = layout
         self.lengths = lengths
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        return build_example(
-            self.records[i],
-            self.processor,
-            max_length=self.max_length,
-            video_frames_per_clip=self.video_frames_per_clip,
-            multi_turn=self.multi_turn,
-        )
+        return build_example(self.records[i], self.processor, self.layout)

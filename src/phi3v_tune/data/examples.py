@@ -6,29 +6,28 @@ Single-turn records reproduce the original recipe exactly: user content `<|image
 
 Multi-turn records are ONE conversation (images numbered 1..n across it) in which every answer with its `<|end|>\\n`
 is learned, the last one also with `<|endoftext|>`. The text is tokenized in pieces that end at special tokens, which
-gives the same ids as tokenizing the whole conversation with the published processor. `multi_turn="recipe"` builds
-the original recipe's layout instead: every turn its own prompt (its own `<s>`, images numbered from 1 again), each
-followed by its answer and `<|endoftext|>`, all concatenated into one sample.
+gives the same ids as tokenizing the whole conversation with the published processor. The layout
+`multi_turn="recipe"` builds the original recipe's layout instead: every turn its own prompt (its own `<s>`, images
+numbered from 1 again), each followed by its answer and `<|endoftext|>`, all concatenated into one sample.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from ..processing.image import num_image_tokens
-from ..processing.processor import IMAGE_TAG, Phi3VProcessor, image_tag
+from ..model.loss import IGNORE_INDEX
+from ..processing.geometry import IMAGE_TAG, image_tag
+from ..processing.image import header_size
+from ..processing.processor import Phi3VProcessor
+from .layout import DEFAULT_LAYOUT, SampleLayout
 from .schema import ImageRef, Record, Turn
 from .sources import PathResolver, parse_conversation
-from .video import RECIPE_FRAMES, video_frames
+from .video import load_video_frames
 
-IGNORE_INDEX = -100
-MULTI_TURN = ("conversation", "recipe")
 END = "<|end|>"
 EOS = "<|endoftext|>"
 
@@ -48,34 +47,10 @@ class Piece:
     learned: bool
 
 
-def _exif_swaps(img: Image.Image) -> bool:
-    try:
-        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except Exception:
-        return False
-
-
-def image_size(ref: ImageRef, exif_orientation: bool = False) -> tuple[int, int]:
-    """(width, height) as the image will be seen from the header, without decoding pixels; `exif_orientation`: as
-    rotated by its EXIF tag (the image processor's `apply_exif_orientation`)."""
-    if isinstance(ref, Image.Image):
-        w, h = ref.size
-        return (h, w) if exif_orientation and _exif_swaps(ref) else (w, h)
-    src: Any = io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else ref
-    try:
-        with Image.open(src) as img:
-            w, h = img.size
-            return (h, w) if exif_orientation and _exif_swaps(img) else (w, h)
-    except FileNotFoundError as err:
-        raise ValueError(f"image '{ref}': file not found") from err
-    except Exception as err:
-        raise ValueError(f"image '{ref if not isinstance(ref, bytes) else 'bytes'}': unreadable ({err})") from err
-
-
-def turn_images(turn: Turn, video_frames_per_clip: int) -> list[ImageRef]:
-    """A turn's images; a video turn contributes its sampled frames."""
+def turn_images(turn: Turn, video_frames: int) -> list[ImageRef]:
+    """A turn's images; a video turn contributes its `video_frames` sampled frames after them."""
     if turn.video is not None:
-        return [*turn.images, *video_frames(turn.video, video_frames_per_clip)]
+        return [*turn.images, *load_video_frames(turn.video, video_frames)]
     return list(turn.images)
 
 
@@ -118,24 +93,22 @@ def conversation_pieces(record: Record, processor: Phi3VProcessor, counts: list[
 def build_example(
     record: Record | dict,
     processor: Phi3VProcessor,
+    layout: SampleLayout = DEFAULT_LAYOUT,
+    *,
     image_dir: str | Path | None = None,
-    max_length: int | None = None,
     load_pixels: bool = True,
-    video_frames_per_clip: int = RECIPE_FRAMES,
     for_generation: bool = False,
-    multi_turn: str = "conversation",
 ) -> dict[str, Any]:
     """`input_ids`, `labels`, `attention_mask`, `pixel_values`, `image_sizes` (+ `id`, `truncated`) of one record.
 
     `record` is a `Record` or one object of the conversations jsonl (image paths relative to `image_dir`).
-    `max_length` truncates only text after the last image; a sample whose images alone exceed it, or that keeps
-    no answer token, raises `SampleRefused`. `load_pixels=False` reads image headers only (lengths for planning).
+    `layout.max_length` truncates only text after the last image; a sample whose images alone exceed it, or that
+    keeps no answer token, raises `SampleRefused`. `layout.multi_turn`: "conversation" or "recipe" (see the module
+    docstring; training layouts only, generation prompts are always one conversation). `layout.video_frames`: frames
+    sampled from each video. `load_pixels=False` reads image headers only (lengths for planning).
     `for_generation=True` leaves the last answer out and ends with the generation prompt (evaluation).
-    `multi_turn`: "conversation" (default) or "recipe" (see the module docstring; training layouts only, generation
-    prompts are always one conversation).
     """
-    if multi_turn not in MULTI_TURN:
-        raise ValueError(f"multi_turn must be one of {', '.join(MULTI_TURN)}, got {multi_turn!r}")
+    max_length = layout.max_length
     if isinstance(record, dict):
         base = Path(image_dir) if image_dir is not None else Path.cwd()
         parsed, problems = parse_conversation(record, "record", PathResolver([base, base / "images"]))
@@ -143,7 +116,7 @@ def build_example(
             raise ValueError("; ".join(str(p) for p in problems))
         record = parsed
     where = record.origin or f"id={record.id}"
-    images_per_turn = [turn_images(turn, video_frames_per_clip) for turn in record.turns]
+    images_per_turn = [turn_images(turn, layout.video_frames) for turn in record.turns]
     flat = [img for imgs in images_per_turn for img in imgs]
     ip = processor.image_processor
 
@@ -155,13 +128,12 @@ def build_example(
     else:
         tokens = []
         for img in flat:
-            w, h = image_size(img, ip.apply_exif_orientation)
-            tokens.append(num_image_tokens(*ip.hd_size(w, h)))
+            tokens.append(ip.num_tokens_for_size(*header_size(img, ip.apply_exif_orientation)))
     counts = {k + 1: n for k, n in enumerate(tokens)}
 
     ids: list[int] = []
     labels: list[int] = []
-    if multi_turn == "recipe" and not for_generation:
+    if layout.multi_turn == "recipe" and not for_generation:
         ids, labels, order = recipe_turns(record, processor, [len(x) for x in images_per_turn], tokens, where)
         return _finish(record, ids, labels, order, flat, pixel_values, image_sizes, max_length, for_generation)
     pieces = conversation_pieces(record, processor, [len(x) for x in images_per_turn], with_answers=True)

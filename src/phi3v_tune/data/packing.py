@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from ..model.loss import IGNORE_INDEX
 from .collate import add_images_and_ids
-from .examples import IGNORE_INDEX
 
 
 def plan_rows(lengths: list[int], max_tokens: int | None) -> list[list[int]]:

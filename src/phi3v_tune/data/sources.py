@@ -18,7 +18,6 @@ the_cauldron schema (``images: [image]``, ``texts: [{user, assistant, source}]``
 
 from __future__ import annotations
 
-import contextvars
 import io
 import json
 import os
@@ -34,9 +33,6 @@ from .schema import DataError, ImageRef, Problem, Record, Turn
 PathLike = str | os.PathLike
 
 _TURN_KEYS = ("user", "assistant", "images", "image", "video")
-#: True while `load_records(..., answers_optional=True)` reads (predict on unlabelled data): a turn without
-#: "assistant" reads as an empty answer instead of a problem
-_ANSWERS_OPTIONAL: contextvars.ContextVar[bool] = contextvars.ContextVar("answers_optional", default=False)
 # a record's own fields; other top-level keys are metadata and pass, except media-like ones (images belong to a turn)
 _RECORD_KEYS = ("id", "source", "answers", "conversations")
 _MEDIA_WORDS = ("image", "img", "video", "frame", "picture", "photo")
@@ -143,13 +139,15 @@ def parse_conversation(
     *,
     inline_images: bool = False,
     default_id: str | None = None,
+    answers_required: bool = True,
 ) -> tuple[Record | None, list[Problem]]:
     """Map one object of the conversations format to a ``Record``.
 
     Returns ``(record, [])`` or ``(None, problems)``: a sample with any structural problem is not returned, so
     every object yields exactly one of the two. ``inline_images`` also accepts images given as PIL images, bytes or
     ``{"bytes", "path"}`` dicts (``datasets`` rows); otherwise images must be path strings. ``default_id`` is used
-    when the object has no id (``datasets`` rows); otherwise a missing id is a problem.
+    when the object has no id (``datasets`` rows); otherwise a missing id is a problem. ``answers_required=False``
+    (questions to predict answers for): the last turn may leave out "assistant" (an empty answer).
     """
     if not isinstance(obj, dict):
         return None, [
@@ -205,7 +203,7 @@ def parse_conversation(
     else:
         for i, turn_obj in enumerate(conversations):
             last = i == len(conversations) - 1
-            turn = _parse_turn(turn_obj, f"conversations[{i}]", resolve, inline_images, bad, last)
+            turn = _parse_turn(turn_obj, f"conversations[{i}]", resolve, inline_images, bad, last, answers_required)
             if turn is not None:
                 turns.append(turn)
 
@@ -229,6 +227,7 @@ def _parse_turn(
     inline_images: bool,
     bad: Callable[[str, str], None],
     last: bool = True,
+    answers_required: bool = True,
 ) -> Turn | None:
     """One turn, or None after reporting its problems through `bad`. Where answers are optional (questions to
     answer), only the `last` turn may leave its answer out: an earlier one is context the model is shown."""
@@ -243,7 +242,7 @@ def _parse_turn(
         if isinstance(value, str):
             texts[key] = value
             continue
-        if key == "assistant" and value is None and _ANSWERS_OPTIONAL.get() and last:
+        if key == "assistant" and value is None and not answers_required and last:
             texts[key] = ""
             continue
         ok = False
@@ -252,7 +251,7 @@ def _parse_turn(
         else:
             hint = f"; unknown keys here: {', '.join(repr(k) for k in unknown[:5])}" if unknown else ""
             state = "is null" if key in obj else "missing"
-            optional = key == "assistant" and not last and _ANSWERS_OPTIONAL.get()
+            optional = key == "assistant" and not last and not answers_required
             earlier = "; only the last turn's answer may be left out" if optional else ""
             bad(f"{where}.{key}", f"{state} (expected a string{earlier}){hint}")
     if ok:  # (a missing user/assistant already names the unknown keys) a misspelt "image_path" would be dropped
@@ -322,7 +321,9 @@ def _image_value(
 # ----------------------------------------------------------------------------------------------- jsonl / json
 
 
-def read_jsonl(path: PathLike, image_dir: PathLike | None = None) -> tuple[list[Record], list[Problem]]:
+def read_jsonl(
+    path: PathLike, image_dir: PathLike | None = None, *, answers_required: bool = True
+) -> tuple[list[Record], list[Problem]]:
     """Read a conversations jsonl. Every non-blank line yields a ``Record`` or at least one ``Problem``.
 
     A file that starts with a UTF-16/32 byte order mark is one ``Problem`` at line 1 (not one per line).
@@ -362,14 +363,16 @@ def read_jsonl(path: PathLike, image_dir: PathLike | None = None) -> tuple[list[
         except (ValueError, RecursionError) as e:  # e.g. an integer with too many digits, absurd nesting
             problems.append(Problem(origin, None, "", f"invalid JSON: {e}"))
             continue
-        record, found = parse_conversation(obj, origin, resolve)
+        record, found = parse_conversation(obj, origin, resolve, answers_required=answers_required)
         problems.extend(found)
         if record is not None:
             records.append(record)
     return records, problems
 
 
-def read_json(path: PathLike, image_dir: PathLike | None = None) -> tuple[list[Record], list[Problem]]:
+def read_json(
+    path: PathLike, image_dir: PathLike | None = None, *, answers_required: bool = True
+) -> tuple[list[Record], list[Problem]]:
     """Read a ``.json`` file holding a list of conversations objects (origins are ``file.json[INDEX]``).
 
     A ``.json`` file that is really JSON lines is read as such.
@@ -386,7 +389,7 @@ def read_json(path: PathLike, image_dir: PathLike | None = None) -> tuple[list[R
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several values: JSON lines under a .json name
-            return read_jsonl(path, image_dir)
+            return read_jsonl(path, image_dir, answers_required=answers_required)
         raise DataError(Problem(f"{path}:{e.lineno}", None, "", f"invalid JSON: {e.msg} (column {e.colno})")) from e
     except (ValueError, RecursionError) as e:
         raise DataError(Problem(str(path), None, "", f"invalid JSON: {e}")) from e
@@ -400,7 +403,7 @@ def read_json(path: PathLike, image_dir: PathLike | None = None) -> tuple[list[R
     records: list[Record] = []
     problems: list[Problem] = []
     for index, item in enumerate(obj):
-        record, found = parse_conversation(item, f"{path}[{index}]", resolve)
+        record, found = parse_conversation(item, f"{path}[{index}]", resolve, answers_required=answers_required)
         problems.extend(found)
         if record is not None:
             records.append(record)
@@ -426,6 +429,7 @@ def read_hf_dataset(
     *,
     name: str | None = None,
     cache_dir: PathLike | None = None,
+    answers_required: bool = True,
 ) -> tuple[list[Record], list[Problem]]:
     """Read a ``datasets`` table into ``Record``s, collecting row problems instead of raising.
 
@@ -433,12 +437,13 @@ def read_hf_dataset(
     taken), a folder of parquet / arrow files (splits inferred from file names, as ``load_dataset`` does), a
     ``.parquet`` or ``.arrow`` file, or a Hub id (``owner/name`` or ``owner/name:config``; needs a network).
     ``name`` selects a config (e.g. ``"docvqa"`` of the_cauldron). Relative image paths inside rows are looked up
-    in ``image_dir``, else in the dataset folder and its ``images/``. Raises ``DataError`` when the table cannot be
-    opened or has none of the known schemas.
+    in ``image_dir``, else in the dataset folder and its ``images/``. ``answers_required=False``: rows may withhold
+    their answers (a test split). Raises ``DataError`` when the table cannot be opened or has none of the known
+    schemas.
     """
     dataset, label, folder = _open_dataset(path_or_id, split, name, cache_dir)
     resolve = PathResolver(_default_bases(folder, image_dir))
-    return _records_from_dataset(dataset, split, label, resolve)
+    return _records_from_dataset(dataset, split, label, resolve, answers_required)
 
 
 def load_hf_dataset(
@@ -448,9 +453,12 @@ def load_hf_dataset(
     *,
     name: str | None = None,
     cache_dir: PathLike | None = None,
+    answers_required: bool = True,
 ) -> list[Record]:
     """Like ``read_hf_dataset`` but returns only the records, raising ``DataError`` if any row has a problem."""
-    records, problems = read_hf_dataset(path_or_id, split, image_dir, name=name, cache_dir=cache_dir)
+    records, problems = read_hf_dataset(
+        path_or_id, split, image_dir, name=name, cache_dir=cache_dir, answers_required=answers_required
+    )
     if problems:
         raise DataError(problems)
     return records
@@ -552,7 +560,9 @@ def _detect_schema(columns: Sequence[str]) -> str | None:
     return None
 
 
-def _records_from_dataset(dataset, split: str, label: str, resolve: PathResolver) -> tuple[list[Record], list[Problem]]:
+def _records_from_dataset(
+    dataset, split: str, label: str, resolve: PathResolver, answers_required: bool = True
+) -> tuple[list[Record], list[Problem]]:
     columns = list(dataset.column_names)
     schema = _detect_schema(columns)
     if schema is None:
@@ -574,7 +584,7 @@ def _records_from_dataset(dataset, split: str, label: str, resolve: PathResolver
         for row in batch.to_pylist():
             origin = f"{label}[row {index}]"
             default_id = f"{split}-{index:010d}"
-            record, found = mapper(row, origin, default_id, resolve)
+            record, found = mapper(row, origin, default_id, resolve, answers_required)
             problems.extend(found)
             if record is not None:
                 records.append(record)
@@ -590,8 +600,10 @@ def _row_id(row: dict, default_id: str) -> str:
     return default_id
 
 
-def _row_conversations(row: dict, origin: str, default_id: str, resolve: PathResolver):
-    return parse_conversation(row, origin, resolve, inline_images=True, default_id=default_id)
+def _row_conversations(row: dict, origin: str, default_id: str, resolve: PathResolver, answers_required: bool):
+    return parse_conversation(
+        row, origin, resolve, inline_images=True, default_id=default_id, answers_required=answers_required
+    )
 
 
 def _row_images(value: Any, field: str, rid: str, origin: str, resolve: PathResolver, problems: list[Problem]):
@@ -606,7 +618,7 @@ def _row_images(value: Any, field: str, rid: str, origin: str, resolve: PathReso
     return images
 
 
-def _row_cauldron(row: dict, origin: str, default_id: str, resolve: PathResolver):
+def _row_cauldron(row: dict, origin: str, default_id: str, resolve: PathResolver, answers_required: bool):
     rid = _row_id(row, default_id)
     problems: list[Problem] = []
     raw_images = row.get("images")
@@ -633,7 +645,7 @@ def _row_cauldron(row: dict, origin: str, default_id: str, resolve: PathResolver
                 )
                 continue
             ok = True
-            if text.get("assistant") is None and _ANSWERS_OPTIONAL.get():
+            if text.get("assistant") is None and not answers_required:
                 text = {**text, "assistant": ""}
             for key in ("user", "assistant"):
                 if not isinstance(text.get(key), str):
@@ -659,7 +671,7 @@ def _row_cauldron(row: dict, origin: str, default_id: str, resolve: PathResolver
 DOCVQA_INSTRUCTION = "\nAnswer briefly."
 
 
-def _row_docvqa(row: dict, origin: str, default_id: str, resolve: PathResolver):
+def _row_docvqa(row: dict, origin: str, default_id: str, resolve: PathResolver, answers_required: bool):
     rid = _row_id(row, default_id)
     problems: list[Problem] = []
     key = "query" if "query" in row else "question"
@@ -672,7 +684,7 @@ def _row_docvqa(row: dict, origin: str, default_id: str, resolve: PathResolver):
     answers = row.get("answers")
     if isinstance(answers, str):
         answers = [answers]
-    if (answers is None or answers == []) and _ANSWERS_OPTIONAL.get():  # a test split withholds them
+    if (answers is None or answers == []) and not answers_required:  # a test split withholds them
         answers = [""]
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         problems.append(
@@ -701,25 +713,22 @@ def load_records(
     *,
     name: str | None = None,
     cache_dir: PathLike | None = None,
-    answers_optional: bool = False,
+    answers_required: bool = True,
 ) -> tuple[list[Record], list[Problem]]:
     """Read any supported source: a ``.jsonl`` / ``.json`` file, a dataset folder or file, or a Hub id.
 
     ``data`` may also be a list of sources, read in order. Bad samples become ``Problem``s; ``DataError`` is raised
     only when a whole source cannot be read (missing file, unknown table schema, Hub unreachable).
-    ``answers_optional``: turns may leave out "assistant" (questions to predict answers for).
+    ``answers_required=False`` (questions to predict answers for): the last turn of a sample may leave out
+    "assistant", and a table's rows their answers.
     """
-    if answers_optional:
-        token = _ANSWERS_OPTIONAL.set(True)
-        try:
-            return load_records(data, image_dir, split, name=name, cache_dir=cache_dir)
-        finally:
-            _ANSWERS_OPTIONAL.reset(token)
     if isinstance(data, (list, tuple)):
         records: list[Record] = []
         problems: list[Problem] = []
         for item in data:
-            more, found = load_records(item, image_dir, split, name=name, cache_dir=cache_dir)
+            more, found = load_records(
+                item, image_dir, split, name=name, cache_dir=cache_dir, answers_required=answers_required
+            )
             records.extend(more)
             problems.extend(found)
         return records, problems
@@ -727,13 +736,13 @@ def load_records(
     suffix = path.suffix.lower()
     if suffix == ".jsonl" or (suffix == ".json" and not path.is_dir()):
         reader = read_jsonl if suffix == ".jsonl" else read_json
-        return reader(path, image_dir)
+        return reader(path, image_dir, answers_required=answers_required)
     if path.is_dir() and not _has_table_files(path):
         # a folder of the user's own data: {split}.jsonl (or .json) with its images, or the one NAME_{split}.jsonl
         # (the recipe's converted UCF-101: ucf101_train.jsonl, ucf101_val.jsonl, ...)
         for candidate in (path / f"{split}.jsonl", path / f"{split}.json"):
             if candidate.is_file():
-                return load_records(candidate, image_dir, split)
+                return load_records(candidate, image_dir, split, answers_required=answers_required)
         prefixed = sorted(p for p in path.glob(f"*_{split}.jsonl") if p.is_file() and not p.name.startswith("."))
         if len(prefixed) > 1:
             names = ", ".join(p.name for p in prefixed)
@@ -741,8 +750,8 @@ def load_records(
                 Problem(str(path), None, "", f"several files for split '{split}': {names}; name one of them as --data")
             )
         if prefixed:
-            return load_records(prefixed[0], image_dir, split)
-    return read_hf_dataset(data, split, image_dir, name=name, cache_dir=cache_dir)
+            return load_records(prefixed[0], image_dir, split, answers_required=answers_required)
+    return read_hf_dataset(data, split, image_dir, name=name, cache_dir=cache_dir, answers_required=answers_required)
 
 
 def load_image(ref: ImageRef) -> Image.Image:

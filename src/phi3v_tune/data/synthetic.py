@@ -1,4 +1,4 @@
-"""Synthetic picture tasks for the demo: learnable from pixels by a tiny randomly initialised model in minutes.
+"""Synthetic picture tasks for the demo: learnable from pixels by a tiny randomly initialised model on a CPU.
 
 Four tasks, each a single turn with a one-word answer from a small closed set (``CLASSES``):
 
@@ -27,11 +27,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..processing.geometry import CROP_SIZE
 from .schema import ImageRef, Record, Turn
 
 #: Every task the generator knows; the demo trains on ``DEMO_TASKS``.
 TASKS: tuple[str, ...] = ("colour", "shape", "compare", "motion", "video")
-#: Tasks a tiny model learns on a CPU in minutes: one image, two images, an 8-frame video.
+#: Tasks a tiny model learns quickly on a CPU: one image, two images, an 8-frame video.
 DEMO_TASKS: tuple[str, ...] = ("colour", "compare", "video")
 #: The demo's data: samples per task for training and for the held-out split.
 DEMO_SIZES = {"train_per_task": 100, "eval_per_task": 20}
@@ -76,15 +77,10 @@ _COLOUR_SIZE = (0.40, 0.60)
 _SHAPE_SIZE = (0.50, 0.70)
 _COMPARE_SMALL = (0.20, 0.30)
 _COMPARE_BIG = (0.60, 0.75)
-# Motion: dot radius and position offsets in pixels, scaled by image_size / 336.
+# Motion: dot radius and position offsets in pixels of a one-crop (336) image, scaled by image_size / CROP_SIZE.
 _DOT_RADIUS = (40, 60)
 _EDGE_MARGIN = (4, 16)  # gap between the dot and the edge at the start and end of the track
 _PERPENDICULAR_JITTER = 40  # the track's offset from the centre line, at most this much either way
-
-
-def answer_is_correct(pred: str, gold: str) -> bool:
-    """The recipe's accuracy rule: equal after stripping spaces and full stops and lowercasing."""
-    return pred.strip().strip(".").lower() == gold.strip().strip(".").lower()
 
 
 # ------------------------------------------------------------------------------------------------ drawing
@@ -120,7 +116,7 @@ def _shape_image(rng: random.Random, size: int, kind: str, colour: str, side_ran
 
 def _motion_frames(rng: random.Random, size: int, direction: str, end_colour: str | None = None) -> list[Image.Image]:
     """A dot crossing the frame; with ``end_colour`` it switches to that colour halfway (from another colour)."""
-    scale = size / 336
+    scale = size / CROP_SIZE
     radius = round(rng.randint(*_DOT_RADIUS) * scale)
     if end_colour is None:
         colour = _colour(rng, rng.choice(list(PALETTE)))
@@ -190,7 +186,7 @@ def make_demo_records(
     n_per_task: int,
     seed: int,
     tasks: Sequence[str] = TASKS,
-    image_size: int = 336,
+    image_size: int = CROP_SIZE,
     *,
     id_prefix: str = "",
     as_png: bool = False,
@@ -198,7 +194,8 @@ def make_demo_records(
     """``n_per_task`` records of each task in ``tasks`` (grouped by task, in order), ids ``{id_prefix}{task}-{i:06d}``.
 
     A record's images and answer depend only on ``seed``, ``id_prefix``, its task and index ``i`` (and
-    ``image_size``). ``as_png`` stores each image as PNG bytes (a few KB) instead of a PIL image (~450 KB in memory).
+    ``image_size``). ``as_png`` stores each image as PNG bytes (plain shapes compress to a small fraction of the
+    decoded size) instead of a PIL image.
     """
     if n_per_task < 0:
         raise ValueError(f"n_per_task must be >= 0, got {n_per_task}")

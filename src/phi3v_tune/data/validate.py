@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -17,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
+from ..processing.geometry import IMAGE_TAG, image_tag
 from ..processing.image import allow_pixels
+from .layout import DEFAULT_LAYOUT, SampleLayout
 from .schema import DataError, ImageRef, Problem, Record, format_problems, sort_problems
 from .sources import PathLike, load_records
-from .video import RECIPE_FRAMES
+from .video import DEFAULT_VIDEO_FRAMES, count_frames
 
-IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 #: Show a progress bar when more images than this are checked.
 PROGRESS_MIN_IMAGES = 200
 
@@ -34,21 +35,21 @@ def validate_records(
     check_images: bool = True,
     max_image_pixels: int | None = None,
     num_workers: int | None = None,
-    multi_turn: str = "conversation",
+    layout: SampleLayout = DEFAULT_LAYOUT,
     answers_required: bool = True,
     decode_videos: bool = False,
-    video_frames: int = RECIPE_FRAMES,
 ) -> list[Problem]:
     """Return ``problems`` plus the content problems of ``records``, in file / row order.
 
     Checks: empty answers; empty user text without images or video; duplicate ids (second and later uses);
     ``<|image_k|>`` tags (see ``check_image_tags``); and with ``check_images``: image files that are missing or are
     not files, images PIL cannot fully decode, images over ``max_image_pixels``, and missing video files (videos are
-    not decoded here). Images are decoded on ``num_workers`` threads (default: up to 8). ``multi_turn="recipe"``:
-    tags are numbered per turn (the recipe's layout), not across the conversation. ``answers_required=False``
-    (questions to predict answers for) lets answers be empty. ``decode_videos`` also decodes every video (what
-    `phi3v-tune validate` does; training leaves it to planning, which decodes each video once anyway).
-    ``video_frames``: frames sampled from each video (they count as its turn's images, after the turn's own).
+    not decoded here). Images are decoded on ``num_workers`` threads (default: up to 8). ``layout``: with
+    ``multi_turn="recipe"`` tags are numbered per turn (the recipe's layout), not across the conversation;
+    ``video_frames`` frames are sampled from each video (they count as its turn's images, after the turn's own).
+    ``answers_required=False`` (questions to predict answers for) lets answers be empty. ``decode_videos`` also
+    decodes every video (what `phi3v-tune validate` does; training leaves it to planning, which decodes each video
+    once anyway).
     """
     found: list[Problem] = list(problems)
     first_origin: dict[str, str] = {}
@@ -83,13 +84,13 @@ def validate_records(
                         "empty question with no image or video (expected text, images or both)",
                     )
                 )
-        found.extend(check_image_tags(record, per_turn=multi_turn == "recipe", video_frames=video_frames))
+        found.extend(check_image_tags(record, per_turn=layout.per_turn_tags, video_frames=layout.video_frames))
     if check_images:
         found.extend(check_media(records, max_image_pixels, num_workers, decode_videos))
     return sort_problems(found)
 
 
-def check_image_tags(record: Record, per_turn: bool = False, video_frames: int = RECIPE_FRAMES) -> list[Problem]:
+def check_image_tags(record: Record, per_turn: bool = False, video_frames: int = DEFAULT_VIDEO_FRAMES) -> list[Problem]:
     """Check ``<|image_k|>`` tags in the user texts of a record.
 
     Images are numbered 1..n across the whole conversation in order (a first turn with 2 images owns 1 and 2, a
@@ -143,7 +144,7 @@ def check_image_tags(record: Record, per_turn: bool = False, video_frames: int =
 
 
 def _tags(numbers: Iterable[int]) -> str:
-    return ", ".join(f"<|image_{k}|>" for k in numbers)
+    return ", ".join(image_tag(k) for k in numbers)
 
 
 def check_image(ref: ImageRef, max_image_pixels: int | None = None) -> str | None:
@@ -211,8 +212,6 @@ def check_media(
     workers = num_workers or min(8, os.cpu_count() or 1)
     bar = None
     if len(keys) > PROGRESS_MIN_IMAGES:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(keys), desc="checking images", unit="img", disable=not sys.stderr.isatty())
     readable = sorted({video for _, _, video in videos if os.path.isfile(video)}) if decode_videos else []
     results: dict[object, str | None] = {}
@@ -244,8 +243,6 @@ def check_media(
 
 def _check_video(path: str) -> str | None:
     """None if PyAV decodes frames from it, else why not."""
-    from .video import count_frames
-
     try:
         count_frames(path)
     except ValueError as err:
@@ -294,8 +291,7 @@ def validate_path(
     split: str = "train",
     check_images: bool = True,
     max_image_pixels: int | None = None,
-    multi_turn: str = "conversation",
-    video_frames: int = RECIPE_FRAMES,
+    layout: SampleLayout = DEFAULT_LAYOUT,
     **load_kwargs,
 ) -> ValidationReport:
     """Read ``data`` with ``load_records`` and check everything; a source that cannot be read at all is reported
@@ -310,9 +306,8 @@ def validate_path(
         problems,
         check_images=check_images,
         max_image_pixels=max_image_pixels,
-        multi_turn=multi_turn,
+        layout=layout,
         decode_videos=check_images,
-        video_frames=video_frames,
     )
     if not records and not problems:  # training would stop on it: say so here too
         problems = [Problem(label, None, "", "no samples found (expected at least one conversation)")]

@@ -1,33 +1,41 @@
-"""Video -> frames with PyAV: the frame indices of the original recipe, decoded correctly even with a wrong header."""
+"""Video -> frames with PyAV: the frame indices of the original recipe, decoded correctly even with a wrong header.
+
+Importing this module loads neither PyAV nor an image library (the default frame count is read by ``--help`` and the
+data layer's settings); PyAV, an optional decoder, is imported when the first video is opened.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: Frames sampled from each video: the original recipe's UCF-101 setting, and the default everywhere here.
-RECIPE_FRAMES = 8
+DEFAULT_VIDEO_FRAMES = 8
 
 
-def frame_indices(total: int, num_frames: int, distinct: bool = False) -> list[int]:
-    """`arange(0, total, total / num_frames).astype(int)`: the recipe's sampling. A video shorter than `num_frames`
-    repeats indices; `distinct=True` keeps each frame once, as the recipe's converter decodes them (fewer frames)."""
-    if num_frames < 1:
-        raise ValueError(f"frames per video must be >= 1, got {num_frames}")
+def frame_indices(total: int, video_frames: int, distinct: bool = False) -> list[int]:
+    """`numpy.arange(0, total, total / video_frames).astype(int)`: the recipe's sampling (computed with the same
+    float64 steps, ``i * step`` truncated). A video shorter than `video_frames` repeats indices; `distinct=True` keeps
+    each frame once, as the recipe's converter decodes them (fewer frames)."""
+    if video_frames < 1:
+        raise ValueError(f"frames per video must be >= 1, got {video_frames}")
     if total <= 0:
         return []
-    indices = [int(i) for i in np.arange(0, total, total / num_frames).astype(int)][:num_frames]
+    step = total / video_frames
+    indices = [int(i * step) for i in range(math.ceil(total / step))][:video_frames]
     return list(dict.fromkeys(indices)) if distinct else indices
 
 
 def _open(path: Path):
     """PyAV container of a local file. The path is made absolute: FFmpeg would read a relative name with a colon
     (`take:2.avi`) as a protocol (`take:`)."""
-    import av
+    import av  # optional heavy decoder: loaded with the first video, not with this module
 
     return av.open(os.path.abspath(path))
 
@@ -55,14 +63,16 @@ def _decode(path: Path, keep: set[int]) -> tuple[int, dict[int, Image.Image]]:
     return count, kept
 
 
-def sample_frames(path: str | Path, num_frames: int = RECIPE_FRAMES, distinct: bool = False) -> list[Image.Image]:
-    """Decode `num_frames` RGB frames at the recipe's indices (not resized); `distinct`: see `frame_indices`.
+def sample_frames(
+    path: str | Path, video_frames: int = DEFAULT_VIDEO_FRAMES, distinct: bool = False
+) -> list[Image.Image]:
+    """Decode `video_frames` RGB frames at the recipe's indices (not resized); `distinct`: see `frame_indices`.
 
     The frame count is taken by decoding (`count_frames`), so videos whose header frame count is missing or wrong
     still give the right frames; a second pass keeps only the sampled frames.
     """
     path = Path(path)
-    wanted = frame_indices(count_frames(path), num_frames, distinct)
+    wanted = frame_indices(count_frames(path), video_frames, distinct)
     _, kept = _decode(path, set(wanted))
     missing = sorted(set(wanted) - set(kept))
     if missing:
@@ -72,7 +82,7 @@ def sample_frames(path: str | Path, num_frames: int = RECIPE_FRAMES, distinct: b
 
 def count_frames(path: str | Path) -> int:
     """Decode the whole stream and count its frames without keeping them (a long clip's frames as RGB images would
-    take gigabytes). Cached per file and modification time: training decodes a clip every epoch."""
+    fill the memory). Cached per file and modification time: training decodes a clip every epoch."""
     path = Path(path)
     try:
         mtime = path.stat().st_mtime
@@ -87,13 +97,14 @@ def _cached_count(path: str, mtime: float) -> int:
 
 
 @lru_cache(maxsize=32)
-def cached_frames(path: str, num_frames: int, mtime: float) -> tuple[Image.Image, ...]:
+def cached_frames(path: str, video_frames: int, mtime: float) -> tuple[Image.Image, ...]:
     """Per-process cache of sampled frames (keyed by modification time, so an edited file is decoded again)."""
-    return tuple(sample_frames(path, num_frames))
+    return tuple(sample_frames(path, video_frames))
 
 
-def video_frames(path: str | Path, num_frames: int = RECIPE_FRAMES) -> list[Image.Image]:
+def load_video_frames(path: str | Path, video_frames: int = DEFAULT_VIDEO_FRAMES) -> list[Image.Image]:
+    """The `video_frames` sampled frames of a video file (decoded once per process and file version)."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"video '{p}': file not found")
-    return list(cached_frames(str(p), num_frames, p.stat().st_mtime))
+    return list(cached_frames(str(p), video_frames, p.stat().st_mtime))

@@ -9,8 +9,9 @@ from tqdm.auto import tqdm
 
 from ..data.collate import Collator
 from ..data.examples import build_example
+from ..data.layout import SampleLayout
 from ..data.schema import Record
-from ..data.video import RECIPE_FRAMES
+from ..data.video import DEFAULT_VIDEO_FRAMES
 from ..model.modeling import rope_per_sample
 from ..processing.processor import Phi3VProcessor
 
@@ -22,11 +23,15 @@ def generate_answers(
     records: Sequence[Record],
     batch_size: int = 8,
     max_new_tokens: int = 64,
-    video_frames_per_clip: int = RECIPE_FRAMES,
+    video_frames: int = DEFAULT_VIDEO_FRAMES,
     progress: bool = True,
     desc: str = "generating",
 ) -> list[str]:
-    """Answer the last turn of every record (earlier turns, with their answers, form the context)."""
+    """Answer the last turn of every record (earlier turns, with their answers, form the context).
+
+    Only `video_frames` of the sample layout applies to a prompt: it is one conversation (whatever the training
+    layout) and never cut."""
+    layout = SampleLayout(video_frames=video_frames)
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
@@ -36,12 +41,7 @@ def generate_answers(
     try:
         for start in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, leave=False):
             chunk = records[start : start + batch_size]
-            batch = collate(
-                [
-                    build_example(r, processor, for_generation=True, video_frames_per_clip=video_frames_per_clip)
-                    for r in chunk
-                ]
-            )
+            batch = collate([build_example(r, processor, layout, for_generation=True) for r in chunk])
             batch.pop("ids")
             batch.pop("labels")
             batch.pop("num_tokens")

@@ -1,8 +1,14 @@
-"""The original recipe's metrics: ANLS (DocVQA) and exact-match accuracy (classification tasks)."""
+"""The original recipe's metrics: ANLS (DocVQA) and exact-match accuracy (classification tasks).
+
+``METRICS`` is the one registry of metric names (the ``--metric`` choices): each maps to a corpus scoring function
+``(predictions, golds) -> float`` where ``golds[i]`` holds the gold answers of question i (a list of strings, or one
+string). A metric is the mean of its per-question score, so one question scored alone gives that question's score
+(``score``). A new metric is one such function added to ``METRICS``. Pure Python: importing this loads no torch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 #: Which questions of a multi-question evaluation sample are scored (see `runner.split_questions`).
 QUESTIONS = ("all", "first")
@@ -42,33 +48,44 @@ def anls_score(prediction: str, answers: Sequence[str], threshold: float = 0.5) 
     return best
 
 
-def anls(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
+def _gold_list(golds: str | Sequence[str]) -> Sequence[str]:
+    """The gold answers of one question: a single string is one answer (not a sequence of characters)."""
+    return [golds] if isinstance(golds, str) else golds
+
+
+def anls(predictions: Sequence[str], answers: Sequence[str | Sequence[str]]) -> float:
     """Mean ANLS over questions."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
     if not predictions:
         return 0.0
-    return sum(anls_score(p, a) for p, a in zip(predictions, answers)) / len(predictions)
+    return sum(anls_score(p, _gold_list(a)) for p, a in zip(predictions, answers)) / len(predictions)
 
 
 def is_correct(prediction: str, gold: str) -> bool:
-    """`pred.strip().strip('.').lower() == gold.strip().strip('.').lower()`."""
+    """The recipe's accuracy rule: `pred.strip().strip('.').lower() == gold.strip().strip('.').lower()`."""
     return normalize_prediction(prediction).lower() == normalize_prediction(gold).lower()
 
 
-def accuracy(predictions: Sequence[str], golds: Sequence[str]) -> float:
+def accuracy(predictions: Sequence[str], golds: Sequence[str | Sequence[str]]) -> float:
+    """Share of questions answered correctly (`is_correct` against the gold answer, or against any of them)."""
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} answers")
     if not predictions:
         return 0.0
-    return sum(is_correct(p, g) for p, g in zip(predictions, golds)) / len(predictions)
+    hits = sum(any(is_correct(p, g) for g in _gold_list(gold)) for p, gold in zip(predictions, golds))
+    return hits / len(predictions)
 
 
-METRICS = {"anls": anls_score, "accuracy": lambda p, golds: float(any(is_correct(p, g) for g in golds))}
+#: Metric name -> corpus scoring function `(predictions, golds) -> float`; the keys are the `--metric` choices.
+METRICS: dict[str, Callable[[Sequence[str], Sequence[str | Sequence[str]]], float]] = {
+    "anls": anls,
+    "accuracy": accuracy,
+}
 
 
-def score(metric: str, prediction: str, golds: Sequence[str]) -> float:
-    """Per-sample score of `metric` ('anls' or 'accuracy')."""
+def score(metric: str, prediction: str, golds: str | Sequence[str]) -> float:
+    """Score of one prediction under `metric` (a name of `METRICS`), against its gold answer(s)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
-    return METRICS[metric](prediction, golds)
+    return METRICS[metric]([prediction], [golds])

@@ -11,27 +11,28 @@ from typing import Any
 import torch
 
 from ..data.examples import turn_images
+from ..data.layout import DEFAULT_LAYOUT, SampleLayout
 from ..data.schema import Record
-from ..data.video import RECIPE_FRAMES
-from ..processing.processor import IMAGE_TAG, Phi3VProcessor, image_tag
+from ..data.video import DEFAULT_VIDEO_FRAMES
+from ..processing.geometry import IMAGE_TAG, image_tag
+from ..processing.processor import Phi3VProcessor
 from .generate import generate_answers
 from .metrics import QUESTIONS, score
 
 
 def split_questions(
     records: Sequence[Record],
-    multi_turn: str = "conversation",
+    layout: SampleLayout = DEFAULT_LAYOUT,
     questions: str = "all",
-    video_frames_per_clip: int = RECIPE_FRAMES,
 ) -> list[Record]:
     """One evaluation record per question: a record with k turns becomes k single-turn records with all its images.
 
     The_cauldron rows (NLVR2, DocVQA) hold several questions about the same images; each one is scored
     (`questions="first"`: only the first, with the record's id, as the recipe's NLVR2 and hateful-memes scripts
     score them). A question whose text places image tags keeps them where they stand, numbered across the record
-    (per-turn numbers of `multi_turn="recipe"` are shifted), and the record's other images are tagged in front of
-    it, as untagged questions get all of them. A video turn's frames (`video_frames_per_clip`, decoded here) count
-    as its images, after the turn's own. The record's gold `answers` belong to its last question.
+    (per-turn numbers of the layout `multi_turn="recipe"` are shifted), and the record's other images are tagged in
+    front of it, as untagged questions get all of them. A video turn's frames (`layout.video_frames`, decoded here)
+    count as its images, after the turn's own. The record's gold `answers` belong to its last question.
     """
     if questions not in QUESTIONS:
         raise ValueError(f"questions must be one of {', '.join(QUESTIONS)}, got {questions!r}")
@@ -40,12 +41,12 @@ def split_questions(
         if len(rec.turns) == 1:
             out.append(rec)
             continue
-        per_turn = [turn_images(turn, video_frames_per_clip) for turn in rec.turns]
+        per_turn = [turn_images(turn, layout.video_frames) for turn in rec.turns]
         images = [image for turn_imgs in per_turn for image in turn_imgs]
         first = 1  # the conversation-wide number of this turn's first image
         last = len(rec.turns) - 1
         for j, turn in enumerate(rec.turns[:1] if questions == "first" else rec.turns):
-            user = _tags_across(turn.user, first - 1 if multi_turn == "recipe" else 0, len(images))
+            user = _tags_across(turn.user, first - 1 if layout.per_turn_tags else 0, len(images))
             one = replace(turn, user=user, images=list(images), video=None)
             qid = rec.id if questions == "first" else f"{rec.id}-q{j}"
             out.append(replace(rec, id=qid, turns=[one], answers=rec.answers if j == last else None))
@@ -94,7 +95,7 @@ def evaluate_records(
     metric: str,
     batch_size: int = 8,
     max_new_tokens: int = 64,
-    video_frames_per_clip: int = RECIPE_FRAMES,
+    video_frames: int = DEFAULT_VIDEO_FRAMES,
     progress: bool = True,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Mean `metric` over `records` and one row per sample (id, prediction, gold, score), on every rank.
@@ -110,7 +111,7 @@ def evaluate_records(
         [records[i if i >= 0 else 0] for i in shard],
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
-        video_frames_per_clip=video_frames_per_clip,
+        video_frames=video_frames,
         progress=progress and rank == 0,
         desc=f"evaluating ({metric})",
     )

@@ -13,13 +13,15 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPVisionConfig, Phi3Config
 
+from ..processing.geometry import CROP_SIZE, TOKENS_PER_CROP
+
 #: CLIP ViT-L/14-336, the tower of the published checkpoint (`img_processor.model_name`).
 CLIP_VIT_L_336: dict[str, Any] = {
     "hidden_size": 1024,
     "intermediate_size": 4096,
     "num_hidden_layers": 24,
     "num_attention_heads": 16,
-    "image_size": 336,
+    "image_size": CROP_SIZE,
     "patch_size": 14,
     "projection_dim": 768,
     "hidden_act": "quick_gelu",
@@ -30,7 +32,7 @@ DEFAULT_IMG_PROCESSOR: dict[str, Any] = {
     "image_dim_out": 1024,
     "model_name": "openai/clip-vit-large-patch14-336",
     "name": "clip_vision_model",
-    "num_img_tokens": 144,
+    "num_img_tokens": TOKENS_PER_CROP,
 }
 
 DEFAULT_EMBD_LAYER: dict[str, Any] = {

@@ -1,11 +1,11 @@
 """Causal-LM loss without full-vocabulary logits for every position.
 
 transformers' path projects every position onto the 32064-token vocabulary and upcasts the result to fp32 before the
-cross-entropy: for a DocVQA batch (2560 tokens, ~60 of them answer tokens) that is ~330 MB of logits per sample kept
-for backward, almost all of it for image and prompt positions whose label is -100. Here only the positions with a
-(shifted) label go through `lm_head`, in chunks, and each chunk runs under non-reentrant activation checkpointing so
-its logits are recomputed in backward instead of stored. `lm_head` is called as a module, so a PEFT LoRA-wrapped head
-(or a DeepSpeed-hooked one) works unchanged.
+cross-entropy: for a DocVQA sample (thousands of tokens, a few dozen of them answer tokens) that is sequence length x
+32064 fp32 logits kept for backward, almost all of them for image and prompt positions whose label is -100. Here only
+the positions with a (shifted) label go through `lm_head`, in chunks, and each chunk runs under non-reentrant
+activation checkpointing so its logits are recomputed in backward instead of stored. `lm_head` is called as a module,
+so a PEFT LoRA-wrapped head (or a DeepSpeed-hooked one) works unchanged.
 
 Semantics are those of transformers' `ForCausalLMLoss`: labels shifted left by one (or `shift_labels` as given),
 `ignore_index` -100, logits upcast to fp32, `sum / num_items_in_batch` when the Trainer passes `num_items_in_batch`,

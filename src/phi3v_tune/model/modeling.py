@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from transformers import Phi3ForCausalLM, Phi3Model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
@@ -311,9 +313,6 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             return False
         if hasattr(first, "ds_id"):
             return True
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
-
         layers = self.vision_embed_tokens.img_processor.vision_model.encoder.layers
         return isinstance(first, DTensor) or any(isinstance(m, FSDPModule) for m in (self.vision_embed_tokens, *layers))
 
@@ -408,7 +407,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         see `data.packing`). `image_token_count`: optional host-side count of the ids < 0 (see `Phi3VModel.embed`).
         Logits are float32, as the published model returns them. With `labels` the loss path runs (chunked, building
         no KV cache unless `use_cache=True` is asked for); it returns the logits too unless `return_logits=False`
-        (default: in eval mode only; training never reads them, and a document's full-vocabulary logits are ~0.3 GB)."""
+        (default: in eval mode only; training never reads them, and a document's full-vocabulary logits are sequence
+        length x 32064 floats)."""
         _pass_set(
             kwargs,
             output_attentions=output_attentions,

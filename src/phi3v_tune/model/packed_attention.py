@@ -29,6 +29,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+try:  # torch >= 2.10; older releases run packed rows through SDPA per segment
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
 ATTN_NAME = "phi3v_packed"
 
 _PACKED_ROWS: ContextVar[bool] = ContextVar("phi3v_packed_rows", default=False)
@@ -51,9 +56,7 @@ def packed_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
 
 def _find_varlen() -> tuple[Callable | None, dict[str, Any]]:
     """torch's varlen_attn and its causal keyword (torch 2.10/2.11: is_causal=True; 2.13: window_size=(-1, 0))."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+    if varlen_attn is None:
         return None, {}
     params = inspect.signature(varlen_attn).parameters
     if "window_size" in params:

@@ -1,4 +1,4 @@
-"""Tiny Phi-3-vision models for tests, the demo and smoke runs: same architecture and code path, seconds on a CPU.
+"""Tiny Phi-3-vision models for tests, the demo and smoke runs: same architecture and code path, small enough for a CPU.
 
 Everything is generated locally (no download): a small BPE tokenizer trained on the fly with the real tokenizer's
 special tokens and normalisation, a small config (LM hidden 64, CLIP hidden 32, 336-px crops so the HD layout is the
@@ -11,11 +11,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from ..processing.geometry import CROP_SIZE, MAX_NUM_CROPS, TOKENS_PER_CROP
+from ..processing.processor import Phi3VProcessor
+from ..processing.tokenizer import CHAT_TEMPLATE
 from .configuration import Phi3VConfig
 from .modeling import Phi3VForCausalLM
 
@@ -61,8 +64,6 @@ def tiny_layers(model: str | None) -> int | None:
 
 def build_tiny_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """A BPE tokenizer with the Phi-3 special tokens, the published normaliser and chat template."""
-    from ..processing.tokenizer import CHAT_TEMPLATE
-
     tok = Tokenizer(BPE(unk_token="<unk>", fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     # split at "▁" (kept at the start of each word) so frequent words become single tokens
@@ -78,8 +79,6 @@ def build_tiny_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 600) 
     )
     corpus = [_BASE_CORPUS, *extra_text]
     tok.train_from_iterator([line for text in corpus for line in text.splitlines() if line.strip()], trainer)
-    from tokenizers import AddedToken
-
     tok.add_special_tokens(
         [AddedToken(name, rstrip=rstrip, lstrip=False, normalized=False, special=True) for name, rstrip in _SPECIALS]
     )
@@ -104,7 +103,7 @@ def build_tiny_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 600) 
 PUBLISHED_DEPTH = dict(
     num_hidden_layers=32,
     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 24, "num_attention_heads": 4,
-                   "image_size": 336, "patch_size": 14, "projection_dim": 32},
+                   "image_size": CROP_SIZE, "patch_size": 14, "projection_dim": 32},
 )  # fmt: skip
 
 
@@ -132,13 +131,13 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> Phi3VConfig:
         eos_token_id=tokenizer.convert_tokens_to_ids("</s>"),
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        img_processor={"image_dim_out": 32, "num_img_tokens": 144},
+        img_processor={"image_dim_out": 32, "num_img_tokens": TOKENS_PER_CROP},
         vision_config={
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 3,
             "num_attention_heads": 4,
-            "image_size": 336,
+            "image_size": CROP_SIZE,
             "patch_size": 14,
             "projection_dim": 32,
         },
@@ -164,11 +163,9 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides) -
 
 
 def save_tiny_checkpoint(
-    folder: str | Path, seed: int = 0, num_crops: int = 16, extra_text: Iterable[str] = (), **overrides
+    folder: str | Path, seed: int = 0, num_crops: int = MAX_NUM_CROPS, extra_text: Iterable[str] = (), **overrides
 ) -> Path:
     """Write a complete model folder (config, safetensors, tokenizer, preprocessor) like a published one."""
-    from ..processing.processor import Phi3VProcessor
-
     folder = Path(folder)
     tokenizer = build_tiny_tokenizer(extra_text)
     model = tiny_model(tokenizer, seed=seed, **overrides)

@@ -1,4 +1,4 @@
-"""Image features -> language-model token embeddings (REFERENCE.md section 3).
+"""Image features -> language-model token embeddings, in the published model's layout.
 
 CLIP features of every real crop, 2x2 merge, the HD layout with learnable separators (`sub_GN` after every row,
 `glb_GN` between the sub-image grid and the global view, order "sub_glb"), then the MLP projector.
@@ -17,9 +17,8 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel
 
+from ..processing.geometry import CROP_SIZE, crop_grid, num_crops_used
 from .configuration import Phi3VConfig
-
-CROP_SIZE = 336
 
 ImageSizes = torch.Tensor | Sequence[Sequence[int]]  # (num_images, 2) of (height, width) after the HD transform
 
@@ -94,16 +93,7 @@ class Phi3VImageEmbedding(nn.Module):
     @staticmethod
     def crops_per_image(image_sizes: ImageSizes) -> list[int]:
         """1 global view + (H/336)*(W/336) sub-crops per image; the rest of the N+1 slots are padding."""
-        return [1 + (int(h) // CROP_SIZE) * (int(w) // CROP_SIZE) for h, w in size_list(image_sizes)]
-
-    @staticmethod
-    def tokens_per_image(image_sizes: ImageSizes, tokens_per_crop_side: int = 12) -> list[int]:
-        s = tokens_per_crop_side
-        out = []
-        for h, w in size_list(image_sizes):
-            gh, gw = int(h) // CROP_SIZE, int(w) // CROP_SIZE
-            out.append((gh * gw + 1) * s * s + 1 + (gh + 1) * s)
-        return out
+        return [num_crops_used(h, w) for h, w in size_list(image_sizes)]
 
     def dummy_forward(self, device: torch.device) -> torch.Tensor:
         """The features of one black 336x336 image (global view + one sub-crop), for batches without images that
@@ -135,7 +125,7 @@ class Phi3VImageEmbedding(nn.Module):
         pieces = []
         start = 0
         for (h, w), c in zip(image_sizes, counts):
-            gh, gw = int(h) // CROP_SIZE, int(w) // CROP_SIZE
+            gh, gw = crop_grid(h, w)
             glb, sub = feats[start], feats[start + 1 : start + c]
             start += c
             sub = sub.reshape(gh, gw, s, s, dim).permute(0, 2, 1, 3, 4).reshape(gh * s, gw * s, dim)

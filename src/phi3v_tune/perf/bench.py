@@ -36,7 +36,7 @@ from ..model.configuration import Phi3VConfig
 from ..model.modeling import Phi3VForCausalLM
 from ..model.presets import phi35_vision_config
 from ..model.tiny import build_tiny_tokenizer, save_tiny_checkpoint
-from ..processing.image import hd_size, num_image_tokens
+from ..processing.geometry import hd_size, num_crops_used, num_image_tokens
 from ..processing.processor import Phi3VProcessor
 from ..train.run import TrainingRun
 from .baseline import build_plain, plain_step
@@ -133,7 +133,7 @@ def sample_shapes(records, lengths: list[int], num_crops: int, tokenizer) -> dic
         for ref in rec.images:
             with Image.open(ref) as im:
                 h, w = hd_size(im.width, im.height, num_crops)
-            crops += 1 + (h // 336) * (w // 336)
+            crops += num_crops_used(h, w)
             image_tokens += num_image_tokens(h, w)
         answers = sum(len(tokenizer(t.assistant, add_special_tokens=False)["input_ids"]) + 2 for t in rec.turns)
         shapes[rec.id] = SampleShape(length, crops, image_tokens, answers)

@@ -1,16 +1,17 @@
 """Phi-3.5-vision image processing: image loading, HD transform, normalisation and cropping.
 
-The numbers produced here must match the published Phi-3.5-vision processor bit for bit (see REFERENCE.md section 2),
-because the model was trained on exactly this geometry: a different resize filter, padding colour or crop order would
-silently shift every image feature the model sees. Loading (``load_image``) is stricter than the published code: it
-fails early, with the file named, on inputs that would otherwise crash a training run hours later.
+The numbers produced here must match the published Phi-3.5-vision processor bit for bit (resize filter, white
+padding, CLIP normalisation, bicubic global view, row-major crops), because the model was trained on exactly this
+geometry: a different resize filter, padding colour or crop order would silently shift every image feature the model
+sees. The arithmetic (crop size, resize targets, token counts) lives in ``geometry``. Loading (``load_image``) is
+stricter than the published code: it fails early, with the file named, on inputs that would otherwise crash a training
+run hours later.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import numbers
 import os
 import warnings
@@ -22,6 +23,23 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .geometry import (
+    CROP_SIZE,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    EXIF_ORIENTATION_TAG,
+    MAX_NUM_CROPS,
+    TOKENS_PER_CROP,
+    check_num_crops,
+    check_size,
+    crop_grid,
+    hd_size,
+    landscape_geometry,
+    num_image_tokens,
+    oriented_size,
+)
+
+# CROP_SIZE, DEFAULT_MAX_IMAGE_PIXELS, MAX_NUM_CROPS, hd_size and num_image_tokens are defined in `geometry` and
+# remain importable from here, where the published processor's users look for them.
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -32,22 +50,18 @@ __all__ = [
     "Phi3VImageProcessor",
     "hd_size",
     "hd_transform",
+    "header_size",
     "load_image",
     "num_image_tokens",
 ]
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-CROP_SIZE = 336  # CLIP ViT-L/14 input resolution
-TOKENS_PER_CROP = 144  # 24x24 patches merged 2x2 -> 12x12
-TOKENS_PER_ROW = 12  # sqrt(TOKENS_PER_CROP): one separator token per row of 12
-MAX_NUM_CROPS = 16
 #: The published preprocessor_config.json's `auto_map`: the publisher's remote code reads a saved folder with it.
 PUBLISHED_AUTO_MAP = {
     "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
     "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
 }
-DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # Pillow's historical error threshold (2 * 89478485)
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike | bytes | bytearray | memoryview
@@ -63,86 +77,19 @@ _PUBLISHED_CONFIG_KEYS = {
 }
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Geometry (pure arithmetic, shared by the pixel path and by size prediction so the two can never disagree)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _check_num_crops(num_crops: Any) -> int:
-    """An integer >= 1. The model was trained with at most 16 crops (the recipe refuses more); like the published
-    processor, larger values are accepted here (longer sequences, untested by the publisher); training refuses them."""
-    if isinstance(num_crops, bool) or not isinstance(num_crops, numbers.Integral):
-        raise ValueError(f"num_crops must be an integer >= 1 (the model was trained with 1..16), got {num_crops!r}")
-    if int(num_crops) < 1:
-        raise ValueError(f"num_crops must be >= 1 (the model was trained with 1..{MAX_NUM_CROPS}), got {num_crops}")
-    return int(num_crops)
-
-
-def _landscape_geometry(width: int, height: int, num_crops: int) -> tuple[int, int, int, int]:
-    """HD-transform geometry of a landscape (width >= height) image.
-
-    Returns (new_w, new_h, padded_h, top): the bilinear resize target, the padded height (a multiple of 336) and the
-    number of white rows added at the top. The float expressions mirror the published code on purpose, so that
-    rounding at the edges (e.g. ``s / ratio`` landing just above an integer) gives the same scale.
-    """
-    ratio = width / height
-    scale = 1
-    while (scale + 1) * math.ceil((scale + 1) / ratio) <= num_crops:
-        scale += 1
-    new_w = int(scale * CROP_SIZE)
-    # The published code crashes when an extreme aspect ratio rounds the height to 0; keep one row instead.
-    new_h = max(1, int(new_w / ratio))
-    padded_h = int(math.ceil(new_h / CROP_SIZE) * CROP_SIZE)
-    top = int((padded_h - new_h) / 2)
-    return new_w, new_h, padded_h, top
-
-
-def _check_size(width: Any, height: Any) -> tuple[int, int]:
-    for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-            raise ValueError(f"image {name} must be a positive integer, got {value!r}")
-    return int(width), int(height)
-
-
-def hd_size(width: int, height: int, num_crops: int = MAX_NUM_CROPS) -> tuple[int, int]:
-    """Predict the padded (height, width) of an image of ``width`` x ``height`` without touching pixels.
-
-    Lets data pipelines compute token counts (for length bucketing, packing, truncation) from image headers alone.
-    """
-    width, height = _check_size(width, height)
-    num_crops = _check_num_crops(num_crops)
-    if width < height:
-        new_w, _, padded_h, _ = _landscape_geometry(height, width, num_crops)
-        return new_w, padded_h
-    new_w, _, padded_h, _ = _landscape_geometry(width, height, num_crops)
-    return padded_h, new_w
-
-
-def num_image_tokens(padded_h: int, padded_w: int) -> int:
-    """Number of ``<image>`` placeholder tokens the model consumes for one padded image of ``padded_h`` x ``padded_w``.
-
-    (h*w + 1) * 144 crop tokens (sub-images + global view), one ``glb_GN`` separator, and one ``sub_GN`` per row of 12
-    tokens: h*12 rows of the sub-image grid plus 12 rows of the global view, i.e. (h + 1) * 12.
-    """
-    if padded_h <= 0 or padded_w <= 0 or padded_h % CROP_SIZE or padded_w % CROP_SIZE:
-        raise ValueError(f"padded size must be positive multiples of {CROP_SIZE}, got {padded_h}x{padded_w}")
-    h, w = padded_h // CROP_SIZE, padded_w // CROP_SIZE
-    return (h * w + 1) * TOKENS_PER_CROP + 1 + (h + 1) * TOKENS_PER_ROW
-
-
 def hd_transform(image: Image.Image, num_crops: int = MAX_NUM_CROPS) -> Image.Image:
     """Resize an RGB PIL image (bilinear) and pad its height with white to multiples of 336, as the published code does.
 
     Portrait images are transposed first and back at the end (not merely resized with swapped sizes) because Pillow's
     separable resampler rounds between its horizontal and vertical passes; only the same pass order gives equal bytes.
     """
-    num_crops = _check_num_crops(num_crops)
-    width, height = _check_size(*image.size)
+    num_crops = check_num_crops(num_crops)
+    width, height = check_size(*image.size)
     transposed = width < height
     if transposed:
         image = image.transpose(Image.Transpose.TRANSPOSE)
         width, height = height, width
-    new_w, new_h, padded_h, top = _landscape_geometry(width, height, num_crops)
+    new_w, new_h, padded_h, top = landscape_geometry(width, height, num_crops)
     # torchvision's resize on a PIL image is exactly PIL's resize with this filter (no reducing_gap), including the
     # no-op when the size already matches.
     resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
@@ -302,6 +249,33 @@ def _finish(img: Image.Image, what: str, max_image_pixels: int | None, apply_exi
     return rgb if rgb is not img else img.copy()
 
 
+def _exif_orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation value (1, upright, when it has none or its EXIF cannot be read)."""
+    try:
+        return img.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # broken EXIF: the image is used as stored, as in `load_image`
+        return 1
+
+
+def header_size(
+    image: Image.Image | str | os.PathLike | bytes, apply_exif_orientation: bool = False
+) -> tuple[int, int]:
+    """(width, height) that ``load_image`` would return, read from the file header without decoding pixels (for
+    planning token counts); ``apply_exif_orientation``: as rotated by its EXIF tag, as ``load_image`` rotates it."""
+    if isinstance(image, Image.Image):
+        w, h = image.size
+        return oriented_size(w, h, _exif_orientation(image)) if apply_exif_orientation else (w, h)
+    src: Any = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
+    try:
+        with Image.open(src) as img:
+            w, h = img.size
+            return oriented_size(w, h, _exif_orientation(img)) if apply_exif_orientation else (w, h)
+    except FileNotFoundError as err:
+        raise ValueError(f"image '{image}': file not found") from err
+    except Exception as err:
+        raise ValueError(f"image '{image if not isinstance(image, bytes) else 'bytes'}': unreadable ({err})") from err
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Processor
 # --------------------------------------------------------------------------------------------------------------------
@@ -337,7 +311,7 @@ class Phi3VImageProcessor:
         unknown = sorted(set(published) - _PUBLISHED_CONFIG_KEYS)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected argument(s): {', '.join(unknown)}")
-        self.num_crops = _check_num_crops(num_crops)
+        self.num_crops = check_num_crops(num_crops)
         self.image_mean = self._check_triplet("image_mean", image_mean)
         self.image_std = self._check_triplet("image_std", image_std)
         if any(s == 0 for s in self.image_std):
@@ -370,8 +344,17 @@ class Phi3VImageProcessor:
     # ---------------------------------------------------------------- config I/O
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> Phi3VImageProcessor:
-        """Build from a checkpoint folder's ``preprocessor_config.json`` (defaults if absent); ``overrides`` win."""
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        **overrides: Any,
+    ) -> Phi3VImageProcessor:
+        """Build from a checkpoint folder's ``preprocessor_config.json`` (defaults if absent); ``overrides`` win.
+
+        ``max_image_pixels`` is a loading limit of this run (None: no limit), never read from or written to the
+        folder: the published format has no such key."""
         path = Path(folder)
         if path.is_dir():
             path = path / PREPROCESSOR_CONFIG_NAME
@@ -387,7 +370,7 @@ class Phi3VImageProcessor:
                 if key in config:
                     kwargs[key] = config[key]
         kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(max_image_pixels=max_image_pixels, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """Config keys in the published format, so the publisher's remote code can still read a saved folder (it
@@ -440,8 +423,8 @@ class Phi3VImageProcessor:
 
     def _crops_into(self, image: Image.Image, out: torch.Tensor) -> tuple[int, int, int]:
         """Write the global view and the tiles of one RGB image into `out` (its crop slots, in order); returns
-        (crops written, H, W). Writing in place (one strided copy per tile grid, no concatenation) halves the CPU
-        time per image: this runs in the data-loader workers and must keep up with the GPU."""
+        (crops written, H, W). Writing in place (one strided copy per tile grid, no concatenation) spares a copy of
+        every crop: this runs in the data-loader workers and must keep up with the GPU."""
         padded = hd_transform(image, self.num_crops)
         width, height = padded.size
         x = torch.from_numpy(np.array(padded, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
@@ -449,7 +432,7 @@ class Phi3VImageProcessor:
         out[0] = torch.nn.functional.interpolate(
             x[None], size=(CROP_SIZE, CROP_SIZE), mode="bicubic", align_corners=False
         )[0]
-        h, w = height // CROP_SIZE, width // CROP_SIZE
+        h, w = crop_grid(height, width)
         tiles = out[1 : 1 + h * w].view(h, w, 3, CROP_SIZE, CROP_SIZE)
         tiles.copy_(x.view(3, h, CROP_SIZE, w, CROP_SIZE).permute(1, 3, 0, 2, 4))
         return 1 + h * w, height, width

@@ -9,7 +9,6 @@ wrong (a `ValueError`, and an `AssertionError` as the published processor's bare
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,10 +17,10 @@ from typing import Any
 import torch
 from transformers import BatchFeature
 
+from .geometry import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TAG, MAX_NUM_CROPS, image_tag
 from .image import Phi3VImageProcessor
 from .tokenizer import load_tokenizer, stop_token_ids
 
-IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 #: A model folder's tokenizer files, copied as they are when a processor loaded from it is saved.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -29,10 +28,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class ImageTagError(ValueError, AssertionError):
     """Image tags that do not match the images. Also an ``AssertionError``: what the published processor raises, so
     code written against it keeps catching the same thing."""
-
-
-def image_tag(k: int) -> str:
-    return f"<|image_{k}|>"
 
 
 def image_tag_order(text: str, source: str = "prompt") -> list[int]:
@@ -69,20 +64,26 @@ class Phi3VProcessor:
         folder: str | Path,
         num_crops: int | None = None,
         apply_exif_orientation: bool | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         **image_kwargs,
     ) -> Phi3VProcessor:
         """Load from a model folder (tokenizer files + `preprocessor_config.json`); `num_crops` and
-        `apply_exif_orientation` override the folder's when given (None: as the folder says)."""
+        `apply_exif_orientation` override the folder's when given (None: as the folder says). `max_image_pixels`:
+        images with more pixels are refused (None: no limit); a setting of this run, never saved with the folder."""
         if num_crops is not None:
             image_kwargs["num_crops"] = num_crops
         if apply_exif_orientation is not None:
             image_kwargs["apply_exif_orientation"] = apply_exif_orientation
-        image_processor = Phi3VImageProcessor.from_pretrained(folder, **image_kwargs)  # checks num_crops first
+        image_processor = Phi3VImageProcessor.from_pretrained(  # checks num_crops first
+            folder, max_image_pixels=max_image_pixels, **image_kwargs
+        )
         return cls(load_tokenizer(folder), image_processor)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, num_crops: int = 16) -> Phi3VProcessor:
-        return cls(tokenizer, Phi3VImageProcessor(num_crops=num_crops))
+    def from_tokenizer(
+        cls, tokenizer, num_crops: int = MAX_NUM_CROPS, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> Phi3VProcessor:
+        return cls(tokenizer, Phi3VImageProcessor(num_crops=num_crops, max_image_pixels=max_image_pixels))
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Tokenizer files and `preprocessor_config.json`. A tokenizer loaded from a folder keeps that folder's files

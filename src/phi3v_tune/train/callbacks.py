@@ -187,7 +187,7 @@ class TaskMetricCallback(TrainerCallback):
             self.metric,
             batch_size=self.batch_size,
             max_new_tokens=self.max_new_tokens,
-            video_frames_per_clip=self.video_frames,
+            video_frames=self.video_frames,
             progress=self.progress,
         )
         if state.is_world_process_zero:

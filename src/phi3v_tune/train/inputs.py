@@ -41,8 +41,7 @@ def _read_checked(settings: DataSettings, data: str | list[str], split: str) -> 
         records,
         problems,
         max_image_pixels=settings.max_image_pixels,
-        multi_turn=settings.multi_turn,
-        video_frames=settings.video_frames,
+        layout=settings.layout,
     )
 
 
@@ -82,14 +81,7 @@ def read_data(
             raise DataError(eval_problems, header=f"{len(eval_problems)} problem(s) in {settings.eval_sources}:")
     elif settings.eval_holdout > 0:
         eval_records, records = records[: settings.eval_holdout], records[settings.eval_holdout :]
-    plan = plan_records(
-        records,
-        processor,
-        settings.max_length,
-        settings.video_frames,
-        progress=is_main,
-        multi_turn=settings.multi_turn,
-    )
+    plan = plan_records(records, processor, settings.layout, progress=is_main)
     say(plan.summary("training data"))
     if plan.refused:
         path = output_dir / "refused_samples.tsv"
@@ -103,14 +95,7 @@ def read_data(
             )
     eval_plan = None
     if eval_records:
-        eval_plan = plan_records(
-            eval_records,
-            processor,
-            settings.max_length,
-            settings.video_frames,
-            progress=False,
-            multi_turn=settings.multi_turn,
-        )
+        eval_plan = plan_records(eval_records, processor, settings.layout, progress=False)
         say(eval_plan.summary("evaluation data"))
         if eval_plan.refused:  # same rule as training: a metric over fewer samples than given is not silent
             path = output_dir / "refused_eval_samples.tsv"
@@ -131,15 +116,8 @@ def datasets(
     data: LoadedData, processor: Phi3VProcessor, settings: DataSettings
 ) -> tuple[ConversationDataset, ConversationDataset | None]:
     """(training dataset, evaluation dataset or None) over the planned records."""
-    layout = dict(multi_turn=settings.multi_turn)
-    train = ConversationDataset(
-        data.train, processor, settings.max_length, settings.video_frames, data.train_plan.lengths, **layout
-    )
-    evaluation = (
-        ConversationDataset(data.eval, processor, settings.max_length, settings.video_frames, **layout)
-        if data.eval
-        else None
-    )
+    train = ConversationDataset(data.train, processor, settings.layout, data.train_plan.lengths)
+    evaluation = ConversationDataset(data.eval, processor, settings.layout) if data.eval else None
     return train, evaluation
 
 

@@ -86,9 +86,11 @@ class TrainingRun:
         set_seed(cfg.seed)
         self.base = ensure_base_model(cfg.model, self.out, seed=cfg.seed, num_crops=cfg.num_crops)
         self.processor = Phi3VProcessor.from_pretrained(
-            self.base, num_crops=cfg.num_crops, apply_exif_orientation=cfg.apply_exif_orientation
+            self.base,
+            num_crops=cfg.num_crops,
+            apply_exif_orientation=cfg.apply_exif_orientation,
+            max_image_pixels=cfg.max_image_pixels,
         )
-        self.processor.image_processor.max_image_pixels = cfg.max_image_pixels
         self.data = read_data(cfg.data_settings(), self.processor, self.out, is_main=is_main_process(), say=say)
         if (cfg.metric or cfg.eval_steps) and not self.data.eval:
             say(
@@ -120,7 +122,7 @@ class TrainingRun:
             trainer.add_callback(FaultInjection())
         self.task_metric = None
         if cfg.metric and self.data.eval:
-            records = split_questions(self.data.eval, cfg.multi_turn, cfg.eval_questions, cfg.video_frames)
+            records = split_questions(self.data.eval, cfg.layout(), cfg.eval_questions)
             self.task_metric = TaskMetricCallback(
                 self.processor,
                 records,

@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from ..data.collate import IGNORE_INDEX
+from ..model.loss import IGNORE_INDEX
 from ..model.modeling import set_rope_per_sample
 from .checkpoints import MARKER, latest_complete, rotate, write_marker
 from .optim import AdamWSR, OptimizerInBackward
