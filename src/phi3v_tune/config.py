@@ -239,7 +239,18 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1.", group="optimisation")
     adam_beta2: float = _f(0.95, "AdamW beta2.", group="optimisation")
     adam_epsilon: float = _f(1e-7, "AdamW epsilon.", group="optimisation")
-    warmup_steps: int = _f(50, "Linear warm-up steps.", group="optimisation")
+    warmup_steps: int = _f(
+        50,
+        "Linear warm-up steps (the recipe's 50). A run with no more optimizer steps than this never reaches "
+        "--learning-rate (train warns before loading the model); --warmup-ratio scales with the run instead.",
+        group="optimisation",
+    )
+    warmup_ratio: float | None = _f(
+        None,
+        "Warm-up as a share of the run's optimizer steps, e.g. 0.05 (rounded up); when set, --warmup-steps is not "
+        "used. Default: --warmup-steps.",
+        group="optimisation",
+    )
     lr_scheduler: str = _f(
         "linear",
         "Learning-rate schedule after warm-up (transformers' names: linear, cosine, constant_with_warmup, ...).",
@@ -276,6 +287,12 @@ class TrainConfig:
     # -- checkpoints, logging, evaluation ----------------------------------------------------------------------------
     save_steps: int = _f(
         500, "Write a checkpoint every N optimizer steps (and always at the end).", group="output and checkpoints"
+    )
+    overwrite_output_dir: bool = _f(
+        False,
+        "Delete another run's checkpoints, final/ and best/ models, logs and metrics in --output-dir before training "
+        "(without it, a folder that holds another run is refused unless --resume continues it).",
+        group="output and checkpoints",
     )
     save_checkpoints: bool = _f(
         True,
@@ -455,6 +472,17 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value:g}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio:g}")
+        if self.lr_scheduler not in scheduler_names():
+            raise ValueError(
+                f"--lr-scheduler {self.lr_scheduler}: unknown schedule; transformers knows "
+                f"{', '.join(scheduler_names())}"
+            )
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("--resume continues the run in --output-dir; --overwrite-output-dir deletes it: pick one")
         trackers = self.trackers()
         unknown = [t for t in trackers if t not in TRACKERS]
         if unknown:
@@ -606,6 +634,30 @@ class DataSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def show_progress(show: bool) -> None:
+    """--progress / --no-progress for the libraries' bars too (weight loading and shard writing in transformers,
+    downloads in huggingface_hub, split generation in datasets), not only ours."""
+    import datasets  # loaded by every command that runs anyway; imported here to keep --help fast
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    if show:
+        transformers.utils.logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+        datasets.enable_progress_bars()
+    else:
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
+        datasets.disable_progress_bars()
+
+
+def scheduler_names() -> list[str]:
+    """transformers' learning-rate schedules (`--lr-scheduler`)."""
+    from transformers.trainer_utils import SchedulerType  # a command that checks settings loads transformers anyway
+
+    return [s.value for s in SchedulerType]
 
 
 def fsdp_on(flag: bool) -> bool:

@@ -162,6 +162,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     field_option(
         parser, "video_frames", default=None, note="what the model was trained with (its train_config.yaml), else 8"
     )
+    field_option(parser, "progress")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, split: str = "train", multi_turn: bool = True) -> None:

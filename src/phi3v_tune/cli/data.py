@@ -17,6 +17,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         split=args.split,
         max_image_pixels=args.max_image_pixels,
         layout=SampleLayout(multi_turn=args.multi_turn, video_frames=args.video_frames),
+        answers_required=args.purpose != "predict",
     )
     print(report.format())
     return 0 if report.ok else 1
@@ -47,6 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_arguments(p)
     field_option(p, "max_image_pixels")
     field_option(p, "video_frames")
+    p.add_argument(
+        "--for",
+        dest="purpose",
+        choices=("train", "eval", "predict"),
+        default="train",
+        help="What the data is for: train and eval need every answer; predict accepts samples whose last turn has "
+        "no answer, as predict --data does (default: train).",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from ..config import show_progress
 from ..data.video import DEFAULT_VIDEO_FRAMES
 from .args import add_data_arguments, add_inference_arguments, field_option
 
@@ -78,6 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..data import DataError, SampleLayout, load_records, validate_records
     from ..evaluate.runner import evaluate_records, split_questions, write_rows
 
+    show_progress(args.progress)
     if args.video_frames is None:
         args.video_frames = trained_video_frames(args.model)
     layout = SampleLayout(multi_turn=args.multi_turn, video_frames=args.video_frames)
@@ -98,6 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.eval_batch_size,
         max_new_tokens=args.eval_max_new_tokens,
         video_frames=args.video_frames,
+        progress=args.progress,
     )
     out = Path(args.output) if args.output else default_predictions_path(args.model, args.metric)
     if rank == 0:
@@ -116,6 +119,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if (args.data is None) == (args.prompt is None):
         raise ValueError("give either --prompt (with --image/--video) or --data")
+    show_progress(args.progress)
     if args.video_frames is None:
         args.video_frames = trained_video_frames(args.model)
     if args.data:
@@ -141,7 +145,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.eval_batch_size,
         max_new_tokens=args.eval_max_new_tokens,
         video_frames=args.video_frames,
-        progress=bool(args.data),
+        progress=bool(args.data) and args.progress,
     )
     if args.data:
         out = Path(args.output or "predictions.jsonl")

@@ -292,13 +292,17 @@ def validate_path(
     check_images: bool = True,
     max_image_pixels: int | None = None,
     layout: SampleLayout = DEFAULT_LAYOUT,
+    answers_required: bool = True,
     **load_kwargs,
 ) -> ValidationReport:
     """Read ``data`` with ``load_records`` and check everything; a source that cannot be read at all is reported
-    as a problem of the report rather than raised."""
+    as a problem of the report rather than raised. ``answers_required=False``: data for prediction, where the last
+    turn of a sample may leave its answer out (what ``predict --data`` accepts)."""
     label = ", ".join(str(d) for d in data) if isinstance(data, (list, tuple)) else str(data)
     try:
-        records, problems = load_records(data, image_dir=image_dir, split=split, **load_kwargs)
+        records, problems = load_records(
+            data, image_dir=image_dir, split=split, answers_required=answers_required, **load_kwargs
+        )
     except DataError as e:
         return ValidationReport(label, 0, 0, 0, list(e.problems))
     problems = validate_records(
@@ -307,6 +311,7 @@ def validate_path(
         check_images=check_images,
         max_image_pixels=max_image_pixels,
         layout=layout,
+        answers_required=answers_required,
         decode_videos=check_images,
     )
     if not records and not problems:  # training would stop on it: say so here too

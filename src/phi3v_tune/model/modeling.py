@@ -171,6 +171,13 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
         elif isinstance(module, Phi3VSuScaledRotaryEmbedding):
             module.reset_buffers()
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether any layer recomputes its forward in backward. transformers 5 deprecates this name (with a warning
+        at every read) in favour of `is_activation_checkpointing`, but PEFT still reads it when it wraps a model:
+        answered here without the warning."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.modules())
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """transformers' loader, then re-freeze the stored-but-unused CLIP tail (loading replaces parameters) and

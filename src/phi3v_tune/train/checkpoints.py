@@ -126,3 +126,34 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     if not is_complete(path):
         raise ValueError(f"--resume {path}: the checkpoint is incomplete (no {MARKER}); it was not fully written")
     return path
+
+
+#: What a run writes into its output folder (models, checkpoints, logs, reports); --overwrite-output-dir removes them.
+RUN_FILES = (
+    "final", "best", "best.tmp", "best.old", "eval_predictions", "runs", "metrics.json",
+    "eval_metrics.jsonl", "epoch_reports.jsonl", "loss.png", "train_config.yaml", "skipped_samples.tsv",
+    "refused_samples.tsv", "refused_eval_samples.tsv",
+)  # fmt: skip
+
+
+def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> list[Path]:
+    """An output folder holds one run. Without --resume, a folder with another run's checkpoints or models is refused
+    (its checkpoints, metrics and predictions would mix with this run's), unless --overwrite-output-dir, which
+    deletes what a run writes there (and only that) first; returns what was deleted."""
+    root = Path(output_dir)
+    if resume or not root.is_dir():
+        return []
+    found = [p for _, p in checkpoints(root)] + [root / n for n in ("final", "best") if (root / n).is_dir()]
+    found += sorted(root.glob("incomplete-checkpoint-*"))
+    if not found:
+        return []
+    if not overwrite:
+        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(
+            f"--output-dir {root} holds another run ({names}): pass --resume to continue it, "
+            "--overwrite-output-dir to delete it and start over, or another --output-dir"
+        )
+    gone = found + [root / n for n in RUN_FILES if (root / n).exists() and root / n not in found]
+    for path in gone:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return gone

@@ -70,7 +70,10 @@ def run_demo(
     say(f"demo data: {len(train)} training and {len(held_out)} held-out samples in {train_file.parent.parent}")
     say("tasks: " + "; ".join(f"{t} ({'/'.join(CLASSES[t])})" for t in tasks))
 
-    cfg = demo_config(out, train_file, eval_file, seed=seed, epochs=epochs, progress=not quiet)
+    # the demo writes everything anew each time: a previous demo run in the folder is replaced
+    cfg = demo_config(
+        out, train_file, eval_file, seed=seed, epochs=epochs, progress=not quiet, overwrite_output_dir=True
+    )
     base = ensure_base_model(cfg.model, out, seed=cfg.seed, num_crops=cfg.num_crops)  # the run trains this folder
     before, _ = evaluate(Path(base), held_out, "before")
     metrics = TrainingRun(cfg).setup().train()

@@ -80,6 +80,14 @@ def read_data(
         if eval_problems:
             raise DataError(eval_problems, header=f"{len(eval_problems)} problem(s) in {settings.eval_sources}:")
     elif settings.eval_holdout > 0:
+        if settings.eval_holdout >= len(records):
+            raise DataError(
+                [],
+                header=f"--eval-holdout {settings.eval_holdout} holds out the first {settings.eval_holdout} training "
+                f"rows for evaluation (the hateful_memes and nlvr2 recipes hold out 500, as the original recipe), "
+                f"which leaves none of the {len(records)} rows to train on: pass --eval-holdout N with N < "
+                f"{len(records)} (e.g. --eval-holdout {max(1, len(records) // 10)}), or --eval-data",
+            )
         eval_records, records = records[: settings.eval_holdout], records[settings.eval_holdout :]
     plan = plan_records(records, processor, settings.layout, progress=is_main)
     say(plan.summary("training data"))

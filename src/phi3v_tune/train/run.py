@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from ..config import TrainConfig
+from ..config import TrainConfig, show_progress
 from ..evaluate.runner import split_questions
 from ..model.tiny import save_tiny_checkpoint, tiny_layers
 from ..processing.processor import Phi3VProcessor
@@ -32,7 +33,7 @@ from .callbacks import (
     StopAtStep,
     TaskMetricCallback,
 )
-from .checkpoints import marked_step, quarantine_incomplete, resolve_resume, write_marker
+from .checkpoints import claim_output_dir, marked_step, quarantine_incomplete, resolve_resume, write_marker
 from .distributed import (
     check_complete,
     check_resume_world_size,
@@ -72,13 +73,19 @@ class TrainingRun:
     def setup(self) -> TrainingRun:
         cfg = self.cfg
         cfg.check_environment()
+        show_progress(cfg.progress)
         single_process_engine(cfg.deepspeed)
+        self.runtime = runtime = Runtime.resolve(cfg)
+        accumulation_steps(cfg, runtime.world_size)  # a batch that does not divide fails now, not after loading
+        if is_main_process():
+            gone = claim_output_dir(self.out, bool(cfg.resume), cfg.overwrite_output_dir)
+            if gone:
+                say(f"--overwrite-output-dir: deleted the previous run's {', '.join(p.name for p in gone)}")
         self.out.mkdir(parents=True, exist_ok=True)
         if is_main_process():
             for moved in quarantine_incomplete(self.out):
                 say(f"warning: {moved.name}: an interrupted checkpoint write, renamed (never resumed from)")
         self.resume_from = resolve_resume(cfg.resume, self.out)
-        self.runtime = runtime = Runtime.resolve(cfg)
         if self.resume_from is not None:
             note = check_resume_world_size(self.resume_from, runtime.world_size, cfg.deepspeed)
             if note:
@@ -92,6 +99,10 @@ class TrainingRun:
             max_image_pixels=cfg.max_image_pixels,
         )
         self.data = read_data(cfg.data_settings(), self.processor, self.out, is_main=is_main_process(), say=say)
+        self.schedule = Schedule.of(cfg, len(self.data.train), runtime.world_size)
+        say(self.schedule.describe())
+        for warning in self.schedule.warnings(cfg, len(self.data.train)):
+            say(f"warning: {warning}")
         if (cfg.metric or cfg.eval_steps) and not self.data.eval:
             say(
                 "warning: --metric/--eval-steps are set but there is no evaluation data (--eval-data or "
@@ -291,13 +302,59 @@ def fsdp_arguments(enabled: bool) -> dict[str, Any]:
     }
 
 
-def training_arguments(cfg: TrainConfig, runtime: Runtime) -> Phi3VTrainingArguments:
-    """The settings as the Trainer's arguments (ours ride on the subclass)."""
-    per_step = cfg.batch_size_per_device * runtime.world_size
+def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Forward passes per optimizer step on each device: --batch-size / (--batch-size-per-device x devices)."""
+    per_step = cfg.batch_size_per_device * world_size
     if cfg.batch_size % per_step:
         raise ValueError(
             f"--batch-size {cfg.batch_size} must be a multiple of --batch-size-per-device x devices = {per_step}"
         )
+    return cfg.batch_size // per_step
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's optimizer steps and warm-up, known before the model loads (the Trainer's own arithmetic: passes
+    per device per epoch, rounded up to whole optimizer steps)."""
+
+    steps: int
+    steps_per_epoch: int
+    warmup: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, samples: int, world_size: int) -> Schedule:
+        per_device = math.ceil(samples / world_size)  # the distributed sampler evens out the ranks
+        passes = math.ceil(per_device / cfg.batch_size_per_device)
+        accumulation = accumulation_steps(cfg, world_size)
+        per_epoch = max(passes // accumulation + int(passes % accumulation > 0), 1)
+        steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * per_epoch)
+        warmup = math.ceil(steps * cfg.warmup_ratio) if cfg.warmup_ratio is not None else cfg.warmup_steps
+        return cls(steps, per_epoch, warmup)
+
+    def describe(self) -> str:
+        return f"schedule: {self.steps} optimizer step(s), {self.steps_per_epoch} per epoch, {self.warmup} warm-up"
+
+    def warnings(self, cfg: TrainConfig, samples: int) -> list[str]:
+        """What would make a run train little or nothing, said before anything slow starts."""
+        found = []
+        if self.steps <= self.warmup:
+            given = f"--warmup-ratio {cfg.warmup_ratio:g}" if cfg.warmup_ratio is not None else "--warmup-steps"
+            found.append(
+                f"the run has {self.steps} optimizer step(s) and {self.warmup} warm-up step(s) ({given}): the learning "
+                f"rate never reaches --learning-rate {cfg.learning_rate:g} (the first step runs at 0). Lower "
+                f"--warmup-steps, use --warmup-ratio 0.1, or train longer (--epochs, a smaller --batch-size)"
+            )
+        if cfg.batch_size > samples:
+            found.append(
+                f"--batch-size {cfg.batch_size} is more than the {samples} training samples: every epoch is a single "
+                f"optimizer step; lower --batch-size (e.g. {max(1, 2 ** int(math.log2(max(1, samples // 4))))})"
+            )
+        return found
+
+
+def training_arguments(cfg: TrainConfig, runtime: Runtime) -> Phi3VTrainingArguments:
+    """The settings as the Trainer's arguments (ours ride on the subclass)."""
+    accumulation = accumulation_steps(cfg, runtime.world_size)
     evaluate = cfg.eval_steps is not None and (cfg.eval_data or cfg.eval_holdout)
     on_cuda = runtime.on_cuda
     return Phi3VTrainingArguments(
@@ -306,13 +363,14 @@ def training_arguments(cfg: TrainConfig, runtime: Runtime) -> Phi3VTrainingArgum
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size_per_device,
         per_device_eval_batch_size=cfg.batch_size_per_device,
-        gradient_accumulation_steps=cfg.batch_size // per_step,
+        gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2,
         adam_epsilon=cfg.adam_epsilon,
-        warmup_steps=cfg.warmup_steps,
+        # a ratio is resolved by the Trainer from its own step count (a float below 1 is a share of the steps)
+        warmup_steps=cfg.warmup_ratio if cfg.warmup_ratio is not None else cfg.warmup_steps,
         lr_scheduler_type=cfg.lr_scheduler,
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,

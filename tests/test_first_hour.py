@@ -1,0 +1,189 @@
+"""A new user's first hour: flags that mean what they say, checks before the model loads, defaults that train or
+say why not, recipes on small data, one run per output folder, validation of prediction input."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+from test_train import data_file, small_config  # noqa: F401  (fixture and helper)
+
+from phi3v_tune.cli import build_parser, main
+from phi3v_tune.config import TrainConfig, resolve
+from phi3v_tune.data import DataError
+from phi3v_tune.data.synthetic import demo_split, write_jsonl
+from phi3v_tune.train import run
+from phi3v_tune.train.run import Schedule, run_training
+
+
+def parse_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def test_lr_is_an_alias_and_prefixes_are_never_guessed(capsys):
+    args = build_parser().parse_args(["train", "--lr", "1e-3", "--data", "x.jsonl"])
+    assert resolve(args).learning_rate == 1e-3
+    err = parse_error(["train", "--lr-sched", "cosine", "--data", "x.jsonl"], capsys)  # no prefix matching
+    assert "unrecognized arguments: --lr-sched cosine" in err
+    assert "--epoch: did you mean --epochs" in parse_error(["train", "--epoch", "2"], capsys)
+
+
+@pytest.mark.parametrize(
+    "spelling, ours",
+    [
+        ("--learning_rate", "--learning-rate"),
+        ("--num_train_epochs", "--epochs"),
+        ("--per_device_train_batch_size", "--batch-size-per-device"),
+        ("--gradient_accumulation_steps", "--batch-size"),
+        ("--output_dir", "--output-dir"),
+        ("--lr_scheduler_type", "--lr-scheduler"),
+    ],
+)
+def test_hugging_face_spellings_get_ours(spelling, ours, capsys):
+    err = parse_error(["train", spelling, "3"], capsys)
+    assert f"{spelling}: did you mean {ours}" in err
+
+
+def test_eval_batch_size_is_not_the_training_batch(capsys):
+    err = parse_error(["eval", "--model", "m", "--data", "d", "--metric", "anls", "--batch-size", "4"], capsys)
+    assert "--batch-size: did you mean --eval-batch-size" in err
+    args = build_parser().parse_args(
+        ["eval", "--model", "m", "--data", "d", "--metric", "anls", "--eval-batch-size", "4"]
+    )
+    assert args.eval_batch_size == 4
+
+
+def test_an_unknown_schedule_fails_before_anything_loads():
+    with pytest.raises(ValueError, match="--lr-scheduler cosinus: unknown schedule; transformers knows linear, cosine"):
+        TrainConfig(data="x.jsonl", lr_scheduler="cosinus").validate()
+
+
+def no_model(monkeypatch):
+    """Any attempt to load the model fails the test: the checks must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(run, "load_model", refuse)
+
+
+def test_a_batch_that_does_not_divide_fails_before_the_data_and_model_load(data_file, tmp_path, monkeypatch):  # noqa: F811
+    no_model(monkeypatch)
+    monkeypatch.setattr(run, "read_data", lambda *a, **k: pytest.fail("the data was read before the check"))
+    with pytest.raises(ValueError, match="--batch-size 3 must be a multiple of --batch-size-per-device x devices = 2"):
+        run_training(small_config(data_file, tmp_path / "x", batch_size=3, batch_size_per_device=2))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def test_defaults_on_a_small_set_warn_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """40 samples with the defaults (global batch 64, 50 warm-up steps): one optimizer step at learning rate 0. The
+    run says so, naming the flags and the numbers, before the model loads."""
+    rows, _ = demo_split(10, 0, seed=1, tasks=("colour", "shape", "compare", "video"), as_png=True)
+    data = write_jsonl(rows, tmp_path / "data")
+    no_model(monkeypatch)
+    cfg = TrainConfig(data=str(data), model="tiny", num_crops=1, output_dir=str(tmp_path / "out"), cpu=True,
+                      report_to="none", num_workers=0, progress=False)  # fmt: skip
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        run_training(cfg)
+    out = capsys.readouterr().out
+    assert "schedule: 1 optimizer step(s), 1 per epoch, 50 warm-up" in out
+    assert "the run has 1 optimizer step(s) and 50 warm-up step(s) (--warmup-steps)" in out
+    assert "--batch-size 64 is more than the 40 training samples" in out
+
+
+def test_warmup_ratio_scales_with_the_run(tmp_path):
+    cfg = TrainConfig(data="x.jsonl", batch_size=4, epochs=3, warmup_ratio=0.1)
+    schedule = Schedule.of(cfg, samples=38, world_size=1)  # 10 steps per epoch (the last one short)
+    assert (schedule.steps, schedule.steps_per_epoch, schedule.warmup) == (30, 10, 3)
+    assert not schedule.warnings(cfg, 38)
+    from phi3v_tune.train.run import training_arguments
+    from phi3v_tune.train.runtime import Runtime
+
+    args = training_arguments(cfg, Runtime.resolve(TrainConfig(data="x.jsonl", cpu=True), world_size=1))
+    assert args.get_warmup_steps(30) == 3 == math.ceil(30 * 0.1)
+    with pytest.raises(ValueError, match=r"--warmup-ratio must be in \[0, 1\)"):
+        TrainConfig(data="x.jsonl", warmup_ratio=1.5).validate()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def test_a_recipe_holdout_larger_than_the_data_says_how_to_lower_it(tmp_path):
+    rows, _ = demo_split(2, 0, seed=1, tasks=("compare",), as_png=True)
+    data = write_jsonl(rows, tmp_path / "data")
+    cfg = TrainConfig(data=str(data), model="tiny", num_crops=1, output_dir=str(tmp_path / "o"), cpu=True,
+                      report_to="none", num_workers=0, progress=False, eval_holdout=500)  # fmt: skip
+    started = time.time()
+    with pytest.raises(DataError) as err:
+        run_training(cfg)
+    text = str(err.value)
+    assert "--eval-holdout 500 holds out the first 500 training rows" in text
+    assert "none of the 2 rows to train on" in text and "--eval-holdout N with N < 2" in text
+    assert time.time() - started < 60
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def test_an_output_folder_holds_one_run(data_file, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    run_training(small_config(data_file, out, max_steps=2, save_steps=1))
+    assert (out / "checkpoint-1").is_dir() and (out / "final").is_dir()
+    with pytest.raises(ValueError, match="holds another run .*pass --resume to continue it, --overwrite-output-dir"):
+        run_training(small_config(data_file, out, max_steps=2))
+    (out / "keep-me.txt").write_text("the user's own file")
+    run_training(small_config(data_file, out, max_steps=1, overwrite_output_dir=True, save_steps=100))
+    assert not (out / "checkpoint-2").exists()  # the earlier run's; checkpoint-1 is this run's last step
+    assert json.loads((out / "final" / "checkpoint_complete.json").read_text())["step"] == 1
+    assert (out / "keep-me.txt").read_text() == "the user's own file"  # only what a run writes is deleted
+    reports = (out / "epoch_reports.jsonl").read_text().splitlines()
+    assert len(reports) == 1  # the earlier run's reports went with it
+    with pytest.raises(ValueError, match="pick one"):
+        small_config(data_file, out, resume="latest", overwrite_output_dir=True).validate()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def test_validate_checks_prediction_input_as_predict_reads_it(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (30, 20), "red").save(tmp_path / "a.png")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        json.dumps({"id": "q1", "conversations": [{"images": ["a.png"], "user": "What colour?"}]}) + "\n"
+    )
+    assert main(["validate", str(questions)]) == 1  # training and evaluation need the answer
+    assert "assistant" in capsys.readouterr().out
+    assert main(["validate", str(questions), "--for", "predict"]) == 0
+    assert "1 records, 1 turns, 1 images\nno problems found" in capsys.readouterr().out
+
+
+def test_no_progress_is_quiet_and_our_calls_raise_no_deprecation_warnings(data_file, tmp_path):  # noqa: F811
+    """--no-progress silences every bar (ours, weight loading, shard writing); a LoRA run and a prediction from its
+    adapter print no deprecation warning (PEFT reads `is_gradient_checkpointing`; saved configs carry
+    `torch_dtype`)."""
+    import subprocess
+    import sys
+
+    from launch import cpu_env
+
+    out = tmp_path / "run"
+    env = {**cpu_env(), "PYTHONWARNINGS": "default"}  # every warning shown once, none hidden by filters
+    train = [sys.executable, "-m", "phi3v_tune", "train", "--data", str(data_file), "--model", "tiny", "--num-crops",
+             "1", "--cpu", "--report-to", "none", "--num-workers", "0", "--no-progress", "--method", "lora",
+             "--lora-rank", "4", "--max-steps", "2", "--batch-size", "2", "--gradient-checkpointing",
+             "--output-dir", str(out)]  # fmt: skip
+    done = subprocess.run(train, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    predict = [sys.executable, "-m", "phi3v_tune", "predict", "--model", str(out / "final"), "--image",
+               str(tmp_path / "a.png"), "--prompt", "What colour?", "--max-new-tokens", "2", "--no-progress"]  # fmt: skip
+    answered = subprocess.run(predict, env=env, capture_output=True, text=True, timeout=600)
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    for result in (done, answered):
+        text = result.stdout + result.stderr
+        assert "it/s" not in text and "s/it" not in text and "%|" not in text, text[-2000:]
+        assert "deprecated" not in text.lower(), text[-2000:]
