@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 from test_train import data_file, small_config  # noqa: F401  (fixture and helper)
@@ -187,3 +188,80 @@ def test_no_progress_is_quiet_and_our_calls_raise_no_deprecation_warnings(data_f
         text = result.stdout + result.stderr
         assert "it/s" not in text and "s/it" not in text and "%|" not in text, text[-2000:]
         assert "deprecated" not in text.lower(), text[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def test_resume_takes_the_runs_settings_and_refuses_a_conflicting_flag(data_file, tmp_path, capsys):  # noqa: F811
+    """A LoRA run (rank 4) stopped at step 2; `--resume` alone continues it as LoRA rank 4 (not a full fine-tune
+    loading an adapter), and `--resume --lora-rank 8` stops with one line naming both ranks."""
+    from launch import TINY_CPU_FLAGS
+
+    out = tmp_path / "lora"
+    common = ["train", *TINY_CPU_FLAGS, "--data", str(data_file), "--output-dir", str(out), "--max-steps", "4",
+              "--batch-size", "2", "--save-steps", "2", "--warmup-steps", "0"]  # fmt: skip
+    assert main([*common, "--method", "lora", "--lora-rank", "4", "--stop-at-step", "2"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--resume", "--lora-rank", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: --lora-rank 8 conflicts with checkpoint-2, trained with --lora-rank 4: drop the flag to continue that "
+        "run, or start a new run in another --output-dir"
+    )
+    assert main([*common, "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "from checkpoint-2: --method lora, --lora-rank 4, --lora-alpha 8" in text
+    assert "resuming from checkpoint-2 (step 2 of 4)" in text
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_ctrl_c_says_how_to_continue(monkeypatch, tmp_path, capsys):
+    import phi3v_tune.train.run as training
+
+    def interrupted(cfg):
+        (Path(cfg.output_dir) / "checkpoint-3").mkdir(parents=True)
+        (Path(cfg.output_dir) / "checkpoint-3" / "checkpoint_complete.json").write_text('{"step": 3, "time": 1}')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "run_training", interrupted)
+    out = tmp_path / "run"
+    monkeypatch.setattr("sys.argv", ["phi3v-tune", "train", "--data", "x.jsonl", "--output-dir", str(out)])
+    assert main(["train", "--data", "x.jsonl", "--output-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"the last complete checkpoint is {out / 'checkpoint-3'}" in err
+    assert f"phi3v-tune train --data x.jsonl --output-dir {out} --resume" in err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def test_the_numbers_a_user_reads_are_the_runs(data_file, tmp_path):  # noqa: F811
+    """A run with a task metric, stopped at step 2 and resumed to 4 (--eval-steps 2): metrics.json still holds the
+    evaluation before training and every task-metric point; the last step is evaluated once; the progress bar ends
+    on the final evaluation's score; loss.png draws evaluations as points."""
+    from phi3v_tune.train.callbacks import ProgressBar
+    from phi3v_tune.train.plots import loss_figure
+    from phi3v_tune.train.run import TrainingRun
+
+    out = tmp_path / "run"
+
+    def cfg(**kw):
+        return small_config(data_file, out, max_steps=4, eval_holdout=2, eval_steps=2, save_steps=2,
+                            metric="accuracy", eval_max_new_tokens=2, **kw)  # fmt: skip
+
+    run_training(cfg(stop_at_step=2))
+    training = TrainingRun(cfg(resume="latest", progress=True)).setup()
+    bar = next(c for c in training.trainer.callback_handler.callbacks if isinstance(c, ProgressBar))
+    metrics = training.train()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["eval_before"]["step"] == 0 and "eval_loss" in saved["eval_before"]
+    points = [(p["step"], p["when"]) for p in saved["task_metric"]]
+    assert points == [(0, "before"), (2, "during"), (4, "after")]
+    lines = [json.loads(x) for x in (out / "eval_metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["when"]) for x in lines] == [(0, "before"), (2, "during"), (4, "after")]
+    losses = [e["step"] for e in metrics["log_history"] if "eval_loss" in e]
+    assert losses == [0, 2, 4]  # each evaluated once: the final step is not evaluated again after training
+    assert metrics["eval_after"]["step"] == 4
+    assert bar.shown["accuracy"] == f"{saved['task_metric'][-1]['eval_accuracy']:.4f}"
+    figure = loss_figure(metrics["log_history"])
+    styles = {
+        line.get_label(): (line.get_linestyle(), line.get_marker()) for a in figure.axes for line in a.get_lines()
+    }
+    assert styles["train loss"][0] == "-" and styles["eval loss"] == ("None", "o") and styles["accuracy"][0] == "None"

@@ -421,6 +421,14 @@ class TrainConfig:
         """How every sample of the run is laid out (validation, planning, examples and evaluation questions)."""
         return SampleLayout(max_length=self.max_length, multi_turn=self.multi_turn, video_frames=self.video_frames)
 
+    def given_settings(self) -> set[str]:
+        """The settings chosen for this run (a recipe, a YAML file, flags); made in Python, those that differ from
+        their defaults."""
+        given = getattr(self, "given", None)
+        if given is not None:
+            return given
+        return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
     def has_eval_data(self) -> bool:
         return bool(self.eval_data) or self.eval_holdout > 0
 
@@ -778,4 +786,34 @@ def resolve(args: Any) -> TrainConfig:
     if getattr(args, "config", None):
         values.update(load_yaml(args.config))
     values.update({k: v for k, v in vars(args).items() if k in FIELDS})
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values)
+    cfg.given = set(values)
+    return cfg.validate()
+
+
+#: Settings that shape the trained weights: a resumed run takes them from its checkpoint.
+RUN_SHAPING = (
+    "method", "freeze_projector", "lora_rank", "lora_alpha", "lora_dropout", "lora_lm_head", "lora_vision",
+    "lora_variant", "num_crops",
+)  # fmt: skip
+
+
+def adopt_run_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: str) -> list[str]:
+    """Resume: the settings that shape the weights come from the checkpoint's train_config.yaml when not given; one
+    given differently stops the run with both values. Returns the names taken from the checkpoint."""
+    taken = []
+    for name in RUN_SHAPING:
+        if name not in saved:
+            continue
+        value, theirs = getattr(cfg, name), saved[name]
+        if name in cfg.given_settings():
+            if value != theirs:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {value} conflicts with {checkpoint}, trained with "
+                    f"--{name.replace('_', '-')} {theirs}: drop the flag to continue that run, or start a new run "
+                    "in another --output-dir"
+                )
+        elif value != theirs:
+            setattr(cfg, name, theirs)
+            taken.append(name)
+    return taken

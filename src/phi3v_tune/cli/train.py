@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..config import resolve
 from ..data.synthetic import DEMO_SIZES
@@ -10,9 +11,18 @@ from .args import add_train_arguments, int_in
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..train.checkpoints import latest_complete
     from ..train.run import run_training
 
-    run_training(resolve(args))
+    cfg = resolve(args)
+    try:
+        run_training(cfg)
+    except KeyboardInterrupt:
+        last = latest_complete(cfg.output_dir)
+        again = "phi3v-tune " + " ".join(a for a in sys.argv[1:] if a != "--resume") + " --resume"
+        where = f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"
+        print(f"\ninterrupted; {where}. Continue with:\n  {again}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -165,8 +165,13 @@ class TaskMetricCallback(TrainerCallback):
         max_new_tokens: int,
         video_frames: int,
         progress: bool,
+        start_step: int = 0,
+        is_main: bool = True,
+        stop_at_step: int | None = None,
     ):
-        """`log`: the Trainer's `log` (the value joins its log history, loggers and progress bar)."""
+        """`log`: the Trainer's `log` (the value joins its log history, loggers and progress bar). `start_step`: where
+        this run starts (a resumed checkpoint's step): `eval_metrics.jsonl` keeps only the lines up to it (a killed
+        run's later evaluations are done again)."""
         self.processor = processor
         self.records = records
         self.metric = metric
@@ -177,7 +182,26 @@ class TaskMetricCallback(TrainerCallback):
         self.max_new_tokens = max_new_tokens
         self.video_frames = video_frames
         self.progress = progress
-        self.history: list[dict[str, Any]] = []
+        self.stop_at_step = stop_at_step  # a slice of the run ends there (--stop-at-step): not the final evaluation
+        self.history: list[dict[str, Any]] = []  # this process's evaluations (see `points` for the whole run's)
+        path = self.out / "eval_metrics.jsonl"
+        if is_main and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= start_step]
+            kept = kept if start_step > 0 else []
+            path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+
+    def points(self, log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every evaluation of the run from the Trainer's log history (which a resume restores), labelled before
+        (step 0), during, or after (the final one, logged at the end of training)."""
+        key = f"eval_{self.metric}"
+        found = [{"step": e["step"], "when": "during", key: e[key]} for e in log_history if key in e]
+        for entry in found:
+            if entry["step"] == 0:
+                entry["when"] = "before"
+        if found and self.history and self.history[-1]["when"] == "after" and found[-1]["step"] > 0:
+            found[-1]["when"] = "after"
+        return found
 
     def run(self, model, state, control, label: str) -> float:
         value, rows = evaluate_records(
@@ -214,16 +238,21 @@ class TaskMetricCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         every = self.eval_steps
-        if every and state.global_step % every == 0 and state.global_step < state.max_steps:
-            self.run(model, state, control, "during")
+        sliced = self.stop_at_step is not None and state.global_step == self.stop_at_step < state.max_steps
+        last = (state.global_step >= state.max_steps or control.should_training_stop) and not sliced
+        if last or sliced or (every and state.global_step % every == 0):
+            # the final evaluation runs here too, while the progress bar still shows (it closes at the end of training)
+            self.run(model, state, control, "after" if last else "during")
             gc.collect()  # generation's leftovers in reference cycles (automatic collection is off: --gc-interval)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         last = self.history[-1] if self.history else None
-        if last is not None and last["step"] == state.global_step and last["when"] == "during":
-            # a run stopped (--stop-at-step, early stop) right after an evaluation: the same weights, not generated twice
-            self.record(state, control, "after", last[f"eval_{self.metric}"])
-        else:
+        if state.global_step == self.stop_at_step and state.global_step < state.max_steps:
+            return  # a slice of the run ended (--stop-at-step): the run goes on after --resume
+        if last is not None and last["step"] == state.global_step:
+            if last["when"] == "during":  # stopped (early) right after an evaluation: the same weights, not run twice
+                self.record(state, control, "after", last[f"eval_{self.metric}"])
+        else:  # a run that had no step left to train (resumed at its end)
             self.run(model, state, control, "after")
 
 

@@ -19,7 +19,7 @@ import torch
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from ..config import TrainConfig, show_progress
+from ..config import TrainConfig, adopt_run_settings, load_yaml, show_progress
 from ..evaluate.runner import split_questions
 from ..model.tiny import save_tiny_checkpoint, tiny_layers
 from ..processing.processor import Phi3VProcessor
@@ -75,8 +75,6 @@ class TrainingRun:
         cfg.check_environment()
         show_progress(cfg.progress)
         single_process_engine(cfg.deepspeed)
-        self.runtime = runtime = Runtime.resolve(cfg)
-        accumulation_steps(cfg, runtime.world_size)  # a batch that does not divide fails now, not after loading
         if is_main_process():
             gone = claim_output_dir(self.out, bool(cfg.resume), cfg.overwrite_output_dir)
             if gone:
@@ -86,6 +84,18 @@ class TrainingRun:
             for moved in quarantine_incomplete(self.out):
                 say(f"warning: {moved.name}: an interrupted checkpoint write, renamed (never resumed from)")
         self.resume_from = resolve_resume(cfg.resume, self.out)
+        if self.resume_from is not None:
+            saved = self.resume_from / SETTINGS_FILE
+            if saved.is_file():
+                taken = adopt_run_settings(cfg, load_yaml(saved), self.resume_from.name)
+                if taken:
+                    say(
+                        f"from {self.resume_from.name}: "
+                        + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in taken)
+                    )
+                cfg.validate()
+        self.runtime = runtime = Runtime.resolve(cfg)
+        accumulation_steps(cfg, runtime.world_size)  # a batch that does not divide fails now, not after loading
         if self.resume_from is not None:
             note = check_resume_world_size(self.resume_from, runtime.world_size, cfg.deepspeed)
             if note:
@@ -101,6 +111,10 @@ class TrainingRun:
         self.data = read_data(cfg.data_settings(), self.processor, self.out, is_main=is_main_process(), say=say)
         self.schedule = Schedule.of(cfg, len(self.data.train), runtime.world_size)
         say(self.schedule.describe())
+        if self.resume_from is not None:
+            say(
+                f"resuming from {self.resume_from.name} (step {marked_step(self.resume_from)} of {self.schedule.steps})"
+            )
         for warning in self.schedule.warnings(cfg, len(self.data.train)):
             say(f"warning: {warning}")
         if (cfg.metric or cfg.eval_steps) and not self.data.eval:
@@ -141,6 +155,9 @@ class TrainingRun:
                 log=trainer.log,
                 output_dir=self.out,
                 eval_steps=cfg.eval_steps,
+                start_step=marked_step(self.resume_from) if self.resume_from is not None else 0,
+                is_main=is_main_process(),
+                stop_at_step=cfg.stop_at_step,
                 batch_size=cfg.eval_batch_size,
                 max_new_tokens=cfg.eval_max_new_tokens,
                 video_frames=cfg.video_frames,
@@ -187,12 +204,17 @@ class TrainingRun:
         metrics["train"] = result.metrics
         metrics["steps"] = trainer.state.global_step
         metrics["log_history"] = trainer.state.log_history  # per-step loss, lr, throughput (also without checkpoints)
-        if trainer.args.eval_on_start:
-            metrics["eval_before"] = next(e for e in trainer.state.log_history if "eval_loss" in e)
+        history = trainer.state.log_history  # restored from the checkpoint on --resume: the whole run's
+        losses = [e for e in history if "eval_loss" in e]
+        if losses and losses[0].get("step") == 0:
+            metrics["eval_before"] = losses[0]
         if trainer.eval_dataset is not None:
-            metrics["eval_after"] = trainer.evaluate()
+            last = losses[-1] if losses else None
+            # the last step was already evaluated when it falls on --eval-steps: the same weights, not evaluated twice
+            same = last is not None and last.get("step") == trainer.state.global_step and len(losses) > 1
+            metrics["eval_after"] = last if same else trainer.evaluate()
         if self.task_metric is not None:
-            metrics["task_metric"] = self.task_metric.history
+            metrics["task_metric"] = self.task_metric.points(history)
         peak = peak_memory_per_rank(on_gpu=not trainer.args.use_cpu and torch.cuda.is_available())
         if peak is not None:
             metrics["peak_gpu_memory_gib_per_rank"] = peak
