@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from phi3v_tune.cli import build_parser, main
-from phi3v_tune.train.config import TrainConfig
+from phi3v_tune.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "reference" / "cli.md"
