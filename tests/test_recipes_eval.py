@@ -449,3 +449,25 @@ def test_eval_and_predict_sample_videos_as_the_model_was_trained(tmp_path):
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "train_config.yaml").write_text("[not, a, mapping]\n")
     assert trained_video_frames(str(tmp_path / "odd")) == 8
+
+
+def test_eval_with_a_task_scores_exactly_the_rows_training_held_out(tmp_path, capsys):
+    """`eval --task hateful_memes --data D` takes the recipe's metric, questions and held-out rows: the same rows (and
+    questions) that `train --task hateful_memes --data D` evaluated, not the rows it trained on."""
+    data = cauldron_table(tmp_path / "hm", 6, 1, 1, ["yes", "no"])
+    out = tmp_path / "run"
+    argv = ["train", "--task", "hateful_memes", "--data", str(data), "--eval-holdout", "2", "--output-dir", str(out)]
+    assert cli([*argv, *COMMON]) == 0
+    trained_on = [json.loads(x)["id"] for x in (out / "eval_predictions" / "step-2.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    predictions = tmp_path / "eval.jsonl"
+    code = cli(["eval", "--task", "hateful_memes", "--eval-holdout", "2", "--model", str(out / "final"), "--data",
+                str(data), "--max-new-tokens", "4", "--output", str(predictions), "--no-progress"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "evaluating the first 2 of 6 rows" in printed
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert "accuracy" in result and result["samples"] == 2  # the recipe's metric, without --metric
+    assert [json.loads(x)["id"] for x in predictions.read_text().splitlines()] == trained_on
+    assert cli(["eval", "--model", str(out / "final"), "--data", str(data)]) == 2
+    assert "eval needs --metric" in capsys.readouterr().err

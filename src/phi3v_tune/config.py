@@ -53,8 +53,8 @@ class TrainConfig:
     )
     eval_holdout: int = _f(
         0,
-        "Hold out the first N training records as the evaluation set (the recipe's NLVR2/"
-        "hateful-memes split) when --eval-data is not given.",
+        "The first N records of --data are the evaluation set (the recipe's NLVR2 / hateful-memes split): train "
+        "holds them out when --eval-data is not given, and eval scores exactly them.",
         group="data",
     )
     image_dir: str | None = _f(

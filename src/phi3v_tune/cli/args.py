@@ -158,17 +158,24 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     )
     field_option(parser, "attn_implementation")
     field_option(parser, "eval_batch_size")
-    field_option(parser, "eval_max_new_tokens", "--max-new-tokens", "--eval-max-new-tokens")
+    field_option(parser, "eval_max_new_tokens", "--max-new-tokens", "--eval-max-new-tokens", default=None,
+                 note="the --task recipe's (eval), else 64")  # fmt: skip
     field_option(
         parser, "video_frames", default=None, note="what the model was trained with (its train_config.yaml), else 8"
     )
     field_option(parser, "progress")
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, *, split: str = "train", multi_turn: bool = True) -> None:
-    """--image-dir, --split (this command's default) and --multi-turn, as training defines them."""
+def add_data_arguments(
+    parser: argparse.ArgumentParser, *, split: str | None = "train", multi_turn: bool = True
+) -> None:
+    """--image-dir, --split (this command's default; None: decided by the command) and --multi-turn, as training
+    defines them."""
     field_option(parser, "image_dir")
-    field_option(parser, "split", default=split)
+    if split is None:
+        field_option(parser, "split", default=None, note="train for --eval-holdout rows, else test")
+    else:
+        field_option(parser, "split", default=split)
     if multi_turn:
         field_option(parser, "multi_turn")
 

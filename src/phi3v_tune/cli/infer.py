@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import show_progress
+from ..config import FIELDS, recipe, show_progress
 from ..data.video import DEFAULT_VIDEO_FRAMES
 from .args import add_data_arguments, add_inference_arguments, field_option
 
@@ -73,6 +73,25 @@ def _load(args: argparse.Namespace):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def eval_settings(args: argparse.Namespace) -> None:
+    """Fill what was not given: from --task's recipe (the metric, the held-out rows, the layout and questions it
+    trains and scores with), then the defaults. `eval --task T --data D` thus scores the rows `train --task T --data
+    D` held out."""
+    settings = recipe(args.task) if args.task else {}
+    defaults = {name: FIELDS[name].default for name in ("metric", "eval_holdout", "multi_turn", "eval_max_new_tokens")}
+    defaults["questions"] = FIELDS["eval_questions"].default
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setting = "eval_questions" if name == "questions" else name
+            setattr(args, name, settings.get(setting, default))
+    if args.metric is None:
+        raise ValueError("eval needs --metric (anls or accuracy), or a --task whose recipe names one")
+    if args.split is None:  # held-out rows come from the data train reads (its split); other data: a test split
+        args.split = settings.get("split", "train") if args.eval_holdout else "test"
+    if args.video_frames is None:
+        args.video_frames = trained_video_frames(args.model)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -80,11 +99,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluate.runner import evaluate_records, split_questions, write_rows
 
     show_progress(args.progress)
-    if args.video_frames is None:
-        args.video_frames = trained_video_frames(args.model)
+    eval_settings(args)
     layout = SampleLayout(multi_turn=args.multi_turn, video_frames=args.video_frames)
 
     records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split)
+    if args.eval_holdout:
+        held = records[: args.eval_holdout]
+        problems = [p for p in problems if p.origin in {r.origin for r in held}] if held else problems
+        print(f"evaluating the first {len(held)} of {len(records)} rows of {args.data} (--eval-holdout "
+              f"{args.eval_holdout}: the rows training held out)", flush=True)  # fmt: skip
+        records = held
     # every problem (missing or broken images and videos included) before the model loads, not mid-way through generation
     problems = validate_records(records, problems, layout=layout, decode_videos=True)
     if problems:
@@ -122,6 +146,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     show_progress(args.progress)
     if args.video_frames is None:
         args.video_frames = trained_video_frames(args.model)
+    if args.eval_max_new_tokens is None:
+        args.eval_max_new_tokens = FIELDS["eval_max_new_tokens"].default
     if args.data:
         records, problems = load_records(args.data, image_dir=args.image_dir, split=args.split, answers_required=False)
     else:
@@ -164,13 +190,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Greedy generation on every question of DATA (or each sample's first, --questions first), the "
         "task metric, and a per-sample predictions jsonl (id, prediction, gold, score). Runs sharded under torchrun.",
     )
+    p.add_argument(
+        "--task",
+        help="A packaged recipe (docvqa, hateful_memes, nlvr2, ucf101): its metric, held-out rows (--eval-holdout), "
+        "multi-turn layout and questions, unless given here; with the training data as --data it scores the rows "
+        "train --task held out.",
+    )
     add_inference_arguments(p)
     p.add_argument(
         "--data", required=True, help="Evaluation data (jsonl, json, HF data set folder or hub id). Required."
     )
-    add_data_arguments(p, split="test")
-    field_option(p, "metric", required=True)
-    field_option(p, "eval_questions", "--questions", "--eval-questions", dest="questions")
+    add_data_arguments(p, split=None, multi_turn=False)
+    field_option(p, "multi_turn", default=None, note="the --task recipe's, else conversation")
+    field_option(p, "eval_holdout", default=None, note="the --task recipe's, else 0: every row")
+    field_option(p, "metric", default=None, note="the --task recipe's; required without --task")
+    field_option(p, "eval_questions", "--questions", "--eval-questions", dest="questions", default=None,
+                 note="the --task recipe's, else all")  # fmt: skip
     p.add_argument(
         "--output",
         help="Predictions jsonl (default: MODEL/predictions-METRIC.jsonl when MODEL is a local folder you can write "
