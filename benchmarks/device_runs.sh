@@ -10,12 +10,14 @@
 #   bash benchmarks/device_runs.sh levers     # 2 GPUs: inductor's C++ wrapper (lora); padded batches compiled vs eager
 #   bash benchmarks/device_runs.sh scaling 1  # 4 GPUs: QLoRA DDP 1 -> 2 -> 4 GPUs, 1 document per GPU (or 2)
 #   bash benchmarks/device_runs.sh gputests   # any GPU: pytest tests/gpu
+#   bash benchmarks/device_runs.sh arch       # 1 GPU: the --tuned lora row before the architecture change (sources in
+#                                             # .before_src/src, carried) and after it, then the same row with DoRA
 # Everything lands in $OUT (one tar of logs plus the JSON rows, which are written as each row finishes, so a call
 # cut by its limit keeps what it measured). Each job writes the random checkpoint first if it is missing. Bench rows
 # time 10 steps after 4 warm-up steps (6 timed steps were short enough for one pause to move a row by 20%).
 set -uo pipefail
 case "${1:-}" in
-h100 | h100ckpt | lowmem | fvinbwd | ckpt | speed | levers | scaling | gputests) ;;
+h100 | h100ckpt | lowmem | fvinbwd | ckpt | speed | levers | scaling | gputests | arch) ;;
 *)
   echo "usage: bash benchmarks/device_runs.sh h100 | h100ckpt | lowmem | fvinbwd | ckpt | speed | levers | scaling [1|2] | gputests" >&2
   exit 2
@@ -36,7 +38,7 @@ bench() { # GPU NAME ARGS...: one bench_train.py process on one GPU, its log in 
   shift 2
   [ "$left" -lt 60 ] && echo "skipped $name: $left s left" >> "$R/skipped.txt" && return
   [ "$left" -gt "${ROW_LIMIT:-280}" ] && left=${ROW_LIMIT:-280}
-  CUDA_VISIBLE_DEVICES=$gpu timeout "$left" python benchmarks/bench_train.py --workloads docvqa \
+  CUDA_VISIBLE_DEVICES=$gpu PYTHONPATH=/tmp/site:$PWD/${SRC:-src} timeout "$left" python benchmarks/bench_train.py --workloads docvqa \
     --steps 10 --warmup 4 --samples 40 --work "/tmp/bench-$name" --json "$OUT/rows.jsonl" "$@" > "$R/$name.log" 2>&1
 }
 
@@ -141,6 +143,13 @@ scaling)
   ;;
 gputests)
   python -m pytest -q tests/gpu > "$R/gputests.log" 2>&1
+  ;;
+arch)
+  # issue 21: the --tuned lora row (two packed documents, 8 decoder layers checkpointed) at the last commit before the
+  # architecture change and after it, one after the other on the same card; then with --lora-variant dora (issue 24)
+  SRC=.before_src/src bench 0 arch-before --builds ours --methods lora --checkpointing no --tuned
+  bench 0 arch-after --builds ours --methods lora --checkpointing no --tuned
+  bench 0 dora --builds ours --methods lora --checkpointing no --tuned --set lora_variant=dora
   ;;
 esac
 tar czf "$OUT/logs.tgz" -C "$OUT" r && rm -rf "$R"

@@ -647,18 +647,19 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 def show_progress(show: bool) -> None:
     """--progress / --no-progress for the libraries' bars too (weight loading and shard writing in transformers,
     downloads in huggingface_hub, split generation in datasets), not only ours."""
-    import datasets  # loaded by every command that runs anyway; imported here to keep --help fast
-    import huggingface_hub.utils
+    import huggingface_hub.utils  # loaded by every command that runs anyway; imported here to keep --help fast
     import transformers.utils.logging
 
     if show:
         transformers.utils.logging.enable_progress_bar()
         huggingface_hub.utils.enable_progress_bars()
-        datasets.enable_progress_bars()
     else:
         transformers.utils.logging.disable_progress_bar()
         huggingface_hub.utils.disable_progress_bars()
-        datasets.disable_progress_bars()
+    if importlib.util.find_spec("datasets") is not None:  # an optional reader: only where it is installed
+        import datasets
+
+        datasets.enable_progress_bars() if show else datasets.disable_progress_bars()
 
 
 def scheduler_names() -> list[str]:
