@@ -16,6 +16,8 @@ from torch import nn
 from transformers import CLIPVisionModel, Phi3Config, Phi3ForCausalLM
 
 from ..model.configuration import Phi3VConfig
+from ..model.loss import IGNORE_INDEX
+from ..processing.geometry import CROP_SIZE
 
 LM_LINEARS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
@@ -116,9 +118,9 @@ def plain_step(
     """One training step on a random sample of this shape (inputs made on the device: no data loading). Returns the
     loss as a device tensor: reading it here would stall the host at every step, which a training loop need not."""
     vocab = setup.model.lm.get_input_embeddings().num_embeddings
-    pixel_values = torch.randn(crops, 3, 336, 336, device=device, dtype=torch.bfloat16)
+    pixel_values = torch.randn(crops, 3, CROP_SIZE, CROP_SIZE, device=device, dtype=torch.bfloat16)
     input_ids = torch.randint(0, vocab, (1, tokens), device=device)
-    labels = torch.full_like(input_ids, -100)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, -answer_tokens:] = input_ids[:, -answer_tokens:]
     loss = setup.model(pixel_values, input_ids, image_tokens, labels)
     loss.backward()
