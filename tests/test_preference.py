@@ -21,9 +21,11 @@ from phi3v_tune.data.preference import (
     with_last_answer,
 )
 from phi3v_tune.data.schema import Record, Turn
+from phi3v_tune.model.loss import shifted_labels
 from phi3v_tune.model.modeling import set_rope_per_sample
 from phi3v_tune.model.packed_attention import ATTN_NAME
 from phi3v_tune.model.preference import (
+    model_inputs,
     precompute_reference,
     preference_loss,
     preference_step,
@@ -264,6 +266,21 @@ def test_sequence_logps_equal_each_sequence_alone(policy, examples, alone, tiny_
         torch.testing.assert_close(
             logps.double(), torch.tensor([lp for lp, _ in expected], dtype=torch.float64), rtol=1e-5, atol=1e-4
         )
+
+
+def test_token_logps_are_the_sft_loss_per_token(policy, examples, tiny_tokenizer):
+    """The same chunked path as the SFT loss: minus the mean of the token log-probs is the model's loss."""
+    batch = PairCollator(tiny_tokenizer.pad_token_id)(examples)
+    inputs = model_inputs(batch)
+    with torch.no_grad():
+        token_logps = policy(**inputs, return_token_logps=True).token_logps
+        loss = policy(**inputs).loss
+    labelled = shifted_labels(batch["labels"]) != -100
+    assert token_logps.shape == batch["labels"].shape and (token_logps[~labelled] == 0).all()
+    assert (token_logps[labelled] < 0).all()
+    torch.testing.assert_close(-token_logps.sum() / labelled.sum(), loss, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"image_index \[0, 3\] names images outside 0..2"):
+        policy(**{**inputs, "image_index": [0, 3]})
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ Loss definitions. For an answer y to prompt x, log π(y|x) is the SUM over its l
 * ``sigmoid`` (DPO, Rafailov et al. 2023, eq. 7), with label smoothing ε (conservative DPO: the recorded preference
   is taken to be wrong with probability ε):  h = β (ρ_w - ρ_l),  loss = -(1 - ε) log σ(h) - ε log σ(-h).
   ε = 0 is the paper's loss. Rewards: r_w = β ρ_w, r_l = β ρ_l (the paper's implicit reward; summed log-probs).
-* ``ipo`` (Azar et al. 2023, the IPO loss (h - 1/(2β))^2): loss = (ρ̄_w - ρ̄_l - 1/(2β))^2 with ρ̄ = ρ / |y|, the
+* ``ipo`` (Azar et al. 2023, eq. 17, with τ = β): loss = (ρ̄_w - ρ̄_l - 1/(2β))^2 with ρ̄ = ρ / |y|, the
   per-token MEAN log-ratio. The squared loss pulls the margin to a fixed target whatever the answers' lengths; with
   sums, a long answer pair would need a margin many times a short pair's for the same per-token preference (TRL's
   ipo loss normalises the same way). Rewards: r = β ρ̄ (what the loss compares). Label smoothing does not apply.
