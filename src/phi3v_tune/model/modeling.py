@@ -30,9 +30,11 @@ from transformers import Phi3ForCausalLM, Phi3Model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
 
+from ..processing.geometry import num_image_tokens
 from .configuration import Phi3VConfig
-from .loss import DEFAULT_CHUNK, chunked_lm_loss
+from .loss import DEFAULT_CHUNK, IGNORE_INDEX, chunked_lm_loss
 from .packed_attention import ATTN_NAME, check_packed, packed_position_ids, packed_rows, token_segment_lengths
+from .preference import TokenLogpsOutput, chunked_token_logps
 from .vision import ImageSizes, Phi3VImageEmbedding, size_list
 
 # transformers renamed the cache argument (`past_key_values` -> `cache`) during 5.x; speak whichever this one uses.
@@ -229,6 +231,19 @@ def hook_token_embeddings(model: nn.Module) -> None:
     model._require_grads_hook = handle  # the single-hook name older transformers and PEFT read
 
 
+def repeat_image_features(features: torch.Tensor, image_sizes: ImageSizes, image_index: list[int]) -> torch.Tensor:
+    """Per-image blocks of `features` (the vision tower's output, images in order) laid out as `image_index` names
+    them, repeats allowed: one gather, so the gradient of a repeated image sums its uses."""
+    counts = [num_image_tokens(int(h), int(w)) for h, w in size_list(image_sizes)]
+    if sum(counts) != features.shape[0]:
+        raise ValueError(f"{len(counts)} images give {sum(counts)} tokens but the features hold {features.shape[0]}")
+    if any(not 0 <= i < len(counts) for i in image_index):
+        raise ValueError(f"image_index {image_index} names images outside 0..{len(counts) - 1}")
+    starts = _starts(counts)
+    rows = [r for i in image_index for r in range(starts[i], starts[i] + counts[i])]
+    return features.index_select(0, torch.tensor(rows, dtype=torch.long).to(features.device, non_blocking=True))
+
+
 class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     """Phi-3 decoder stack plus `vision_embed_tokens`; image tokens replace the text embeddings at ids < 0."""
 
@@ -256,12 +271,14 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         return_dict: bool | None = None,
         *,
         image_token_count: int | None = None,
+        image_index: list[int] | None = None,
         **kwargs,
     ):
         """The published base model's call (same argument order): `input_ids` may hold image positions (ids `-k`)
-        filled from `pixel_values`/`image_sizes`; returns the last hidden states (and the cache)."""
+        filled from `pixel_values`/`image_sizes` (`image_index`: see `embed`); returns the last hidden states (and the
+        cache)."""
         if inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_token_count)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_token_count, image_index)
         if past_key_values is not None:
             kwargs[CACHE_ARG] = past_key_values
         if (
@@ -329,11 +346,17 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         pixel_values: torch.Tensor | None,
         image_sizes: ImageSizes | None,
         image_token_count: int | None = None,
+        image_index: list[int] | None = None,
     ) -> torch.Tensor:
         """Text embeddings with image features scattered into the `-k` positions, in order of appearance.
 
         `image_token_count` (the number of ids < 0, counted by the collator on the host) spares two reads of a GPU
         value per step, each of which would stall the host until the GPU catches up.
+
+        `image_index` (host list): which image of `pixel_values` fills each image block, in order of appearance across
+        the batch. The vision tower runs once per image of `pixel_values`, and an image named twice feeds its features
+        to both blocks (preference pairs: one image set, two answers; see `model.preference`). Default: every image
+        once, in order.
         """
         image_mask = input_ids < 0
         embeds = self.embed_tokens(input_ids.clamp(min=0))
@@ -349,6 +372,8 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         if pixel_values is None or image_sizes is None:
             raise ValueError("input_ids hold image positions (ids < 0) but no pixel_values/image_sizes were given")
         features = self.vision_embed_tokens(pixel_values, image_sizes).to(embeds.dtype)
+        if image_index is not None:
+            features = repeat_image_features(features, image_sizes, image_index)
         n_positions = int(image_token_count) if known else int(image_mask.sum())
         if features.shape[0] != n_positions:
             raise ValueError(
@@ -407,15 +432,19 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         rope_use_long: torch.Tensor | None = None,
         image_token_count: int | None = None,
         return_logits: bool | None = None,
+        image_index: list[int] | None = None,
+        return_token_logps: bool = False,
         **kwargs,
     ):
         """Padded rows (`attention_mask`; rows of equal length need none) or packed rows (`cu_seq_lens_q`/`_k`,
         `max_length_q`/`_k`, `position_ids` restarting per sample, optional `rope_use_long` per-token su-RoPE flags;
-        see `data.packing`). `image_token_count`: optional host-side count of the ids < 0 (see `Phi3VModel.embed`).
+        see `data.packing`). `image_token_count`: optional host-side count of the ids < 0; `image_index`: which image
+        fills each image block (see `Phi3VModel.embed`).
         Logits are float32, as the published model returns them. With `labels` the loss path runs (chunked, building
         no KV cache unless `use_cache=True` is asked for); it returns the logits too unless `return_logits=False`
         (default: in eval mode only; training never reads them, and a document's full-vocabulary logits are sequence
-        length x 32064 floats)."""
+        length x 32064 floats). With `labels` and `return_token_logps=True` it returns, instead of the loss, each
+        labelled position's log-probability (`TokenLogpsOutput`, see `model.preference`)."""
         _pass_set(
             kwargs,
             output_attentions=output_attentions,
@@ -428,7 +457,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes, image_token_count)
+            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes, image_token_count, image_index)
         batch, length = inputs_embeds.shape[:2]
         past_len = past.get_seq_length() if past is not None else 0
         rotary = self.model.rotary_emb
@@ -457,6 +486,16 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         try:
             lm_kwargs = {CACHE_ARG: past} if past is not None else {}
             with skip_mask:
+                if labels is not None and return_token_logps:  # preference tuning: per-token log-probabilities
+                    return self.token_logps_forward(
+                        labels,
+                        attention_mask=attention_mask,
+                        position_ids=position_ids,
+                        inputs_embeds=inputs_embeds,
+                        use_cache=use_cache,
+                        **lm_kwargs,
+                        **kwargs,
+                    )
                 if labels is not None:  # training / eval loss: no full-vocabulary logits (model/loss.py)
                     return self.loss_forward(
                         labels,
@@ -521,6 +560,21 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             **{CACHE_ARG: getattr(outputs, CACHE_ARG, None)},
         )
         return result.to_tuple() if return_dict is False else result
+
+    def token_logps_forward(self, labels: torch.Tensor, **kwargs) -> TokenLogpsOutput:
+        """Base model, then each labelled position's log-probability of its (shifted) label, chunked like the loss
+        (`model.preference.chunked_token_logps`); `ignore_index` is taken out of `kwargs`, the rest goes to the base
+        model untouched."""
+        ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+        if kwargs.pop("shift_labels", None) is not None:
+            raise ValueError("return_token_logps takes labels (shifted inside), not shift_labels")
+        for name in ("num_items_in_batch", "return_dict"):  # no normaliser, no tuple: per-token values as they are
+            kwargs.pop(name, None)
+        outputs = self.model(input_ids=None, **kwargs)
+        logps = chunked_token_logps(
+            outputs.last_hidden_state, self.lm_head, labels, chunk_size=self.loss_chunk_size, ignore_index=ignore_index
+        )
+        return TokenLogpsOutput(token_logps=logps, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     # ----------------------------------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(

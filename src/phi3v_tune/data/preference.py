@@ -1,0 +1,193 @@
+"""Preference pairs -> model inputs: one prompt with its images and two answers (chosen, rejected), built by the SFT
+example builder, and the padded and packed pair collators (batch layout: `model.preference`).
+
+A pair example holds the prompt's images once (`pixel_values`, `image_sizes`) and two token sequences, each the
+prompt followed by one answer, labelled on that answer only (earlier turns of the conversation are context). Both
+sequences are built by `data.examples.build_example` from records that differ only in the last answer, so prompts,
+image numbering, answer format and truncation are those of SFT; the prompt is built as generation builds it (one
+conversation, images numbered across it).
+
+Pair batch keys (both collators), for `model.preference.preference_step`:
+  model inputs   `input_ids`, `labels` and `attention_mask` (padded; omitted without padding when asked) or
+                 `position_ids`, `cu_seq_lens_q/_k`, `max_length_q/_k`, `rope_use_long` (packed); `pixel_values`,
+                 `image_sizes`, `image_token_count` and `image_index` (with images): every pair's images once, and
+                 which of them fills each image block (chosen and rejected of a pair name the same images)
+  `sequence_bounds`  [start, end) of each sequence in the flattened rows, in pair order (chosen, rejected, ...)
+  `reference_logps`  (2P,) float32 in pair order, when every example carries precomputed reference log-probs
+  `ids`          the pair ids;  `num_tokens`  real tokens (throughput)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..model.loss import IGNORE_INDEX
+from ..processing.processor import Phi3VProcessor
+from .collate import Collator
+from .examples import SampleRefused, build_example, turn_images
+from .layout import DEFAULT_LAYOUT, SampleLayout
+from .packing import PackingCollator, plan_rows
+from .schema import Record
+
+ANSWERS = ("chosen", "rejected")
+
+
+@dataclass
+class PreferenceRecord:
+    """A prompt (a conversation whose last turn's `assistant` text is not used) and two answers to its last turn."""
+
+    prompt: Record
+    chosen: str
+    rejected: str
+
+    @property
+    def id(self) -> str:
+        return self.prompt.id
+
+
+def with_last_answer(record: Record, answer: str) -> Record:
+    """The record with its last turn answered by `answer`."""
+    return replace(record, turns=[*record.turns[:-1], replace(record.turns[-1], assistant=answer)])
+
+
+def frames_as_images(record: Record, video_frames: int) -> Record:
+    """Video turns with their frames decoded once, as images (the builder would decode them per sequence)."""
+    if all(turn.video is None for turn in record.turns):
+        return record
+    turns = [replace(t, images=turn_images(t, video_frames), video=None) if t.video else t for t in record.turns]
+    return replace(record, turns=turns)
+
+
+def build_pair_example(
+    pair: PreferenceRecord,
+    processor: Phi3VProcessor,
+    layout: SampleLayout = DEFAULT_LAYOUT,
+    *,
+    load_pixels: bool = True,
+) -> dict[str, Any]:
+    """`chosen_input_ids`/`_labels`, `rejected_input_ids`/`_labels`, the prompt's `pixel_values`/`image_sizes` (once),
+    `prompt_length`, `num_images`, `truncated` and `id` of one pair.
+
+    `layout.max_length` truncates each sequence as SFT does (text after the last image only); a sequence that keeps no
+    token of its answer raises `SampleRefused`. `layout.video_frames`: frames sampled from each video (decoded once
+    for both answers). The prompt is always one conversation (the layout generation uses), whatever
+    `layout.multi_turn` says. `load_pixels=False` reads image headers only (lengths for planning).
+    """
+    max_length = layout.max_length
+    record = frames_as_images(pair.prompt, layout.video_frames)
+    where = f"{record.origin} id={record.id}" if record.origin else f"id={record.id}"
+    prompt = build_example(record, processor, load_pixels=load_pixels, for_generation=True)
+    prompt_ids = prompt["input_ids"]
+    n = len(prompt_ids)
+    example: dict[str, Any] = {"id": record.id, "prompt_length": n, "num_images": prompt["num_images"]}
+    truncated = False
+    for name in ANSWERS:
+        answer = getattr(pair, name)
+        built = build_example(
+            with_last_answer(record, answer), processor, SampleLayout(max_length=max_length), load_pixels=False
+        )
+        ids, labels = built["input_ids"], built["labels"].clone()
+        if len(ids) <= n or not torch.equal(ids[:n], prompt_ids):
+            if not built["truncated"]:  # the builder's layout changed: prompt and answer sequence must agree
+                raise ValueError(f"{where}: the {name} sequence does not start with the prompt")
+            raise SampleRefused(
+                record.id,
+                "no_answer_after_truncation",
+                f"{where}: no token of the {name} answer is left after truncating to "
+                f"max_length={max_length} (the prompt alone has {n} tokens)",
+            )
+        labels[:n] = IGNORE_INDEX  # earlier turns' answers are context, not learned
+        example[f"{name}_input_ids"] = ids
+        example[f"{name}_labels"] = labels
+        truncated = truncated or built["truncated"]
+    example["truncated"] = truncated
+    if prompt.get("pixel_values") is not None:
+        example["pixel_values"] = prompt["pixel_values"]
+        example["image_sizes"] = prompt["image_sizes"]
+    return example
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def pair_sequences(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The token sequences of the pairs in pair order (chosen, rejected, chosen, ...), without images."""
+    return [
+        {"id": e.get("id"), "input_ids": e[f"{name}_input_ids"], "labels": e[f"{name}_labels"]}
+        for e in examples
+        for name in ANSWERS
+    ]
+
+
+def add_pair_fields(
+    batch: dict[str, Any], examples: list[dict[str, Any]], bounds: list[tuple[int, int]]
+) -> dict[str, Any]:
+    """Images once per pair with their `image_index`, `sequence_bounds`, pair `ids` and precomputed reference
+    log-probabilities, on a batch of the pairs' sequences."""
+    pixel_values, image_sizes, image_index = [], [], []
+    for e in examples:
+        if e.get("pixel_values") is None:
+            continue
+        first = len(image_sizes)
+        sizes = e["image_sizes"].tolist()
+        own = list(range(first, first + len(sizes)))
+        pixel_values.append(e["pixel_values"])
+        image_sizes.extend(sizes)
+        image_index.extend(own + own)  # chosen, then rejected: the same images in the same order
+    if pixel_values:
+        batch["pixel_values"] = torch.cat(pixel_values, dim=0)
+        batch["image_sizes"] = image_sizes
+        batch["image_index"] = image_index
+        batch["image_token_count"] = sum(int((e[f"{a}_input_ids"] < 0).sum()) for e in examples for a in ANSWERS)
+    batch["sequence_bounds"] = bounds
+    batch["ids"] = [e.get("id") for e in examples]
+    carried = [e.get("reference_chosen_logps") is not None for e in examples]
+    if any(carried):
+        if not all(carried):
+            missing = [str(e.get("id")) for e, c in zip(examples, carried) if not c]
+            raise ValueError(f"pairs without precomputed reference log-probabilities: {', '.join(missing)}")
+        values = [float(e[f"reference_{a}_logps"]) for e in examples for a in ANSWERS]
+        batch["reference_logps"] = torch.tensor(values, dtype=torch.float32)
+    return batch
+
+
+class PairCollator:
+    """Pairs -> a right-padded batch, sequence s in row s (pair order); see the module docstring for the keys."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, omit_full_mask: bool = False):
+        self.collator = Collator(pad_token_id, "right", pad_to_multiple_of, omit_full_mask)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        sequences = pair_sequences(examples)
+        batch = self.collator(sequences)
+        width = batch["input_ids"].shape[1]
+        bounds = [(s * width, s * width + len(seq["input_ids"])) for s, seq in enumerate(sequences)]
+        return add_pair_fields(batch, examples, bounds)
+
+
+class PackedPairCollator:
+    """Pairs -> packed rows (`data.packing`): the sequences in pair order, concatenated without padding, so both
+    answers of a pair are in the same step (and, without `max_tokens`, the same row); keys: see the module docstring.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        max_tokens: int | None = None,
+        original_max_position_embeddings: int | None = None,
+    ):
+        self.packer = PackingCollator(pad_token_id, max_tokens, original_max_position_embeddings)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        sequences = pair_sequences(examples)
+        batch = self.packer(sequences)
+        lengths = [len(seq["input_ids"]) for seq in sequences]
+        width = batch["input_ids"].shape[1]
+        bounds = []
+        for r, row in enumerate(plan_rows(lengths, self.packer.max_tokens)):  # the packer's rows, filled in order
+            start = r * width
+            for i in row:
+                bounds.append((start, start + lengths[i]))
+                start += lengths[i]
+        return add_pair_fields(batch, examples, bounds)
