@@ -37,6 +37,8 @@ TASKS: tuple[str, ...] = ("colour", "shape", "compare", "motion", "video")
 DEMO_TASKS: tuple[str, ...] = ("colour", "compare", "video")
 #: The demo's data: samples per task for training and for the held-out split.
 DEMO_SIZES = {"train_per_task": 100, "eval_per_task": 20}
+#: The preference-tuning demo's data (colour task): training and held-out pairs, and samples of its brief SFT stage.
+DPO_DEMO_SIZES = {"train_pairs": 96, "eval_pairs": 32, "sft_samples": 48}
 
 #: task -> the answer words (lowercase, one word each).
 CLASSES: dict[str, list[str]] = {

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig, recipe
-from ..data.synthetic import CLASSES, DEMO_SIZES, DEMO_TASKS, demo_split, preference_pairs, write_jsonl
+from ..data.synthetic import (
+    CLASSES,
+    DEMO_SIZES,
+    DEMO_TASKS,
+    DPO_DEMO_SIZES,
+    demo_split,
+    preference_pairs,
+    write_jsonl,
+)
 from ..evaluate.generate import generate_answers
 from ..evaluate.metrics import is_correct
 from ..model.modeling import Phi3VForCausalLM
@@ -123,8 +131,6 @@ def run_demo(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-#: The preference demo's data: colour-task pairs for training and held out, and SFT samples for the brief first stage.
-DPO_DEMO_SIZES = {"train_pairs": 160, "eval_pairs": 40, "sft_samples": 64}
 DPO_DEMO_TASK = "colour"
 #: Epochs of the first stage (the `demo` recipe otherwise): enough to answer with a colour word, not to be right.
 SFT_STAGE_EPOCHS = 2.0
@@ -213,5 +219,7 @@ def run_dpo_demo(
                     + "\n")  # fmt: skip
     verdict = "reward accuracy >= 90% and greedy answers closer to the chosen ones" if passed else "below target"
     say(f"\n{verdict}; took {result['seconds']:.0f} s")
-    say(f"checkpoint: {out / 'dpo' / 'final'}\nloss plot: {out / 'dpo' / 'loss.png'}\nmetrics: {out / 'demo_metrics.json'}")
+    say(
+        f"checkpoint: {out / 'dpo' / 'final'}\nloss plot: {out / 'dpo' / 'loss.png'}\nmetrics: {out / 'demo_metrics.json'}"
+    )
     return result
