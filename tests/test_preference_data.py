@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from phi3v_tune.cli import build_parser
 from phi3v_tune.cli import main as cli
-from phi3v_tune.config import TrainConfig
+from phi3v_tune.config import TrainConfig, resolve
 from phi3v_tune.data import DataError, load_records, validate_path
 from phi3v_tune.data.preference import PreferenceRecord
 from phi3v_tune.train.run import run_training
@@ -234,7 +235,7 @@ def test_an_sft_run_on_pairs_and_a_dpo_run_on_conversations_say_what_to_pass(pai
     assert f"{sft}: conversations with 'assistant' answers" in str(err.value)
 
 
-def test_preference_settings_are_checked_before_anything_loads():
+def test_preference_settings_are_checked_before_anything_loads(tmp_path):
     with pytest.raises(ValueError, match="--dpo-label-smoothing applies to --dpo-loss sigmoid only"):
         TrainConfig(objective="dpo", dpo_loss="ipo", dpo_label_smoothing=0.1).validate()
     with pytest.raises(ValueError, match="--dpo-beta applies to --objective dpo"):
@@ -251,3 +252,9 @@ def test_preference_settings_are_checked_before_anything_loads():
         TrainConfig(objective="dpo", method="full", fsdp=True).validate()
     TrainConfig(objective="dpo", method="full", fsdp=True, dpo_precompute_reference=True).validate()
     TrainConfig(objective="dpo", method="lora", fsdp=True).validate()  # adapters disabled: no copy
+    # a saved SFT run's settings (every field, the dpo ones at their defaults) resolve again as --config
+    TrainConfig(model="tiny").save(tmp_path / "train_config.yaml")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "train_config.yaml")])
+    assert resolve(args).objective == "sft"
+    dpo = resolve(build_parser().parse_args(["train", "--task", "dpo", "--model", "tiny", "--dpo-beta", "0.2"]))
+    assert (dpo.objective, dpo.method, dpo.dpo_beta, dpo.batch_size_per_device) == ("dpo", "lora", 0.2, 2)

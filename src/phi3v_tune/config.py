@@ -635,7 +635,10 @@ class TrainConfig:
 
     def _validate_preference(self, fsdp: bool) -> None:
         """--objective dpo and its --dpo-* settings (which an SFT run refuses rather than ignores)."""
-        dpo_flags = sorted(n for n in self.given_settings() if n.startswith("dpo_"))
+        # (a saved train_config.yaml given as --config holds every setting: only values off their defaults count)
+        dpo_flags = sorted(
+            n for n in self.given_settings() if n.startswith("dpo_") and getattr(self, n) != FIELDS[n].default
+        )
         if self.objective != "dpo":
             if dpo_flags:
                 raise ValueError(f"--{dpo_flags[0].replace('_', '-')} applies to --objective dpo (this run: sft)")

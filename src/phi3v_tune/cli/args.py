@@ -124,7 +124,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     only flags given on the command line override `--task` and `--config`."""
     parser.add_argument("--config", help="YAML file with settings (flags given here override it).")
     parser.add_argument(
-        "--task", help="A packaged recipe (docvqa, hateful_memes, nlvr2, ucf101, demo) whose settings come first."
+        "--task",
+        help="A packaged recipe (docvqa, hateful_memes, nlvr2, ucf101, dpo, demo, demo_dpo) whose settings come first.",
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f in FIELDS.items():

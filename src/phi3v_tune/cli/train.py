@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import OBJECTIVES, resolve
+from ..config import resolve
 from ..data.synthetic import DEMO_SIZES, DPO_DEMO_SIZES
-from .args import add_train_arguments, int_in
+from .args import add_train_arguments, field_option, int_in
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -94,12 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "rejected: another one; recipe 'demo_dpo'); prints the held-out reward accuracy and margin and how often the "
         "greedy answer is the chosen one, before and after.",
     )
-    p.add_argument(
-        "--objective",
-        choices=OBJECTIVES,
-        default="sft",
-        help="sft: the quick-start demo; dpo: the preference-tuning demo (default: sft).",
-    )
+    field_option(p, "objective")  # sft: the quick-start demo; dpo: the preference-tuning demo
     p.add_argument(
         "--output-dir", help="Where everything goes (default: outputs/demo, or outputs/demo-dpo with --objective dpo)."
     )
