@@ -1,4 +1,4 @@
-"""`phi3v-tune` command line: train | validate | merge | demo | eval | predict | convert | bench."""
+"""`phi3v-tune` command line: train | validate | export (merge) | demo | eval | predict | convert | bench."""
 
 from __future__ import annotations
 
@@ -44,11 +44,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from .train.merge import merge_adapter
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train.export import export_model, report
 
-    out = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype)
-    print(f"merged model written to {out}")
+    result = export_model(
+        args.model,
+        args.out,
+        base=args.base,
+        revision=args.revision,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+    )
+    print(report(result))
     return 0
 
 
@@ -121,21 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_validate)
 
+    from .train.export import add_export_arguments
+
     p = sub.add_parser(
-        "merge",
-        help="merge a LoRA adapter into its base model (published layout, bf16)",
-        description="Write base + LoRA adapter as one full checkpoint in the published layout.",
+        "export",
+        aliases=["merge"],
+        help="turn a run's model into a serving folder (LoRA merged, published layout, bf16; alias: merge)",
+        description="Write a run's model (OUTPUT_DIR or its final/, a checkpoint, a LoRA adapter + base, a model "
+        "folder or hub id) as a folder that loads and serves like the published model: merged weights in the "
+        "published layout and dtype (sharded safetensors + index), processor and tokenizer files, the publisher's "
+        "remote-code files, a generation config that stops at <|end|>, the run's train_config.yaml and a model "
+        "card README.md. Optionally uploads it to the Hugging Face hub.",
     )
-    p.add_argument("--adapter", required=True, help="the adapter folder (a checkpoint or OUTPUT_DIR/final)")
-    p.add_argument("--base", help="base model folder (default: the one recorded in the adapter)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float16", "float32"],
-        help="weight dtype of the merged checkpoint (default: bfloat16, as published)",
-    )
-    p.set_defaults(func=cmd_merge)
+    add_export_arguments(p)
+    p.set_defaults(func=cmd_export)
 
     from .demo import DEFAULTS as DEMO_DEFAULTS
 

@@ -56,30 +56,22 @@ def _device() -> torch.device:
 
 
 def _load(args) -> tuple:
-    from .processing.processor import Phi3VProcessor
-    from .train.merge import adapter_base, load_for_inference
+    from .model.loading import load_for_inference, load_processor, locate
 
-    model_dir = Path(args.model)
-    model = load_for_inference(
-        args.model, base=args.base, dtype=_dtype(args.dtype), attn_implementation=args.attn_implementation
-    )
-    if not model_dir.is_dir():  # a hub id: its processor files come with it
-        proc_dir = args.model
-    elif (model_dir / "tokenizer.json").is_file():
-        proc_dir = model_dir
-    else:
-        proc_dir = Path(args.base or adapter_base(model_dir))
-    processor = Phi3VProcessor.from_pretrained(
-        proc_dir, num_crops=args.num_crops, apply_exif_orientation=args.apply_exif_orientation
-    )
+    source = locate(args.model, args.base, args.revision)  # hub ids resolved once: weights and processor agree
+    model = load_for_inference(source, dtype=_dtype(args.dtype), attn_implementation=args.attn_implementation)
+    processor = load_processor(source, num_crops=args.num_crops, apply_exif_orientation=args.apply_exif_orientation)
     return model.to(_device()).eval(), processor
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", required=True, help="a full checkpoint folder, a LoRA adapter folder, or a hub id (with a network)"
+        "--model",
+        required=True,
+        help="a full checkpoint folder, a LoRA adapter folder, or a hub id (downloaded once, or from the cache)",
     )
-    p.add_argument("--base", help="base model folder for a LoRA adapter (default: the one it records)")
+    p.add_argument("--base", help="base model folder or hub id of a LoRA adapter (default: the one it records)")
+    p.add_argument("--revision", help="branch, tag or commit of a hub id given as --model or --base (default: main)")
     p.add_argument(
         "--num-crops", type=int_in(1, 16), default=None, help="HD crops per image (default: the model folder's)"
     )

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .hub import is_hub_id, resolve_model_source
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -42,7 +44,8 @@ CROP_SIZE = 336  # CLIP ViT-L/14 input resolution
 TOKENS_PER_CROP = 144  # 24x24 patches merged 2x2 -> 12x12
 TOKENS_PER_ROW = 12  # sqrt(TOKENS_PER_CROP): one separator token per row of 12
 MAX_NUM_CROPS = 16
-#: The published preprocessor_config.json's `auto_map`: the publisher's remote code reads a saved folder with it.
+#: The `auto_map` a processor made from scratch writes (Phi-3-vision-128k's file set; Phi-3.5-vision keeps both classes
+#: in processing_phi3_v.py). One loaded from a folder writes back that folder's `auto_map`, whatever it says.
 PUBLISHED_AUTO_MAP = {
     "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
     "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
@@ -348,6 +351,8 @@ class Phi3VImageProcessor:
         self.num_img_tokens = TOKENS_PER_CROP
         self.max_image_pixels = max_image_pixels
         self.apply_exif_orientation = bool(apply_exif_orientation)
+        # the remote-code classes the folder this came from names (None: it names none); kept as it was
+        self.auto_map = published.get("auto_map", dict(PUBLISHED_AUTO_MAP))
         self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
 
@@ -371,8 +376,11 @@ class Phi3VImageProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> Phi3VImageProcessor:
-        """Build from a checkpoint folder's ``preprocessor_config.json`` (defaults if absent); ``overrides`` win."""
+        """Build from a checkpoint folder's ``preprocessor_config.json`` (defaults if absent) or a hub id's;
+        ``overrides`` win."""
         path = Path(folder)
+        if not path.exists() and is_hub_id(str(folder)):
+            path = resolve_model_source(str(folder))
         if path.is_dir():
             path = path / PREPROCESSOR_CONFIG_NAME
         kwargs: dict[str, Any] = {}
@@ -386,6 +394,7 @@ class Phi3VImageProcessor:
             for key in ("num_crops", "image_mean", "image_std", "num_img_tokens", "apply_exif_orientation"):
                 if key in config:
                     kwargs[key] = config[key]
+            kwargs["auto_map"] = config.get("auto_map")  # written back as the folder has it (or not at all)
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -399,8 +408,9 @@ class Phi3VImageProcessor:
             "num_img_tokens": self.num_img_tokens,
             "image_processor_type": "Phi3VImageProcessor",
             "processor_class": "Phi3VProcessor",
-            "auto_map": dict(PUBLISHED_AUTO_MAP),
         }
+        if self.auto_map is not None:
+            out["auto_map"] = dict(self.auto_map)
         if self.apply_exif_orientation:
             out["apply_exif_orientation"] = True
         return out

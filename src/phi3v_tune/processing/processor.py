@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature
 
+from .hub import is_hub_id, resolve_model_source
 from .image import Phi3VImageProcessor
 from .tokenizer import load_tokenizer, stop_token_ids
 
@@ -69,10 +70,13 @@ class Phi3VProcessor:
         folder: str | Path,
         num_crops: int | None = None,
         apply_exif_orientation: bool | None = None,
+        revision: str | None = None,
         **image_kwargs,
     ) -> Phi3VProcessor:
-        """Load from a model folder (tokenizer files + `preprocessor_config.json`); `num_crops` and
-        `apply_exif_orientation` override the folder's when given (None: as the folder says)."""
+        """Load from a model folder (tokenizer files + `preprocessor_config.json`) or a hub id (its snapshot at
+        `revision`); `num_crops` and `apply_exif_orientation` override the folder's when given (None: as the folder
+        says)."""
+        folder = resolve_model_source(folder, revision) if is_hub_id(str(folder)) else folder
         if num_crops is not None:
             image_kwargs["num_crops"] = num_crops
         if apply_exif_orientation is not None:
@@ -270,3 +274,7 @@ class Phi3VProcessor:
 
     def decode(self, ids, **kwargs) -> str:
         return self.tokenizer.decode(ids, **kwargs)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """Generated ids -> text: what transformers' `pipeline("image-text-to-text")` calls on a processor."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)

@@ -16,8 +16,10 @@ from ..data.collate import Collator
 from ..data.dataset import ConversationDataset, DataPlan, plan_records, write_refused
 from ..data.packing import PackingCollator
 from ..data.schema import Problem, Record
+from ..model.loading import base_record, resolve_model_source
 from ..model.modeling import Phi3VForCausalLM
 from ..model.packed_attention import ATTN_NAME as PACKED_ATTENTION
+from ..model.serving_files import remote_code_note, write_serving_files
 from ..processing.processor import Phi3VProcessor
 from .checkpoints import marked_step, quarantine_incomplete, resolve_resume, write_marker
 from .config import TrainConfig, fsdp_on
@@ -54,11 +56,12 @@ class LoadedData:
 
 # --------------------------------------------------------------------------------------------------------------------
 def ensure_base_model(cfg: TrainConfig) -> str:
-    """The base model folder; 'tiny' writes a tiny random model under the output folder (smoke tests, demo)."""
+    """The base model folder (a hub id: its snapshot, resolved once); 'tiny' writes a tiny random model under the
+    output folder (smoke tests, demo)."""
     if cfg.model is None:
         raise ValueError("--model is required (a model folder, a hub id, or 'tiny')")
     if cfg.model != "tiny":
-        return cfg.model
+        return str(resolve_model_source(cfg.model, cfg.revision))
     from ..model.tiny import save_tiny_checkpoint
 
     folder = Path(cfg.output_dir) / "base-tiny"
@@ -501,7 +504,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             processor.save_pretrained(final)
             cfg.save(final / "train_config.yaml")
             if cfg.method in ("lora", "qlora"):
-                (final / "base_model.txt").write_text(str(Path(base).resolve()) if Path(base).exists() else base)
+                (final / "base_model.txt").write_text(base_record(base))
+            for warning in write_serving_files(final, base, processor.stop_token_ids):  # remote code, stop ids
+                say(f"warning: {warning}")
             write_marker(final, trainer.state.global_step)
             metrics["final_dir"] = str(final)
         metrics["data"] = {
@@ -536,6 +541,8 @@ def run_summary(metrics: dict[str, Any], cfg: TrainConfig, out: Path) -> str:
             lines.append(f"  {cfg.metric} {entry['when']} (step {entry['step']}): {entry[f'eval_{cfg.metric}']:.4f}")
     if "final_dir" in metrics:
         lines.append(f"  final model: {metrics['final_dir']}")
+        if cfg.model != "tiny" and remote_code_note(metrics["final_dir"]):
+            lines.append(f"  note: {remote_code_note(metrics['final_dir'])}")
     lines.append(f"  metrics: {out / 'metrics.json'}; loss plot: {out / 'loss.png'}")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..data.collate import IGNORE_INDEX
 from ..model.modeling import set_rope_per_sample
+from ..model.serving_files import write_serving_files_for
 from .checkpoints import MARKER, write_marker
 
 
@@ -343,6 +344,8 @@ class Phi3VTrainer(Trainer):
 
             if self.train_config is not None:
                 self.train_config.save(folder / "train_config.yaml")
+            # remote code, auto_map and stop ids as the base model has them
+            write_serving_files_for(folder, self.accelerator.unwrap_model(self.model), self.processing_class)
             (folder / EPOCH_PROGRESS).write_text(json.dumps({"epoch": self.state.epoch, **progress}))
             write_marker(folder, self.state.global_step)
             if self.train_config is not None:
