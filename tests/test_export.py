@@ -500,3 +500,12 @@ def test_export_warns_about_adapter_settings_old_peft_cannot_read(runs, tmp_path
     printed = capsys.readouterr().out
     assert "warning:" in printed and "qalora_group_size=32" in printed and "PEFT before 0.14" in printed
     assert "LoRA adapter merged onto its base" in printed
+
+
+def test_a_folder_without_a_model_is_named_before_anything_loads(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")  # a --no-save-checkpoints run: no final/
+    with pytest.raises(ValueError, match=r"run: not a model folder \(no config.json\) nor a LoRA adapter folder"):
+        export_model(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

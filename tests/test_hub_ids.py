@@ -174,3 +174,55 @@ def test_revision_belongs_to_a_hub_id(tmp_path):
     with pytest.raises(ValueError, match="--revision v2 applies to a hub id as --model, not to tiny"):
         TrainConfig(data="x.jsonl", model="tiny", revision="v2").validate()
     TrainConfig(data="x.jsonl", model=REPO_ID, revision="v2").validate()  # nothing is downloaded by validate
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        ("RepositoryNotFoundError", "phi3v-test/x: no such local folder, and no such model on the Hugging Face hub"),
+        ("RevisionNotFoundError", "phi3v-test/x: the hub has no revision 'v1' of it"),
+        ("GatedRepoError", "phi3v-test/x: a gated model on the Hugging Face hub; accept its terms"),
+    ],
+)
+def test_what_the_hub_answers_is_said_plainly(monkeypatch, error, message):
+    from types import SimpleNamespace
+
+    import huggingface_hub.constants as constants
+    import huggingface_hub.errors as errors
+    from huggingface_hub import HfApi
+
+    from phi3v_tune.processing.hub import resolve_model_source
+
+    def answer(self, *args, **kwargs):
+        raise getattr(errors, error)("404 Client Error", response=SimpleNamespace(headers={}, request=None))
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "repo_info", answer)
+    with pytest.raises(ValueError, match=message):
+        resolve_model_source("phi3v-test/x", revision="v1")
+
+
+def test_a_reachable_hub_gives_the_whole_snapshot_at_the_revision(monkeypatch, tmp_path):
+    import huggingface_hub.constants as constants
+    from huggingface_hub import HfApi
+
+    from phi3v_tune.processing import hub
+    from phi3v_tune.processing.hub import IGNORED_IN_SNAPSHOTS, PROBE_TIMEOUT_S, resolve_model_source
+
+    asked: dict = {}
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_ETAG_TIMEOUT", raising=False)
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, name, **kw: asked.setdefault("probe", (name, kw)))
+
+    def download(name, **kwargs):
+        asked["download"] = (name, kwargs)
+        return str(tmp_path)
+
+    monkeypatch.setattr(hub, "snapshot_download", download)
+    assert resolve_model_source("phi3v-test/x", "v1") == tmp_path
+    assert asked["probe"] == ("phi3v-test/x", {"revision": "v1", "timeout": PROBE_TIMEOUT_S})
+    name, kwargs = asked["download"]
+    assert name == "phi3v-test/x" and kwargs["revision"] == "v1" and not kwargs.get("local_files_only")
+    assert kwargs["ignore_patterns"] == IGNORED_IN_SNAPSHOTS  # other weight formats are never fetched
+    with pytest.raises(ValueError, match="is a local folder: --revision applies to hub ids only"):
+        resolve_model_source(str(tmp_path), "v1")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from ..processing.hub import is_hub_id, resolve_model_source, snapshot_origin
 from ..processing.processor import Phi3VProcessor
@@ -112,6 +113,11 @@ def locate(model: str | Path, base: str | None = None, revision: str | None = No
     otherwise brings its own recorded commit)."""
     name = str(model)
     folder = resolve_model_source(name, revision if is_hub_id(name) else None)
+    if not (folder / "config.json").is_file() and not (folder / ADAPTER_CONFIG).is_file():
+        raise ValueError(
+            f"{name}: not a model folder (no config.json) nor a LoRA adapter folder (no {ADAPTER_CONFIG}); for a "
+            "run's output folder, pass its final/ or a checkpoint-N/ inside it"
+        )
     if not is_adapter(folder):
         if base is not None:
             raise ValueError(f"--base {base}: {name} is a full model, not a LoRA adapter (drop --base)")
@@ -143,7 +149,6 @@ def load_for_inference(
     if not source.adapter:
         return Phi3VForCausalLM.from_pretrained(str(source.folder), dtype=dtype, **kwargs)
     from peft import PeftModel
-    from transformers import GenerationConfig
 
     base_model = Phi3VForCausalLM.from_pretrained(str(source.base), dtype=dtype, **kwargs)
     if (source.folder / "generation_config.json").is_file():  # train writes the stop ids the answers end with

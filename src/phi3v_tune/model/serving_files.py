@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from transformers.dynamic_module_utils import get_relative_import_files
+
 from ..processing.hub import snapshot_origin
 
 #: Files whose `auto_map` may name remote code.
@@ -83,8 +85,6 @@ def named_remote_code(folder: str | Path) -> list[str]:
 def remote_code_files(folder: str | Path) -> list[str]:
     """The remote-code files a folder holds: the modules its `auto_map`s name and, recursively, the modules they
     import relatively (Phi-3-vision-128k's modeling file imports image_embedding_phi3_v.py); relative paths."""
-    from transformers.dynamic_module_utils import get_relative_import_files
-
     folder = Path(folder)
     found: list[str] = []
     for name in named_remote_code(folder):

@@ -16,6 +16,9 @@ import os
 import re
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
 #: Files of other model formats that a hub repository may hold beside the safetensors weights; never needed here.
 IGNORED_IN_SNAPSHOTS = ["*.onnx", "*.onnx_data", "onnx/*", "*.gguf", "*.h5", "*.msgpack", "*.tflite", "*.ot"]
 #: Seconds to wait for the hub to say which commit a revision names (HF_HUB_ETAG_TIMEOUT overrides it).
@@ -62,8 +65,6 @@ def resolve_model_source(
         return path
     if not is_hub_id(text):
         raise ValueError(f"{text}: no such folder (expected a model folder, a LoRA adapter folder or a hub id)")
-    from huggingface_hub import constants, snapshot_download
-
     offline = local_files_only or constants.HF_HUB_OFFLINE
     why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "local_files_only was asked for"
     kwargs = dict(revision=revision, cache_dir=cache_dir, token=token, ignore_patterns=IGNORED_IN_SNAPSHOTS)
@@ -86,9 +87,6 @@ def resolve_model_source(
 def _ask_hub(name: str, revision: str | None, token: str | bool | None) -> tuple[bool, str]:
     """(True, "") when the hub answers for `name`; (False, why) when it cannot be reached. A missing repository or
     revision is an error of its own (the cache is not a fallback for a misspelt name)."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
     timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or PROBE_TIMEOUT_S)
     try:
         HfApi(token=token).repo_info(name, revision=revision, timeout=timeout)

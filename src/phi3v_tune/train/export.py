@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub import HfApi
 
 from ..model.loading import ModelSource, load_for_inference, load_processor, locate
 from ..model.serving_files import old_peft_warnings, remote_code_files, remote_code_note, write_serving_files
@@ -131,14 +132,17 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old.exists():
+            os.replace(old, out)  # the folder that was there, back under its name
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
 def upload(folder: Path, repo_id: str, private: bool = False) -> str:
     """Create the hub model repository if needed and upload the folder; returns the commit URL."""
-    from huggingface_hub import HfApi
-
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     commit = api.upload_folder(

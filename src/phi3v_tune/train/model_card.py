@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import ModelCardData
 
 from ..model.loading import is_hub_id
 
@@ -76,8 +77,6 @@ def _is_metric(key: str) -> bool:
 
 
 def front_matter(facts: CardFacts) -> str:
-    from huggingface_hub import ModelCardData
-
     method = facts.settings.get("method")
     tags = ["phi3_v", "phi3v-tune", "vision", "multimodal", *([str(method)] if method else [])]
     data = ModelCardData(
