@@ -241,6 +241,13 @@ def test_generation_stops_where_the_trained_answer_ends(runs):
     out = pipe(text=prompt, max_new_tokens=20, return_tensors=True)[0]["generated_token_ids"].tolist()
     assert out[-len(new) :] == new
     assert pipe(text=prompt, max_new_tokens=20, return_full_text=False)[0]["generated_text"].strip() == "red"
+    with_image = "<|user|>\n<|image_1|>\nSay red.<|end|>\n<|assistant|>\n"
+    picture = Image.new("RGB", (40, 30), "red")
+    out = pipe(images=[picture], text=with_image, max_new_tokens=20, return_tensors=True)[0]["generated_token_ids"]
+    answer = out[processor(text=with_image, images=[picture])["input_ids"].shape[1] :].tolist()
+    assert answer[-1] == end and len(answer) < 20
+    text = pipe(images=[picture], text=with_image, max_new_tokens=20, return_full_text=False)[0]["generated_text"]
+    assert text.strip() == processor.decode(answer, skip_special_tokens=True).strip() != ""
 
 
 def test_a_base_without_remote_code_loads_with_our_classes_and_the_summary_says_how_to_add_it(runs):

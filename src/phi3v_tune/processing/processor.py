@@ -276,5 +276,8 @@ class Phi3VProcessor:
         return self.tokenizer.decode(ids, **kwargs)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
-        """Generated ids -> text: what transformers' `pipeline("image-text-to-text")` calls on a processor."""
-        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+        """Generated ids -> text: what transformers' `pipeline("image-text-to-text")` calls on a processor. Image
+        positions (ids < 0, in the prompt part of the sequences) hold no text and are left out."""
+        rows = generated_outputs.tolist() if hasattr(generated_outputs, "tolist") else generated_outputs
+        rows = [[i for i in row if i >= 0] for row in rows]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
