@@ -21,7 +21,6 @@ __all__ = [
     "is_adapter",
     "is_hub_id",
     "load_for_inference",
-    "load_hub_model",
     "load_processor",
     "locate",
     "resolve_model_source",
@@ -155,11 +154,6 @@ def load_for_inference(
         base_model.generation_config = GenerationConfig.from_pretrained(str(source.folder))
     peft_model = PeftModel.from_pretrained(base_model, str(source.folder))
     return peft_model.merge_and_unload() if merge else peft_model
-
-
-def load_hub_model(name: str, dtype: torch.dtype, revision: str | None = None, **kwargs) -> Phi3VForCausalLM:
-    """A published model by hub id (its snapshot downloaded once into the Hugging Face cache)."""
-    return Phi3VForCausalLM.from_pretrained(str(resolve_model_source(name, revision)), dtype=dtype, **kwargs)
 
 
 def load_processor(source: ModelSource, **kwargs) -> Phi3VProcessor:

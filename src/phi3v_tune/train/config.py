@@ -21,7 +21,8 @@ import yaml
 from ..data.examples import MULTI_TURN
 from ..data.video import RECIPE_FRAMES
 from ..evaluate.metrics import QUESTIONS
-from ..model.loading import check_model_path, is_hub_id
+from ..model.loading import check_model_path
+from ..processing.hub import is_hub_id
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")

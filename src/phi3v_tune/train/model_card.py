@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCardData
 
-from ..model.loading import is_hub_id
+from ..processing.hub import is_hub_id
 
 PIPELINE_TAG = "image-text-to-text"
 VLLM_FLAGS = "--trust-remote-code --max-model-len 4096 --limit-mm-per-prompt '{\"image\": 2}'"
