@@ -16,10 +16,11 @@ from ..data.collate import Collator
 from ..data.dataset import ConversationDataset, DataPlan, plan_records, write_refused
 from ..data.packing import PackingCollator
 from ..data.schema import Problem, Record
-from ..model.loading import base_record, resolve_model_source
+from ..model.loading import base_record
 from ..model.modeling import Phi3VForCausalLM
 from ..model.packed_attention import ATTN_NAME as PACKED_ATTENTION
 from ..model.serving_files import remote_code_note, write_serving_files
+from ..processing.hub import resolve_model_source
 from ..processing.processor import Phi3VProcessor
 from .checkpoints import marked_step, quarantine_incomplete, resolve_resume, write_marker
 from .config import TrainConfig, fsdp_on
@@ -541,8 +542,8 @@ def run_summary(metrics: dict[str, Any], cfg: TrainConfig, out: Path) -> str:
             lines.append(f"  {cfg.metric} {entry['when']} (step {entry['step']}): {entry[f'eval_{cfg.metric}']:.4f}")
     if "final_dir" in metrics:
         lines.append(f"  final model: {metrics['final_dir']}")
-        if cfg.model != "tiny" and remote_code_note(metrics["final_dir"]):
-            lines.append(f"  note: {remote_code_note(metrics['final_dir'])}")
+        if cfg.model != "tiny" and (note := remote_code_note(metrics["final_dir"])):  # how to add remote code
+            lines.append(f"  note: {note}")
     lines.append(f"  metrics: {out / 'metrics.json'}; loss plot: {out / 'loss.png'}")
     return "\n".join(lines)
 
