@@ -141,13 +141,26 @@ def settings_given(args: argparse.Namespace) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------------------
 # the flags eval and predict share (model loading and generation)
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_source_arguments(parser: argparse.ArgumentParser, what: str, aliases: tuple[str, ...] = ()) -> None:
+    """--model (what), --base and --revision: a model folder, a LoRA adapter and its base, or hub ids."""
     parser.add_argument(
-        "--model",
-        required=True,
-        help="A full model folder (a run's final/ or a checkpoint), a LoRA adapter folder, or a hub id. Required.",
+        "--model", *aliases, dest="model", required=True, help=f"{what[0].upper()}{what[1:]}. Required."
     )
-    parser.add_argument("--base", help="Base model folder for a LoRA adapter (default: the one it records).")
+    parser.add_argument(
+        "--base", help="Base model folder or hub id of a LoRA adapter (default: the one the adapter records)."
+    )
+    parser.add_argument(
+        "--revision",
+        help="Branch, tag or commit of a hub id given as --model or --base (default: the repository's default branch).",
+    )
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_source_arguments(
+        parser,
+        what="a full model folder (a run's final/, best/ or a checkpoint), a LoRA adapter folder, or a hub id "
+        "(downloaded once, or taken from the cache)",
+    )
     field_option(parser, "num_crops", default=None, note="the model folder's")
     field_option(parser, "apply_exif_orientation", default=None, note="as the model folder's processor says")
     parser.add_argument(
