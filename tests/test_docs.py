@@ -47,7 +47,11 @@ def _generator():
 
 def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(subs.choices)
+    unique: dict[str, argparse.ArgumentParser] = {}
+    for name, sub in subs.choices.items():  # an alias (merge -> export) points at its command's parser
+        if all(sub is not other for other in unique.values()):
+            unique[name] = sub
+    return unique
 
 
 def _help_text(command: str) -> str:
@@ -96,7 +100,7 @@ def test_command_reference_lists_every_command_and_flag_with_its_default():
     assert TrainConfig().learning_rate == 4e-05 and " | 4e-05 | " in _row(page, "train", "--learning-rate")
     assert " | 64 | " in _row(page, "train", "--batch-size")
     assert "one of `full`, `freeze-vision`, `lora`, `qlora`" in _row(page, "train", "--method")
-    assert " | required | " in _row(page, "merge", "--adapter")
+    assert " | required | " in _row(page, "export", "--model") and "`--adapter`" in _row(page, "export", "--model")
     assert " | test | " in _row(page, "eval", "--split")
 
 

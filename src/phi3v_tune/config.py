@@ -120,7 +120,7 @@ class TrainConfig:
     )
     revision: str | None = _f(
         None,
-        "With a hub id as --model: the branch, tag or commit to train from. Default: the default branch.",
+        "Branch, tag or commit of a hub id given as --model (or --base). Default: the repository's default branch.",
         group="model and method",
     )
     method: str = _f(

@@ -123,15 +123,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """`phi3v-tune train`: one flag per `TrainConfig` field, in the field's group; defaults are suppressed so that
     only flags given on the command line override `--task` and `--config`."""
     parser.add_argument("--config", help="YAML file with settings (flags given here override it).")
-    parser.add_argument(
-        "--task", help="A packaged recipe (docvqa, hateful_memes, nlvr2, ucf101, demo) whose settings come first."
-    )
+    add_task_argument(parser)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f in FIELDS.items():
         group = f.metadata.get("group", "other")
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
         field_option(groups[group], name, default=argparse.SUPPRESS)
+
+
+def add_task_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task",
+        help="A packaged recipe (src/phi3v_tune/recipes: docvqa, hateful_memes, nlvr2, ucf101, demo) whose settings "
+        "come first: train takes all of them; eval its metric, held-out rows (--eval-holdout), multi-turn layout and "
+        "questions, so eval --task T with the training data scores the rows train --task T held out.",
+    )
 
 
 def settings_given(args: argparse.Namespace) -> dict[str, Any]:
@@ -149,10 +156,7 @@ def add_model_source_arguments(parser: argparse.ArgumentParser, what: str, alias
     parser.add_argument(
         "--base", help="Base model folder or hub id of a LoRA adapter (default: the one the adapter records)."
     )
-    parser.add_argument(
-        "--revision",
-        help="Branch, tag or commit of a hub id given as --model or --base (default: the repository's default branch).",
-    )
+    field_option(parser, "revision")
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:

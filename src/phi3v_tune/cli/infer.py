@@ -11,7 +11,7 @@ import yaml
 
 from ..config import FIELDS, recipe, show_progress
 from ..data.video import DEFAULT_VIDEO_FRAMES
-from .args import add_data_arguments, add_inference_arguments, field_option
+from .args import add_data_arguments, add_inference_arguments, add_task_argument, field_option
 
 
 def trained_video_frames(model: str) -> int:
@@ -182,12 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Greedy generation on every question of DATA (or each sample's first, --questions first), the "
         "task metric, and a per-sample predictions jsonl (id, prediction, gold, score). Runs sharded under torchrun.",
     )
-    p.add_argument(
-        "--task",
-        help="A packaged recipe (docvqa, hateful_memes, nlvr2, ucf101): its metric, held-out rows (--eval-holdout), "
-        "multi-turn layout and questions, unless given here; with the training data as --data it scores the rows "
-        "train --task held out.",
-    )
+    add_task_argument(p)
     add_inference_arguments(p)
     p.add_argument(
         "--data", required=True, help="Evaluation data (jsonl, json, HF data set folder or hub id). Required."

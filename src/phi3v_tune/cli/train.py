@@ -1,4 +1,5 @@
-"""Commands that make a model: `train`, `merge` (LoRA adapter -> full checkpoint) and the quick-start `demo`."""
+"""Commands that make or ship a model: `train`, `export` (alias `merge`: a run's model -> a serving folder) and
+the quick-start `demo`."""
 
 from __future__ import annotations
 
