@@ -101,7 +101,7 @@ def test_command_reference_lists_every_command_and_flag_with_its_default():
     assert " | 64 | " in _row(page, "train", "--batch-size")
     assert "one of `full`, `freeze-vision`, `lora`, `qlora`" in _row(page, "train", "--method")
     assert " | required | " in _row(page, "export", "--model") and "`--adapter`" in _row(page, "export", "--model")
-    assert " | test | " in _row(page, "eval", "--split")
+    assert " | train for --eval-holdout rows, else test | " in _row(page, "eval", "--split")
 
 
 def test_reference_does_not_depend_on_the_terminal_width(monkeypatch):
