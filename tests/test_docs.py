@@ -28,6 +28,8 @@ OTHER_TOOLS = {
     "--config_file", "--num_processes",
     # hf download, mkdocs, pytest + hypothesis
     "--local-dir", "--strict", "--hypothesis-show-statistics",
+    # vllm serve
+    "--trust-remote-code", "--max-model-len", "--limit-mm-per-prompt",
     # benchmarks/bench_multigpu.py (a script, not a phi3v-tune command)
     "--parallel", "--runs", "--two-node",
     # SLURM batch directives
