@@ -149,6 +149,7 @@ arch)
   # architecture change and after it, one after the other on the same card; then with --lora-variant dora (issue 24)
   SRC=.before_src/src bench 0 arch-before --builds ours --methods lora --checkpointing no --tuned
   bench 0 arch-after --builds ours --methods lora --checkpointing no --tuned
+  timeout 200 python -m pytest -q -x tests/gpu > "$R/gputests.log" 2>&1
   bench 0 dora --builds ours --methods lora --checkpointing no --tuned --set lora_variant=dora
   ;;
 esac

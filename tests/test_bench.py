@@ -196,3 +196,36 @@ def test_profile_summary_counts_kernels_once_not_the_ranges_or_ops_around_them()
     text = profile_summary(SimpleNamespace(key_averages=lambda: events), wall_s=0.2)
     assert text.startswith("profiled steps: wall 200.0 ms, GPU kernels 157.0 ms (78% busy)")
     assert "matmul" in text and "100.0 ms" in text and "attention" in text and "optimizer" in text
+
+
+def test_bench_tiny_on_a_cpu_skips_and_names_the_rows_that_need_a_gpu(tmp_path, capsys):
+    """`phi3v-tune bench --tiny` with every method (the default): qlora's 4-bit kernels need CUDA, so its rows are
+    skipped and named, and every other row runs: exit code 0."""
+    from phi3v_tune.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    code = main(tiny_bench(tmp_path, "--workloads", "docvqa", "--builds", "ours", "--checkpointing", "no", "--json",
+                           str(rows)))  # fmt: skip
+    assert code == 0
+    assert "skipped on the CPU: the qlora rows (4-bit kernels need a CUDA GPU)" in capsys.readouterr().out
+    got = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert [r["method"] for r in got] == ["full", "freeze-vision", "lora"] and all(r["error"] is None for r in got)
+
+
+def test_bench_help_states_defaults_and_answers_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['__main__'].__file__ = '/venv/bin/phi3v-tune'\n"
+        "from phi3v_tune.cli import build_parser\n"
+        "p = build_parser()._subparsers._group_actions[0].choices['bench']\n"
+        "print(p.format_help()); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip().endswith("False")
+    options = out.split("options:", 1)[1]
+    for flag, default in (("--steps", "8"), ("--warmup", "3"), ("--samples", "64"), ("--work", "/tmp/phi3v-bench")):
+        entry = options.split(f"\n  {flag} ", 1)[1].split("\n  --", 1)[0]
+        assert f"(default: {default})" in " ".join(entry.split()), flag
+    assert "TUNED" not in out and "perf/bench.py" not in out

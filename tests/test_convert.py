@@ -293,7 +293,7 @@ def test_frames_per_video_below_one_are_refused(tmp_path, capsys):
     (tmp_path / "d.jsonl").write_text("{}\n")
     for argv in (
         ["validate", str(tmp_path / "d.jsonl"), "--video-frames", "0"],
-        ["convert", "ucf101", str(tmp_path), str(tmp_path / "out"), "--num-frames", "-1"],
+        ["convert", "ucf101", str(tmp_path), str(tmp_path / "out"), "--video-frames", "-1"],
         ["eval", "--model", "m", "--data", "d", "--metric", "anls", "--video-frames", "0"],
     ):
         with pytest.raises(SystemExit) as stop:

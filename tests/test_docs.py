@@ -28,6 +28,8 @@ OTHER_TOOLS = {
     "--config_file", "--num_processes",
     # hf download, mkdocs, pytest + hypothesis
     "--local-dir", "--strict", "--hypothesis-show-statistics",
+    # vllm serve
+    "--trust-remote-code", "--max-model-len", "--limit-mm-per-prompt",
     # benchmarks/bench_multigpu.py (a script, not a phi3v-tune command)
     "--parallel", "--runs", "--two-node",
     # SLURM batch directives
@@ -47,7 +49,11 @@ def _generator():
 
 def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(subs.choices)
+    unique: dict[str, argparse.ArgumentParser] = {}
+    for name, sub in subs.choices.items():  # an alias (merge -> export) points at its command's parser
+        if all(sub is not other for other in unique.values()):
+            unique[name] = sub
+    return unique
 
 
 def _help_text(command: str) -> str:
@@ -96,8 +102,8 @@ def test_command_reference_lists_every_command_and_flag_with_its_default():
     assert TrainConfig().learning_rate == 4e-05 and " | 4e-05 | " in _row(page, "train", "--learning-rate")
     assert " | 64 | " in _row(page, "train", "--batch-size")
     assert "one of `full`, `freeze-vision`, `lora`, `qlora`" in _row(page, "train", "--method")
-    assert " | required | " in _row(page, "merge", "--adapter")
-    assert " | test | " in _row(page, "eval", "--split")
+    assert " | required | " in _row(page, "export", "--model") and "`--adapter`" in _row(page, "export", "--model")
+    assert " | train for --eval-holdout rows, else test | " in _row(page, "eval", "--split")
 
 
 def test_reference_does_not_depend_on_the_terminal_width(monkeypatch):

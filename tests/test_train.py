@@ -306,7 +306,8 @@ def test_incomplete_checkpoints_are_never_resumed_and_limit_keeps_newest(data_fi
 
 def test_lora_final_folder_loads_as_base_plus_adapter_and_merges(data_file, tmp_path):
     from phi3v_tune import Phi3VForCausalLM
-    from phi3v_tune.train.merge import load_for_inference, merge_adapter
+    from phi3v_tune.model.loading import load_for_inference
+    from phi3v_tune.train.export import export_model
 
     out = tmp_path / "lora"
     run_training(small_config(data_file, out, max_steps=3, method="lora", lora_rank=4, learning_rate=1e-2))
@@ -316,7 +317,7 @@ def test_lora_final_folder_loads_as_base_plus_adapter_and_merges(data_file, tmp_
     keys = load_file(final / "adapter_model.safetensors").keys()
     assert any("lm_head.lora_A" in k for k in keys) and all("lora_" in k for k in keys), sorted(keys)[:5]
     peft_model = load_for_inference(final, merge=False)
-    merged_dir = merge_adapter(final, tmp_path / "merged", dtype="float32")
+    merged_dir = export_model(final, tmp_path / "merged", dtype="float32").folder
     merged = Phi3VForCausalLM.from_pretrained(merged_dir)
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     with torch.no_grad():
@@ -466,7 +467,8 @@ def test_sharded_runs_refuse_what_they_cannot_do(monkeypatch):
 
 
 def test_inference_names_a_missing_model_or_adapter_base(tmp_path, monkeypatch):
-    from phi3v_tune.train.merge import load_for_inference, merge_adapter
+    from phi3v_tune.model.loading import load_for_inference
+    from phi3v_tune.train.export import export_model
 
     with pytest.raises(ValueError, match="no such folder"):
         load_for_inference(tmp_path / "missing")
@@ -484,7 +486,7 @@ def test_inference_names_a_missing_model_or_adapter_base(tmp_path, monkeypatch):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
-    for call in (lambda: load_for_inference(adapter), lambda: merge_adapter(adapter, tmp_path / "out")):
+    for call in (lambda: load_for_inference(adapter), lambda: export_model(adapter, tmp_path / "out")):
         with pytest.raises(ValueError, match=r"the base model that .* records, .*gone: no such folder.*pass --base"):
             call()
 

@@ -23,6 +23,7 @@ from .data.layout import MULTI_TURN, SampleLayout
 from .data.video import DEFAULT_VIDEO_FRAMES
 from .evaluate.metrics import METRICS, QUESTIONS
 from .processing.geometry import DEFAULT_MAX_IMAGE_PIXELS, TRAIN_NUM_CROPS
+from .processing.hub import check_model_path, is_hub_id
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")
@@ -117,6 +118,11 @@ class TrainConfig:
         "Base model: a local folder in the published layout (config.json, safetensors, "
         "tokenizer) or a hub id. 'tiny' builds a tiny random model (smoke tests). Required (a recipe or --config "
         "may set it).",
+        group="model and method",
+    )
+    revision: str | None = _f(
+        None,
+        "Branch, tag or commit of a hub id given as --model (or --base). Default: the repository's default branch.",
         group="model and method",
     )
     method: str = _f(
@@ -515,6 +521,8 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
         if self.model is not None:
             check_model_path(self.model, "--model")
+        if self.revision is not None and not (self.model and is_hub_id(self.model)):
+            raise ValueError(f"--revision {self.revision} applies to a hub id as --model, not to {self.model}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError(f"--epochs must be > 0 (or give --max-steps), got {self.epochs:g}")
         if self.stop_at_step is not None and 0 < self.max_steps <= self.stop_at_step:
@@ -758,30 +766,6 @@ def zero_stage(deepspeed: str | None) -> int | None:
     except (json.JSONDecodeError, AttributeError) as err:
         raise ValueError(f"--deepspeed {deepspeed}: not a DeepSpeed JSON config ({err})") from err
     return stage if isinstance(stage, int) else None
-
-
-def is_hub_id(model: str) -> bool:
-    """An "org/name" that is no local path: nothing there, no leading / . ~, at most one slash, and no local
-    folder named like the org (`run/final` with a `run/` folder here is a mistyped path, not a hub id)."""
-    path = Path(model).expanduser()
-    local = path.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1
-    local = local or ("/" in model and path.parent.is_dir())
-    return not local and model != "tiny" and not model.startswith("tiny:")
-
-
-def check_model_path(model: str, flag: str) -> None:
-    """A model given as a local path must be a model folder (not missing, not a LoRA adapter to train on top of);
-    hub ids ("org/name") and "tiny" pass."""
-    path = Path(model).expanduser()
-    if model == "tiny" or model.startswith("tiny:") or is_hub_id(model):
-        return
-    if not path.is_dir():
-        raise ValueError(f"{flag} {model}: no such folder (expected a model folder with config.json, or a hub id)")
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        raise ValueError(
-            f"{flag} {model} is a LoRA adapter, not a model: merge it first (phi3v-tune merge --adapter {model} --out "
-            "DIR) and train from DIR, or train from its base model"
-        )
 
 
 def base_type(tp: Any) -> Any:

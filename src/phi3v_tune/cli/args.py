@@ -123,16 +123,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """`phi3v-tune train`: one flag per `TrainConfig` field, in the field's group; defaults are suppressed so that
     only flags given on the command line override `--task` and `--config`."""
     parser.add_argument("--config", help="YAML file with settings (flags given here override it).")
-    parser.add_argument(
-        "--task",
-        help="A packaged recipe (docvqa, hateful_memes, nlvr2, ucf101, dpo, demo, demo_dpo) whose settings come first.",
-    )
+    add_task_argument(parser)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f in FIELDS.items():
         group = f.metadata.get("group", "other")
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
         field_option(groups[group], name, default=argparse.SUPPRESS)
+
+
+def add_task_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task",
+        help="A packaged recipe (src/phi3v_tune/recipes: docvqa, hateful_memes, nlvr2, ucf101, dpo, demo, demo_dpo) "
+        "whose settings "
+        "come first: train takes all of them; eval its metric, held-out rows (--eval-holdout), multi-turn layout and "
+        "questions, so eval --task T with the training data scores the rows train --task T held out.",
+    )
 
 
 def settings_given(args: argparse.Namespace) -> dict[str, Any]:
@@ -142,13 +149,23 @@ def settings_given(args: argparse.Namespace) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------------------
 # the flags eval and predict share (model loading and generation)
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_source_arguments(parser: argparse.ArgumentParser, what: str, aliases: tuple[str, ...] = ()) -> None:
+    """--model (what), --base and --revision: a model folder, a LoRA adapter and its base, or hub ids."""
     parser.add_argument(
-        "--model",
-        required=True,
-        help="A full model folder (a run's final/ or a checkpoint), a LoRA adapter folder, or a hub id. Required.",
+        "--model", *aliases, dest="model", required=True, help=f"{what[0].upper()}{what[1:]}. Required."
     )
-    parser.add_argument("--base", help="Base model folder for a LoRA adapter (default: the one it records).")
+    parser.add_argument(
+        "--base", help="Base model folder or hub id of a LoRA adapter (default: the one the adapter records)."
+    )
+    field_option(parser, "revision")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_source_arguments(
+        parser,
+        what="a full model folder (a run's final/, best/ or a checkpoint), a LoRA adapter folder, or a hub id "
+        "(downloaded once, or taken from the cache)",
+    )
     field_option(parser, "num_crops", default=None, note="the model folder's")
     field_option(parser, "apply_exif_orientation", default=None, note="as the model folder's processor says")
     parser.add_argument(

@@ -11,7 +11,7 @@ import yaml
 
 from ..config import FIELDS, recipe, show_progress
 from ..data.video import DEFAULT_VIDEO_FRAMES
-from .args import add_data_arguments, add_inference_arguments, field_option
+from .args import add_data_arguments, add_inference_arguments, add_task_argument, field_option
 
 
 def trained_video_frames(model: str) -> int:
@@ -47,27 +47,19 @@ def _init_distributed() -> tuple[int, int]:
 
 
 def _load(args: argparse.Namespace):
-    """(model on this process's device in eval mode, processor) for --model (+ --base)."""
+    """(model on this process's device in eval mode, processor) for --model (+ --base, --revision): a hub id is
+    resolved once, so weights and processor come from the same snapshot."""
     import torch
 
-    from ..processing.processor import Phi3VProcessor
-    from ..train.merge import adapter_base, load_for_inference
+    from ..model.loading import load_for_inference, load_processor, locate
 
     if args.dtype == "auto":
         dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    model_dir = Path(args.model)
-    model = load_for_inference(args.model, base=args.base, dtype=dtype, attn_implementation=args.attn_implementation)
-    if not model_dir.is_dir():  # a hub id: its processor files come with it
-        proc_dir = args.model
-    elif (model_dir / "tokenizer.json").is_file():
-        proc_dir = model_dir
-    else:
-        proc_dir = Path(args.base or adapter_base(model_dir))
-    processor = Phi3VProcessor.from_pretrained(
-        proc_dir, num_crops=args.num_crops, apply_exif_orientation=args.apply_exif_orientation
-    )
+    source = locate(args.model, args.base, args.revision)
+    model = load_for_inference(source, dtype=dtype, attn_implementation=args.attn_implementation)
+    processor = load_processor(source, num_crops=args.num_crops, apply_exif_orientation=args.apply_exif_orientation)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
 
@@ -190,12 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Greedy generation on every question of DATA (or each sample's first, --questions first), the "
         "task metric, and a per-sample predictions jsonl (id, prediction, gold, score). Runs sharded under torchrun.",
     )
-    p.add_argument(
-        "--task",
-        help="A packaged recipe (docvqa, hateful_memes, nlvr2, ucf101): its metric, held-out rows (--eval-holdout), "
-        "multi-turn layout and questions, unless given here; with the training data as --data it scores the rows "
-        "train --task held out.",
-    )
+    add_task_argument(p)
     add_inference_arguments(p)
     p.add_argument(
         "--data", required=True, help="Evaluation data (jsonl, json, HF data set folder or hub id). Required."

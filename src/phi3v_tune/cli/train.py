@@ -1,4 +1,5 @@
-"""Commands that make a model: `train`, `merge` (LoRA adapter -> full checkpoint) and the quick-start `demo`."""
+"""Commands that make or ship a model: `train`, `export` (alias `merge`: a run's model -> a serving folder) and
+the quick-start `demo`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 from ..config import resolve
 from ..data.synthetic import DEMO_SIZES, DPO_DEMO_SIZES
-from .args import add_train_arguments, field_option, int_in
+from .args import add_model_source_arguments, add_train_arguments, field_option, int_in
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -26,11 +27,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from ..train.merge import merge_adapter
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..train.export import export_model, report
 
-    out = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype)
-    print(f"merged model written to {out}")
+    result = export_model(
+        args.model,
+        args.out,
+        base=args.base,
+        revision=args.revision,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+    )
+    print(report(result))
     return 0
 
 
@@ -66,20 +77,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
-        "merge",
-        help="merge a LoRA adapter into its base model (published layout, bf16)",
-        description="Write base + LoRA adapter as one full checkpoint in the published layout.",
+        "export",
+        aliases=["merge"],
+        help="turn a run's model into a serving folder (LoRA merged, published layout, bf16; alias: merge)",
+        description="Write a run's model (OUTPUT_DIR or its final/, best/, a checkpoint, a LoRA adapter + base, a "
+        "model folder or hub id) as a folder that loads and serves like the published model: merged weights in the "
+        "published layout and dtype (sharded safetensors + index), processor and tokenizer files, the publisher's "
+        "remote-code files, a generation config that stops at <|end|>, the run's train_config.yaml and a model "
+        "card README.md. Optionally uploads it to the Hugging Face hub.",
     )
-    p.add_argument("--adapter", required=True, help="The adapter folder (a checkpoint or OUTPUT_DIR/final). Required.")
-    p.add_argument("--base", help="Base model folder (default: the one recorded in the adapter).")
-    p.add_argument("--out", required=True, help="Output folder. Required.")
+    add_model_source_arguments(p, what="what to export: a run's OUTPUT_DIR (its final/), final/, best/, a checkpoint, "
+                               "a LoRA adapter folder, a model folder or a hub id", aliases=("--adapter",))  # fmt: skip
+    p.add_argument("--out", required=True, help="Output folder (written whole at the end). Required.")
     p.add_argument(
         "--dtype",
         default="bfloat16",
         choices=["bfloat16", "float16", "float32"],
-        help="Weight dtype of the merged checkpoint (default: bfloat16, as published).",
+        help="Weight dtype of the exported model (default: bfloat16, as published).",
     )
-    p.set_defaults(func=cmd_merge)
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="Largest safetensors file (default: 5GB, the published checkpoint's shards).",
+    )
+    p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists (default: refuse).")
+    p.add_argument(
+        "--push-to-hub", metavar="REPO", help="Upload the folder to this hub model repo (needs a login; default: no)."
+    )
+    p.add_argument("--private", action="store_true", help="With --push-to-hub: create the repo as private.")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "demo",

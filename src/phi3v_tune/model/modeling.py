@@ -31,6 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
 
 from ..processing.geometry import num_image_tokens
+from ..processing.hub import is_hub_id, resolve_model_source
 from .configuration import Phi3VConfig
 from .loss import DEFAULT_CHUNK, IGNORE_INDEX, chunked_lm_loss
 from .packed_attention import ATTN_NAME, check_packed, packed_position_ids, packed_rows, token_segment_lengths
@@ -181,11 +182,16 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
         return any(getattr(m, "gradient_checkpointing", False) is True for m in self.modules())
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' loader, then re-freeze the stored-but-unused CLIP tail (loading replaces parameters) and
         rebuild the RoPE tables (non-persistent buffers are never trusted after loading), for the base model and the
-        causal LM alike."""
-        out = super().from_pretrained(*args, **kwargs)
+        causal LM alike. A hub id is first resolved to its local snapshot (`revision`, `cache_dir`, `token`,
+        `local_files_only` as transformers takes them), so weights, config and generation config come from one commit."""
+        source = pretrained_model_name_or_path
+        if isinstance(source, str) and is_hub_id(source):
+            hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+            source = str(resolve_model_source(source, **hub))
+        out = super().from_pretrained(source, *args, **kwargs)
         model = out[0] if isinstance(out, tuple) else out
         for module in model.modules():
             if isinstance(module, Phi3VImageEmbedding):

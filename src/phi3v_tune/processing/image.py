@@ -40,6 +40,8 @@ from .geometry import (
 
 # CROP_SIZE, DEFAULT_MAX_IMAGE_PIXELS, MAX_NUM_CROPS, hd_size and num_image_tokens are defined in `geometry` and
 # remain importable from here, where the published processor's users look for them.
+from .hub import is_hub_id, resolve_model_source
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -57,7 +59,8 @@ __all__ = [
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-#: The published preprocessor_config.json's `auto_map`: the publisher's remote code reads a saved folder with it.
+#: The `auto_map` a processor made from scratch writes (Phi-3-vision-128k's file set; Phi-3.5-vision keeps both classes
+#: in processing_phi3_v.py). One loaded from a folder writes back that folder's `auto_map`, whatever it says.
 PUBLISHED_AUTO_MAP = {
     "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
     "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
@@ -322,6 +325,8 @@ class Phi3VImageProcessor:
         self.num_img_tokens = TOKENS_PER_CROP
         self.max_image_pixels = max_image_pixels
         self.apply_exif_orientation = bool(apply_exif_orientation)
+        # the remote-code classes the folder this came from names (None: it names none); kept as it was
+        self.auto_map = published.get("auto_map", dict(PUBLISHED_AUTO_MAP))
         self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
 
@@ -351,11 +356,14 @@ class Phi3VImageProcessor:
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         **overrides: Any,
     ) -> Phi3VImageProcessor:
-        """Build from a checkpoint folder's ``preprocessor_config.json`` (defaults if absent); ``overrides`` win.
+        """Build from a checkpoint folder's ``preprocessor_config.json`` (defaults if absent) or a hub id's;
+        ``overrides`` win.
 
         ``max_image_pixels`` is a loading limit of this run (None: no limit), never read from or written to the
         folder: the published format has no such key."""
         path = Path(folder)
+        if not path.exists() and is_hub_id(str(folder)):
+            path = resolve_model_source(str(folder))
         if path.is_dir():
             path = path / PREPROCESSOR_CONFIG_NAME
         kwargs: dict[str, Any] = {}
@@ -369,6 +377,7 @@ class Phi3VImageProcessor:
             for key in ("num_crops", "image_mean", "image_std", "num_img_tokens", "apply_exif_orientation"):
                 if key in config:
                     kwargs[key] = config[key]
+            kwargs["auto_map"] = config.get("auto_map")  # written back as the folder has it (or not at all)
         kwargs.update(overrides)
         return cls(max_image_pixels=max_image_pixels, **kwargs)
 
@@ -382,8 +391,9 @@ class Phi3VImageProcessor:
             "num_img_tokens": self.num_img_tokens,
             "image_processor_type": "Phi3VImageProcessor",
             "processor_class": "Phi3VProcessor",
-            "auto_map": dict(PUBLISHED_AUTO_MAP),
         }
+        if self.auto_map is not None:
+            out["auto_map"] = dict(self.auto_map)
         if self.apply_exif_orientation:
             out["apply_exif_orientation"] = True
         return out

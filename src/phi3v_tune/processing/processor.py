@@ -18,6 +18,7 @@ import torch
 from transformers import BatchFeature
 
 from .geometry import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TAG, MAX_NUM_CROPS, image_tag
+from .hub import is_hub_id, resolve_model_source
 from .image import Phi3VImageProcessor
 from .tokenizer import load_tokenizer, stop_token_ids
 
@@ -65,11 +66,14 @@ class Phi3VProcessor:
         num_crops: int | None = None,
         apply_exif_orientation: bool | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        revision: str | None = None,
         **image_kwargs,
     ) -> Phi3VProcessor:
-        """Load from a model folder (tokenizer files + `preprocessor_config.json`); `num_crops` and
-        `apply_exif_orientation` override the folder's when given (None: as the folder says). `max_image_pixels`:
-        images with more pixels are refused (None: no limit); a setting of this run, never saved with the folder."""
+        """Load from a model folder (tokenizer files + `preprocessor_config.json`) or a hub id (its snapshot at
+        `revision`); `num_crops` and `apply_exif_orientation` override the folder's when given (None: as the folder
+        says). `max_image_pixels`: images with more pixels are refused (None: no limit); a setting of this run, never
+        saved with the folder."""
+        folder = resolve_model_source(folder, revision) if is_hub_id(str(folder)) else folder
         if num_crops is not None:
             image_kwargs["num_crops"] = num_crops
         if apply_exif_orientation is not None:
@@ -271,3 +275,10 @@ class Phi3VProcessor:
 
     def decode(self, ids, **kwargs) -> str:
         return self.tokenizer.decode(ids, **kwargs)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """Generated ids -> text: what transformers' `pipeline("image-text-to-text")` calls on a processor. Image
+        positions (ids < 0, in the prompt part of the sequences) hold no text and are left out."""
+        rows = generated_outputs.tolist() if hasattr(generated_outputs, "tolist") else generated_outputs
+        rows = [[i for i in row if i >= 0] for row in rows]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)

@@ -1,0 +1,1 @@
+"""Training: the run from settings to final model, the Trainer, strategies, optimizers, checkpoints, export."""

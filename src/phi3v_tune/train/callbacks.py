@@ -191,8 +191,9 @@ class TaskMetricCallback(TrainerCallback):
         path = self.out / "eval_metrics.jsonl"
         if is_main and path.is_file():
             lines = path.read_text(encoding="utf-8").splitlines()
-            kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= start_step]
-            kept = kept if start_step > 0 else []
+            # the lines up to the checkpoint resumed from, without the "after" a slice (--stop-at-step) ended with:
+            # the run goes on from there
+            kept = [x for x in lines if x.strip() and kept_on_resume(json.loads(x), start_step)]
             path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
 
     def points(self, log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,23 +242,29 @@ class TaskMetricCallback(TrainerCallback):
             self.run(model, state, control, "before")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        every = self.eval_steps
-        sliced = self.stop_at_step is not None and state.global_step == self.stop_at_step < state.max_steps
-        last = (state.global_step >= state.max_steps or control.should_training_stop) and not sliced
-        if last or sliced or (every and state.global_step % every == 0):
-            # the final evaluation runs here too, while the progress bar still shows (it closes at the end of training)
-            self.run(model, state, control, "after" if last else "during")
-            gc.collect()  # generation's leftovers in reference cycles (automatic collection is off: --gc-interval)
+        every, step = self.eval_steps, state.global_step
+        sliced = self.stop_at_step is not None and step == self.stop_at_step < state.max_steps
+        if step >= state.max_steps or (control.should_training_stop and not sliced):
+            # the final evaluation runs here, while the progress bar still shows it (the bar closes at train end)
+            self.run(model, state, control, "after")
+        elif every and step % every == 0:
+            self.run(model, state, control, "during")
+        else:
+            return
+        gc.collect()  # generation's leftovers in reference cycles (automatic collection is off: --gc-interval)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         last = self.history[-1] if self.history else None
-        if state.global_step == self.stop_at_step and state.global_step < state.max_steps:
-            return  # a slice of the run ended (--stop-at-step): the run goes on after --resume
         if last is not None and last["step"] == state.global_step:
             if last["when"] == "during":  # stopped (early) right after an evaluation: the same weights, not run twice
                 self.record(state, control, "after", last[f"eval_{self.metric}"])
         else:  # a run that had no step left to train (resumed at its end)
             self.run(model, state, control, "after")
+
+
+def kept_on_resume(entry: dict[str, Any], start_step: int) -> bool:
+    step = entry.get("step", 0)
+    return 0 < start_step and (step < start_step or (step == start_step and entry.get("when") != "after"))
 
 
 class ScheduledGC(TrainerCallback):

@@ -21,7 +21,10 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..config import TrainConfig, adopt_run_settings, load_yaml, show_progress
 from ..evaluate.runner import split_questions
+from ..model.loading import base_record
+from ..model.serving_files import remote_code_note, write_serving_files
 from ..model.tiny import save_tiny_checkpoint, tiny_layers
+from ..processing.hub import resolve_model_source
 from ..processing.processor import Phi3VProcessor
 from .callbacks import (
     BestModel,
@@ -108,7 +111,9 @@ class TrainingRun:
             if note:
                 say(f"note: {note}")
         set_seed(cfg.seed)
-        self.base = ensure_base_model(cfg.model, self.out, seed=cfg.seed, num_crops=cfg.num_crops)
+        self.base = ensure_base_model(
+            cfg.model, self.out, seed=cfg.seed, num_crops=cfg.num_crops, revision=cfg.revision
+        )
         self.processor = Phi3VProcessor.from_pretrained(
             self.base,
             num_crops=cfg.num_crops,
@@ -200,8 +205,9 @@ class TrainingRun:
             self.processor.save_pretrained(folder)
             cfg.save(folder / SETTINGS_FILE)
             if cfg.method in ("lora", "qlora"):
-                base = self.base
-                (folder / "base_model.txt").write_text(str(Path(base).resolve()) if Path(base).exists() else base)
+                (folder / "base_model.txt").write_text(base_record(self.base))
+            for warning in write_serving_files(folder, self.base, self.processor.stop_token_ids):  # remote code, stops
+                say(f"warning: {warning}")
             write_marker(folder, trainer.state.global_step)
         trainer.accelerator.wait_for_everyone()
 
@@ -262,7 +268,7 @@ class TrainingRun:
             }
             (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
             plot_losses(trainer.state.log_history, out / "loss.png")
-            summary = run_summary(metrics, cfg.metric, out)
+            summary = run_summary(metrics, cfg.metric, out, cfg.model)
             if self.best is not None:
                 summary += "\n" + "\n".join(self.best.summary(trainer.state))
             say(summary.rstrip())
@@ -276,14 +282,16 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-def ensure_base_model(model: str | None, output_dir: Path, *, seed: int, num_crops: int) -> str:
-    """The base model folder; 'tiny' (or 'tiny:N', N decoder layers) writes a tiny random model under the output
-    folder (smoke tests, demo)."""
+def ensure_base_model(
+    model: str | None, output_dir: Path, *, seed: int, num_crops: int, revision: str | None = None
+) -> str:
+    """The base model folder (a hub id: its snapshot, resolved once); 'tiny' (or 'tiny:N', N decoder layers) writes a
+    tiny random model under the output folder (smoke tests, demo)."""
     if model is None:
         raise ValueError("--model is required (a model folder, a hub id, or 'tiny')")
     layers = tiny_layers(model)
     if layers is None:
-        return model
+        return str(resolve_model_source(model, revision))
     folder = output_dir / "base-tiny"
     if is_main_process():
         if not (folder / "config.json").is_file():
@@ -512,7 +520,7 @@ def build_trainer(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-def run_summary(metrics: dict[str, Any], metric: str | None, out: Path) -> str:
+def run_summary(metrics: dict[str, Any], metric: str | None, out: Path, model: str | None = None) -> str:
     """The lines a finished run ends with: steps and loss, the evaluation before/after, and where everything is."""
     # the logged losses, not the Trainer's train_loss: the log history is restored on --resume, while train_loss sums
     # only the resumed part's losses (and divides by every step)
@@ -532,6 +540,8 @@ def run_summary(metrics: dict[str, Any], metric: str | None, out: Path) -> str:
             lines.append(f"  {metric} {entry['when']} (step {entry['step']}): {entry[f'eval_{metric}']:.4f}")
     if "final_dir" in metrics:
         lines.append(f"  final model: {metrics['final_dir']}")
+        if tiny_layers(model) is None and (note := remote_code_note(metrics["final_dir"])):  # how to add remote code
+            lines.append(f"  note: {note}")
     lines.append(f"  metrics: {out / 'metrics.json'}; loss plot: {out / 'loss.png'}")
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ..model.loss import IGNORE_INDEX
 from ..model.modeling import set_rope_per_sample
+from ..model.serving_files import write_serving_files_for
 from .checkpoints import MARKER, latest_complete, rotate, write_marker
 from .optim import AdamWSR, OptimizerInBackward
 from .step_boundary import install, uninstall
@@ -429,6 +430,8 @@ class Phi3VTrainer(Trainer):
         if self.is_world_process_zero():
             if self.args.settings_file and Path(self.args.settings_file).is_file():
                 shutil.copyfile(self.args.settings_file, folder / "train_config.yaml")
+            # remote code, auto_map and stop ids as the base model has them
+            write_serving_files_for(folder, self.accelerator.unwrap_model(self.model), self.processing_class)
             SampleLedger.write(folder, self.state.epoch, seen, bad)
             write_marker(folder, self.state.global_step)
             rotate(folder, self.args.checkpoints_to_keep)
