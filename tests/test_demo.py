@@ -1,10 +1,14 @@
-"""A shorter run of the quick-start demo: the tiny model must go from chance to well above it."""
+"""Shorter runs of the demos: the tiny model must go from chance to well above it (SFT), and DPO must raise the
+held-out reward accuracy from chance and move the greedy answers to the chosen ones."""
 
 from __future__ import annotations
 
 import json
 
-from phi3v_tune.train.demo import run_demo
+import pytest
+import torch
+
+from phi3v_tune.train.demo import run_demo, run_dpo_demo
 
 
 def test_short_demo_learns_the_colour_task(tmp_path):
@@ -16,3 +20,27 @@ def test_short_demo_learns_the_colour_task(tmp_path):
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "demo" / "final" / "checkpoint_complete.json").is_file()
     assert len((tmp_path / "demo" / "predictions.jsonl").read_text().splitlines()) == 12
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the tiny model's ops are small, and on a shared CPU two threads per process mostly wait for
+    each other (the same run takes several times longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_short_dpo_demo_raises_reward_accuracy_and_moves_greedy_answers_to_the_chosen(tmp_path, one_thread):
+    result = run_dpo_demo(tmp_path / "dpo", train_pairs=64, eval_pairs=16, sft_samples=32, quiet=True)
+    accuracy, margin, greedy = result["reward_accuracy"], result["reward_margin"], result["greedy"]
+    assert (accuracy["before"], margin["before"]) == (0.5, 0.0)  # before DPO every pair is a tie
+    assert accuracy["after"] >= 0.8 and margin["after"] > 0
+    assert greedy["after"]["chosen"] >= greedy["before"]["chosen"] + 0.3  # the greedy answers follow the chosen ones
+    saved = json.loads((tmp_path / "dpo" / "demo_metrics.json").read_text())
+    assert saved["reward_accuracy"] == accuracy
+    assert (tmp_path / "dpo" / "dpo" / "loss.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "dpo" / "dpo" / "reference_logps.json").read_text())["eval"]  # precomputed, stored
+    predictions = [json.loads(x) for x in (tmp_path / "dpo" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 16 and {"prediction", "chosen", "rejected"} <= set(predictions[0])

@@ -316,7 +316,7 @@ def test_loss_equals_the_hand_computation(
     metrics = step.metrics()
     assert torch.equal(metrics["rewards/margins"], step.chosen_rewards - step.rejected_rewards)
     assert metrics["rewards/accuracies"].tolist() == [
-        float(c > r) for c, r in zip(step.chosen_rewards, step.rejected_rewards)
+        1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(step.chosen_rewards, step.rejected_rewards)
     ]
     if sft_weight:  # the step's loss over the pairs of an accumulated step: sum / num_pairs
         with torch.no_grad():

@@ -29,6 +29,8 @@ METHODS = ("full", "freeze-vision", "lora", "qlora")
 MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")
 LORA_VARIANTS = ("lora", "dora", "rslora")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+OBJECTIVES = ("sft", "dpo")
+DPO_LOSSES = ("sigmoid", "ipo")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -146,6 +148,45 @@ class TrainConfig:
         "slower per step); rslora (rank-stabilised scaling alpha/sqrt(rank) instead of alpha/rank).",
         choices=LORA_VARIANTS,
         group="model and method",
+    )
+    # -- preference tuning -------------------------------------------------------------------------------------------
+    objective: str = _f(
+        "sft",
+        "What the run optimises: sft (the likelihood of the data's answers) or dpo (direct preference optimisation on "
+        "preference pairs: the last turn's 'chosen' and 'rejected' answers to the same prompt and images).",
+        choices=OBJECTIVES,
+        group="preference tuning",
+    )
+    dpo_beta: float = _f(
+        0.1,
+        "DPO's beta: the implicit reward is beta x the log-ratio of policy and reference; a larger beta keeps the "
+        "model closer to the reference (ipo: the target margin of the per-token log-ratios is 1/(2 beta)).",
+        group="preference tuning",
+    )
+    dpo_loss: str = _f(
+        "sigmoid",
+        "sigmoid (DPO's loss on the summed answer log-probabilities) or ipo (squared distance of the per-token mean "
+        "log-ratio margin from 1/(2 beta)).",
+        choices=DPO_LOSSES,
+        group="preference tuning",
+    )
+    dpo_sft_weight: float = _f(
+        0.0,
+        "Add this weight x the chosen answer's mean negative log-likelihood per token to the loss (RPO); 0: none.",
+        group="preference tuning",
+    )
+    dpo_label_smoothing: float = _f(
+        0.0,
+        "Conservative DPO (sigmoid loss only): the probability, in [0, 0.5), that a recorded preference is wrong.",
+        group="preference tuning",
+    )
+    dpo_precompute_reference: bool = _f(
+        False,
+        "Compute the reference log-probabilities of every training and evaluation pair in one pass before training "
+        "and store them in OUTPUT_DIR/reference_logps.json (--resume reads them): no reference model in memory and no "
+        "reference pass per step. Without it full/freeze-vision keep a frozen copy of the model as the reference; "
+        "lora/qlora always can use the base model with the adapters disabled.",
+        group="preference tuning",
     )
     attn_implementation: str = _f(
         "sdpa",
@@ -278,9 +319,10 @@ class TrainConfig:
     )
     packing: bool = _f(
         True,
-        "Padding-free training when --batch-size-per-device > 1: the samples of a forward pass are concatenated into "
-        "one row with attention kept inside each sample (varlen attention), so no compute goes to padding. Exact: "
-        "the same loss and gradients as the padded batch. Evaluation batches stay padded.",
+        "Padding-free training when --batch-size-per-device > 1 (with --objective dpo also at 1: a pair's two "
+        "answers): the samples of a forward pass are concatenated into one row with attention kept inside each "
+        "sample (varlen attention), so no compute goes to padding. Exact: the same loss and gradients as the padded "
+        "batch. Evaluation batches stay padded.",
         group="precision, memory and speed",
     )
     packing_max_tokens: int | None = _f(
@@ -421,6 +463,7 @@ class TrainConfig:
             max_image_pixels=self.max_image_pixels,
             layout=self.layout(),
             skip_bad_samples=self.skip_bad_samples,
+            objective=self.objective,
         )
 
     def layout(self) -> SampleLayout:
@@ -527,6 +570,7 @@ class TrainConfig:
             raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if self.lora_alpha is None and self.method in ("lora", "qlora"):
             self.lora_alpha = self.effective_lora_alpha  # train_config.yaml records the value used
+        self._validate_preference(fsdp_on(self.fsdp))
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ValueError(f"--output-dir {self.output_dir} is a file, not a folder")
         if self.bf16 and self.fp16:
@@ -597,6 +641,32 @@ class TrainConfig:
                 )
         return self
 
+    def _validate_preference(self, fsdp: bool) -> None:
+        """--objective dpo and its --dpo-* settings (which an SFT run refuses rather than ignores)."""
+        # (a saved train_config.yaml given as --config holds every setting: only values off their defaults count)
+        dpo_flags = sorted(
+            n for n in self.given_settings() if n.startswith("dpo_") and getattr(self, n) != FIELDS[n].default
+        )
+        if self.objective != "dpo":
+            if dpo_flags:
+                raise ValueError(f"--{dpo_flags[0].replace('_', '-')} applies to --objective dpo (this run: sft)")
+            return
+        if self.dpo_beta <= 0:
+            raise ValueError(f"--dpo-beta must be > 0, got {self.dpo_beta:g}")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            raise ValueError(f"--dpo-label-smoothing must be in [0, 0.5), got {self.dpo_label_smoothing:g}")
+        if self.dpo_loss == "ipo" and self.dpo_label_smoothing:
+            raise ValueError("--dpo-label-smoothing applies to --dpo-loss sigmoid only (ipo has no label smoothing)")
+        if self.dpo_sft_weight < 0:
+            raise ValueError(f"--dpo-sft-weight must be >= 0, got {self.dpo_sft_weight:g}")
+        frozen_copy = self.method in ("full", "freeze-vision") and not self.dpo_precompute_reference
+        if frozen_copy and (fsdp or zero_stage(self.deepspeed) == 3):
+            raise ValueError(
+                f"--objective dpo with --method {self.method} under {'--fsdp' if fsdp else 'ZeRO-3'} needs "
+                "--dpo-precompute-reference: the reference would otherwise be a frozen copy of the whole model, "
+                "unsharded, on every GPU"
+            )
+
     def check_environment(self) -> None:
         """What the settings need from this machine (files, packages), checked before any data or model loads."""
         if self.method == "qlora":
@@ -647,6 +717,7 @@ class DataSettings:
     max_image_pixels: int | None
     layout: SampleLayout
     skip_bad_samples: bool
+    objective: str = "sft"  # "dpo": the samples are preference pairs
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -778,8 +849,8 @@ def resolve(args: Any) -> TrainConfig:
 
 #: Settings that shape the trained weights: a resumed run takes them from its checkpoint.
 RUN_SHAPING = (
-    "method", "freeze_projector", "lora_rank", "lora_alpha", "lora_dropout", "lora_lm_head", "lora_vision",
-    "lora_variant", "num_crops",
+    "objective", "method", "freeze_projector", "lora_rank", "lora_alpha", "lora_dropout", "lora_lm_head",
+    "lora_vision", "lora_variant", "num_crops",
 )  # fmt: skip
 
 

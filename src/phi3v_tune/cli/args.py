@@ -135,7 +135,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def add_task_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
-        help="A packaged recipe (src/phi3v_tune/recipes: docvqa, hateful_memes, nlvr2, ucf101, demo) whose settings "
+        help="A packaged recipe (src/phi3v_tune/recipes: docvqa, hateful_memes, nlvr2, ucf101, dpo, demo, demo_dpo) "
+        "whose settings "
         "come first: train takes all of them; eval its metric, held-out rows (--eval-holdout), multi-turn layout and "
         "questions, so eval --task T with the training data scores the rows train --task T held out.",
     )

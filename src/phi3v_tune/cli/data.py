@@ -18,6 +18,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels,
         layout=SampleLayout(multi_turn=args.multi_turn, video_frames=args.video_frames),
         answers_required=args.purpose != "predict",
+        # train: what the data holds (preference pairs are checked as for dpo); the others say what they need
+        objective={"train": None, "dpo": "dpo"}.get(args.purpose, "sft"),
     )
     print(report.format())
     return 0 if report.ok else 1
@@ -51,10 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--for",
         dest="purpose",
-        choices=("train", "eval", "predict"),
+        choices=("train", "eval", "predict", "dpo"),
         default="train",
         help="What the data is for: train and eval need every answer; predict accepts samples whose last turn has "
-        "no answer, as predict --data does (default: train).",
+        "no answer, as predict --data does; dpo needs preference pairs (the last turn's 'chosen' and 'rejected' "
+        "answers, non-empty and different), as train --objective dpo does. train checks a data set of preference "
+        "pairs as dpo does (default: train).",
     )
     p.set_defaults(func=cmd_validate)
 

@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from ..config import resolve
-from ..data.synthetic import DEMO_SIZES
-from .args import add_model_source_arguments, add_train_arguments, int_in
+from ..data.synthetic import DEMO_SIZES, DPO_DEMO_SIZES
+from .args import add_model_source_arguments, add_train_arguments, field_option, int_in
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -46,15 +46,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..train.demo import run_demo
+    from ..train.demo import run_demo, run_dpo_demo
 
-    result = run_demo(
-        output_dir=args.output_dir,
-        train_per_task=args.train_per_task,
-        eval_per_task=args.eval_per_task,
-        epochs=args.epochs,
-        seed=args.seed,
-    )
+    if args.objective == "dpo":
+        result = run_dpo_demo(
+            output_dir=args.output_dir or "outputs/demo-dpo",
+            train_pairs=args.train_per_task,
+            eval_pairs=args.eval_per_task,
+            epochs=args.epochs,
+            seed=args.seed,
+        )
+    else:
+        result = run_demo(
+            output_dir=args.output_dir or "outputs/demo",
+            train_per_task=args.train_per_task,
+            eval_per_task=args.eval_per_task,
+            epochs=args.epochs,
+            seed=args.seed,
+        )
     return 0 if result["passed"] or not args.strict else 1
 
 
@@ -106,26 +115,37 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with PNG files, trains a tiny randomly initialised Phi-3-vision on it with the settings of the packaged "
         "recipe 'demo' (phi3v-tune train --task demo) and prints accuracy before and after on a held-out split. "
         "Writes the data, the final checkpoint, demo_metrics.json, predictions.jsonl, loss.png and tensorboard logs "
-        "to --output-dir.",
+        "to --output-dir. --objective dpo: preference tuning instead: the tiny model is trained briefly on the "
+        "colour task, then with DPO on preference pairs of the same task (chosen: the right colour, "
+        "rejected: another one; recipe 'demo_dpo'); prints the held-out reward accuracy and margin and how often the "
+        "greedy answer is the chosen one, before and after.",
     )
-    p.add_argument("--output-dir", default="outputs/demo", help="Where everything goes (default: outputs/demo).")
+    field_option(p, "objective")  # sft: the quick-start demo; dpo: the preference-tuning demo
+    p.add_argument(
+        "--output-dir", help="Where everything goes (default: outputs/demo, or outputs/demo-dpo with --objective dpo)."
+    )
     p.add_argument(
         "--train-per-task",
         type=int_in(1),
-        default=DEMO_SIZES["train_per_task"],
-        help=f"Training samples per task (default: {DEMO_SIZES['train_per_task']}).",
+        default=None,
+        help=f"Training samples per task (default: {DEMO_SIZES['train_per_task']}; dpo: training pairs, "
+        f"{DPO_DEMO_SIZES['train_pairs']}).",
     )
     p.add_argument(
         "--eval-per-task",
         type=int_in(1),
-        default=DEMO_SIZES["eval_per_task"],
-        help=f"Held-out samples per task (default: {DEMO_SIZES['eval_per_task']}).",
+        default=None,
+        help=f"Held-out samples per task (default: {DEMO_SIZES['eval_per_task']}; dpo: held-out pairs, "
+        f"{DPO_DEMO_SIZES['eval_pairs']}).",
     )
     p.add_argument("--epochs", type=float, default=None, help="Training epochs (default: the demo recipe's).")
     p.add_argument(
         "--seed", type=int, default=None, help="Random seed of the data and the model (default: the demo recipe's)."
     )
     p.add_argument(
-        "--strict", action="store_true", help="Exit with code 1 if a task ends below 90%% accuracy (default: exit 0)."
+        "--strict",
+        action="store_true",
+        help="Exit with code 1 if a task ends below 90%% accuracy (dpo: the reward accuracy below 90%%, or the greedy "
+        "answers no closer to the chosen ones) (default: exit 0).",
     )
     p.set_defaults(func=cmd_demo)

@@ -1,5 +1,6 @@
 """Preference pairs -> model inputs: one prompt with its images and two answers (chosen, rejected), built by the SFT
-example builder, and the padded and packed pair collators (batch layout: `model.preference`).
+example builder; planning (lengths, refusals), the pair data set, and the padded and packed pair collators (batch
+layout: `model.preference`).
 
 A pair example holds the prompt's images once (`pixel_values`, `image_sizes`) and two token sequences, each the
 prompt followed by one answer, labelled on that answer only (earlier turns of the conversation are context). Both
@@ -23,10 +24,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from ..model.loss import IGNORE_INDEX
 from ..processing.processor import Phi3VProcessor
 from .collate import Collator
+from .dataset import DataPlan
 from .examples import SampleRefused, build_example, turn_images
 from .layout import DEFAULT_LAYOUT, SampleLayout
 from .packing import PackingCollator, plan_rows
@@ -47,10 +50,25 @@ class PreferenceRecord:
     def id(self) -> str:
         return self.prompt.id
 
+    @classmethod
+    def of(cls, record: Record) -> PreferenceRecord:
+        """The pair a record of preference data holds (its last turn's `chosen` and `rejected`; `Record.is_pair`)."""
+        if not record.is_pair:
+            where = f"{record.origin} id={record.id}" if record.origin else f"id={record.id}"
+            raise ValueError(f"{where}: not a preference pair (the last turn has no 'chosen' and 'rejected')")
+        last = record.turns[-1]
+        return cls(with_last_answer(record, ""), last.chosen, last.rejected)
+
+    def answered(self, name: str = "chosen") -> Record:
+        """The prompt answered by one of the two answers: an SFT record (e.g. to score greedy answers against the
+        chosen one)."""
+        return with_last_answer(self.prompt, getattr(self, name))
+
 
 def with_last_answer(record: Record, answer: str) -> Record:
-    """The record with its last turn answered by `answer`."""
-    return replace(record, turns=[*record.turns[:-1], replace(record.turns[-1], assistant=answer)])
+    """The record with its last turn answered by `answer` (a plain answer: no chosen / rejected left on it)."""
+    last = replace(record.turns[-1], assistant=answer, chosen=None, rejected=None)
+    return replace(record, turns=[*record.turns[:-1], last])
 
 
 def frames_as_images(record: Record, video_frames: int) -> Record:
@@ -108,6 +126,64 @@ def build_pair_example(
         example["pixel_values"] = prompt["pixel_values"]
         example["image_sizes"] = prompt["image_sizes"]
     return example
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def plan_pairs(
+    pairs: list[PreferenceRecord], processor: Phi3VProcessor, layout: SampleLayout = DEFAULT_LAYOUT
+) -> DataPlan:
+    """`data.dataset.plan_records` for pairs: every pair built from image headers (no decoding), its length the
+    tokens of both sequences (what a packed batch holds), truncation and refusals (a pair whose answer is cut away
+    entirely, or whose images alone pass --max-length) listed."""
+    plan = DataPlan()
+    for pair in pairs:
+        try:
+            ex = build_pair_example(pair, processor, layout, load_pixels=False)
+        except SampleRefused as err:
+            plan.refused.append((pair.id, err.reason, str(err)))
+            continue
+        except ValueError as err:
+            plan.refused.append((pair.id, "invalid", str(err)))
+            continue
+        plan.kept.append(pair)
+        plan.lengths.append(sum(int(ex[f"{name}_input_ids"].shape[0]) for name in ANSWERS))
+        plan.num_images += ex["num_images"]
+        if ex["truncated"]:
+            plan.truncated.append(pair.id)
+    return plan
+
+
+class PairDataset(Dataset):
+    """Pair examples of planned pairs (images decoded here, in the data-loader workers); with `reference`
+    ({pair id: (chosen, rejected)} reference log-probabilities, `model.preference.precompute_reference`) every example
+    carries its pair's values, which the collators put in the batch."""
+
+    def __init__(
+        self,
+        pairs: list[PreferenceRecord],
+        processor: Phi3VProcessor,
+        layout: SampleLayout = DEFAULT_LAYOUT,
+        lengths: list[int] | None = None,
+        reference: dict[str, tuple[float, float]] | None = None,
+    ):
+        self.pairs = pairs
+        self.processor = processor
+        self.layout = layout
+        self.lengths = lengths
+        self.reference = reference
+        missing = [p.id for p in pairs if reference is not None and p.id not in reference]
+        if missing:
+            raise ValueError(f"no reference log-probabilities for pair(s) {', '.join(missing[:5])}")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        pair = self.pairs[i]
+        example = build_pair_example(pair, self.processor, self.layout)
+        if self.reference is not None:
+            example["reference_chosen_logps"], example["reference_rejected_logps"] = self.reference[pair.id]
+        return example
 
 
 # ---------------------------------------------------------------------------------------------------------------------

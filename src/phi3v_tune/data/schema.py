@@ -1,5 +1,8 @@
 """The internal training sample (``Record`` of ``Turn``s) and the way data problems are reported.
 
+A preference pair (DPO) is a ``Record`` whose last turn carries two answers, ``chosen`` and ``rejected``, instead of
+``assistant``; its earlier turns are ordinary context (``Record.is_pair``).
+
 Every source (a conversations jsonl, a ``.json`` list, a local or Hub ``datasets`` table) is mapped to ``Record``s.
 Whatever is wrong with the data becomes a ``Problem`` that names the file and line (or dataset row), the sample id,
 the field and what was expected; ``DataError`` carries a list of them.
@@ -37,6 +40,9 @@ class Turn:
     #: Without images the text stands alone (the_cauldron's later questions, as the recipe's NLVR2 script asks them),
     #: instead of following a newline (the recipe's jsonl reader: ``"\n" + user``).
     bare_text: bool = False
+    #: Preference data: the better and the worse answer to this (last) turn; ``assistant`` is then empty.
+    chosen: str | None = None
+    rejected: str | None = None
 
     def image_field(self, j: int) -> str:
         return "image" if self.single_image_key else f"images[{j}]"
@@ -58,6 +64,11 @@ class Record:
     def images(self) -> list[ImageRef]:
         """All images of the conversation in order (the order of their conversation-wide numbers 1..n)."""
         return [image for turn in self.turns for image in turn.images]
+
+    @property
+    def is_pair(self) -> bool:
+        """A preference pair: the last turn has ``chosen`` and ``rejected`` answers (training with DPO)."""
+        return bool(self.turns) and self.turns[-1].chosen is not None and self.turns[-1].rejected is not None
 
 
 @dataclass
@@ -101,7 +112,7 @@ class DataError(ValueError):
         super().__init__(header + ("\n" + format_problems(self.problems) if self.problems else ""))
 
 
-_ORIGIN_POSITION = re.compile(r"^(?P<prefix>.*?)(?::(?P<line>\d+)|\[row (?P<row>\d+)\]|\[(?P<index>\d+)\])$")
+ORIGIN_POSITION = re.compile(r"^(?P<prefix>.*?)(?::(?P<line>\d+)|\[row (?P<row>\d+)\]|\[(?P<index>\d+)\])$")
 
 
 def sort_problems(problems: Iterable[Problem]) -> list[Problem]:
@@ -113,7 +124,7 @@ def sort_problems(problems: Iterable[Problem]) -> list[Problem]:
     source_rank: dict[str, int] = {}
     keys = []
     for i, problem in enumerate(problems):
-        match = _ORIGIN_POSITION.match(problem.origin)
+        match = ORIGIN_POSITION.match(problem.origin)
         if match:
             prefix = match["prefix"]
             position = int(match["line"] or match["row"] or match["index"])

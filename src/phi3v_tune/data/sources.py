@@ -6,14 +6,21 @@ The conversations format (one JSON object per line)::
         {"images": ["a.png", "/abs/b.jpg"], "user": "What differs?", "assistant": "The colour."},
         {"user": "And now?", "assistant": "Nothing."}]}
 
-A turn may name one image with ``"image": "a.png"`` or a video with ``"video": "clip.mp4"``. Relative paths are
+A turn may name one image with ``"image": "a.png"`` or a video with ``"video": "clip.mp4"``. Preference data (DPO):
+the last turn carries ``"chosen"`` and ``"rejected"`` instead of ``"assistant"`` (earlier turns are context)::
+
+    {"id": "p1", "conversations": [{"images": ["a.png"], "user": "What is on the table?",
+                                    "chosen": "A red mug.", "rejected": "A red mug and a laptop."}]}
+ Relative paths are
 looked up in ``image_dir`` when given, else next to the jsonl, then in ``images/`` below it, and must stay inside
 that folder. Readers never raise on bad content: each bad line or row becomes one or more ``Problem``s and reading
 goes on, so that one run reports everything (see ``validate.validate_records`` for the content checks).
 
 ``datasets`` tables (``save_to_disk`` folders, parquet / arrow files, Hub ids) may hold the conversations format, the
 the_cauldron schema (``images: [image]``, ``texts: [{user, assistant, source}]``) or the DocVQA schema (``image``,
-``query: {"en": str}`` or ``question: str``, ``answers: [str]``).
+``query: {"en": str}`` or ``question: str``, ``answers: [str]``); preference pairs in the RLAIF-V schema (``image``,
+``question``, ``chosen``, ``rejected``) or TRL's vision preference schema (``images``, ``prompt``, ``chosen``,
+``rejected``; prompt and answers as strings or chat message lists).
 """
 
 from __future__ import annotations
@@ -28,11 +35,14 @@ from typing import Any
 
 from PIL import Image
 
+from ..processing.geometry import image_tag
 from .schema import DataError, ImageRef, Problem, Record, Turn
 
 PathLike = str | os.PathLike
 
-_TURN_KEYS = ("user", "assistant", "images", "image", "video")
+_TURN_KEYS = ("user", "assistant", "images", "image", "video", "chosen", "rejected")
+#: The two answers of a preference turn (the last turn of a DPO sample), in place of "assistant".
+PAIR_KEYS = ("chosen", "rejected")
 # a record's own fields; other top-level keys are metadata and pass, except media-like ones (images belong to a turn)
 _RECORD_KEYS = ("id", "source", "answers", "conversations")
 _MEDIA_WORDS = ("image", "img", "video", "frame", "picture", "photo")
@@ -237,7 +247,10 @@ def _parse_turn(
     ok = True
     texts: dict[str, str] = {}
     unknown = [k for k in obj if k not in _TURN_KEYS]
-    for key in ("user", "assistant"):
+    pair = any(obj.get(k) is not None for k in PAIR_KEYS)
+    if pair:
+        ok = _parse_pair_answers(obj, where, last, texts, bad)
+    for key in ("user",) if pair else ("user", "assistant"):
         value = obj.get(key)
         if isinstance(value, str):
             texts[key] = value
@@ -259,7 +272,8 @@ def _parse_turn(
             if obj[key] is not None:
                 bad(
                     f"{where}.{key}",
-                    "unknown field (a turn has user, assistant, images or image, video); it would be ignored",
+                    "unknown field (a turn has user, assistant (or chosen and rejected), images or image, video); it "
+                    "would be ignored",
                 )
                 ok = False
 
@@ -301,7 +315,42 @@ def _parse_turn(
         return None
     turn = Turn(user=texts["user"], assistant=texts["assistant"], images=images, video=video)
     turn.single_image_key = one is not None  # the line wrote "image": errors name that key
+    if pair:
+        turn.chosen, turn.rejected = texts["chosen"], texts["rejected"]
     return turn
+
+
+def _parse_pair_answers(obj: dict, where: str, last: bool, texts: dict[str, str], bad: Callable[[str, str], None]):
+    """The `chosen` and `rejected` answers of a preference turn into `texts` ("assistant" is then empty); False after
+    reporting what is wrong through `bad`."""
+    ok = True
+    if not last:
+        bad(
+            f"{where}.chosen",
+            "only the last turn may carry chosen/rejected answers (earlier turns are context: give them 'assistant')",
+        )
+        ok = False
+    if obj.get("assistant") is not None:
+        bad(
+            f"{where}.assistant",
+            "a preference turn has 'chosen' and 'rejected' instead of 'assistant' (expected one or the other)",
+        )
+        ok = False
+    for key in PAIR_KEYS:
+        value = obj.get(key)
+        if isinstance(value, str):
+            texts[key] = value
+            continue
+        ok = False
+        if value is not None:
+            bad(f"{where}.{key}", f"expected a string, got {_type_name(value)}")
+        else:
+            other = PAIR_KEYS[1 - PAIR_KEYS.index(key)]
+            bad(
+                f"{where}.{key}", f"{'is null' if key in obj else 'missing'} (a turn with '{other}' needs both answers)"
+            )
+    texts["assistant"] = ""
+    return ok
 
 
 def _image_value(
@@ -551,6 +600,11 @@ _FILE_SUFFIXES = {".jsonl", ".json", ".parquet", ".arrow"}
 
 
 def _detect_schema(columns: Sequence[str]) -> str | None:
+    if "chosen" in columns and "rejected" in columns:
+        if "prompt" in columns:
+            return "trl_preference"
+        if "question" in columns:
+            return "rlaif_v"
     if "conversations" in columns:
         return "conversations"
     if "texts" in columns:
@@ -572,10 +626,17 @@ def _records_from_dataset(
                 None,
                 "",
                 f"unrecognised columns {columns} (expected the conversations format: id, conversations; "
-                "the_cauldron: images, texts; or DocVQA: image, query (or question), answers)",
+                "the_cauldron: images, texts; DocVQA: image, query (or question), answers; or preference pairs: "
+                "image, question, chosen, rejected (RLAIF-V) or images, prompt, chosen, rejected (TRL))",
             )
         )
-    mapper = {"conversations": _row_conversations, "cauldron": _row_cauldron, "docvqa": _row_docvqa}[schema]
+    mapper = {
+        "conversations": _row_conversations,
+        "cauldron": _row_cauldron,
+        "docvqa": _row_docvqa,
+        "rlaif_v": _row_rlaif_v,
+        "trl_preference": _row_trl_preference,
+    }[schema]
     records: list[Record] = []
     problems: list[Problem] = []
     index = 0
@@ -701,6 +762,179 @@ def _row_docvqa(row: dict, origin: str, default_id: str, resolve: PathResolver, 
     # the recipe's DocVQA prompt, in training and evaluation: "<|image_1|>\n{question}\nAnswer briefly."
     turn = Turn(user=query + DOCVQA_INSTRUCTION, assistant=answers[0], images=images)
     return Record(id=rid, source=source, turns=[turn], origin=origin, answers=list(answers)), []
+
+
+# ------------------------------------------------------------------------------------- preference tables
+
+
+def _answer_text(value: Any, field: str, rid: str, origin: str, problems: list[Problem]) -> str | None:
+    """A preference answer given as a string or as chat messages (one assistant message whose content is a string or
+    a list of text parts), as text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        message = value[0]
+        if message.get("role", "assistant") != "assistant":
+            problems.append(
+                Problem(origin, rid, f"{field}[0].role", f"expected 'assistant', got {message.get('role')!r}")
+            )
+            return None
+        text, images = _content_parts(message.get("content"), f"{field}[0].content", rid, origin, problems)
+        if images:
+            problems.append(Problem(origin, rid, f"{field}[0].content", "an answer cannot hold images"))
+            return None
+        return None if text is None else "".join(text)
+    problems.append(
+        Problem(
+            origin,
+            rid,
+            field,
+            f"expected a string or one assistant message ([{{'role': 'assistant', 'content': ...}}]), got "
+            f"{_type_name(value) if not isinstance(value, list) else f'{len(value)} messages'}",
+        )
+    )
+    return None
+
+
+def _content_parts(
+    content: Any, field: str, rid: str, origin: str, problems: list[Problem]
+) -> tuple[list[str | None] | None, int]:
+    """(the content's pieces in order: text, or None where an image placeholder stands; number of placeholders)."""
+    if isinstance(content, str):
+        return [content], 0
+    if not isinstance(content, list):
+        problems.append(Problem(origin, rid, field, f"expected a string or a list of parts, got {_type_name(content)}"))
+        return None, 0
+    pieces: list[str | None] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            pieces.append(None)
+        elif kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        else:
+            problems.append(
+                Problem(origin, rid, f"{field}[{j}]", "expected {'type': 'text', 'text': str} or {'type': 'image'}")
+            )
+            return None, 0
+    return pieces, sum(1 for p in pieces if p is None)
+
+
+def _prompt_turns(
+    prompt: Any, n_images: int, rid: str, origin: str, problems: list[Problem]
+) -> list[tuple[str, str, int]] | None:
+    """A TRL prompt (a string, or chat messages: user and assistant alternating, ending with the user's question) as
+    (user text, assistant answer, images of the turn) per turn. Image placeholders take the row's images in order;
+    without any, every image belongs to the first turn. Where every placeholder leads its message's text, the builder
+    puts the tags in front, as for the jsonl; otherwise each placeholder becomes its tag at its place (in every turn,
+    numbered across the conversation, as tags written in the data must be)."""
+    if isinstance(prompt, str):
+        return [(prompt, "", n_images)]
+    if not isinstance(prompt, list) or not prompt:
+        problems.append(
+            Problem(
+                origin, rid, "prompt", f"expected a string or a non-empty list of messages, got {_type_name(prompt)}"
+            )
+        )
+        return None
+    users: list[list[str | None]] = []  # each user message's pieces (None: an image placeholder)
+    answers: list[str] = []
+    for i, message in enumerate(prompt):
+        where = f"prompt[{i}]"
+        role = message.get("role") if isinstance(message, dict) else None
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want:
+            hint = " (system messages are not supported)" if role == "system" else ""
+            problems.append(
+                Problem(
+                    origin,
+                    rid,
+                    f"{where}.role",
+                    f"expected {want!r} (user and assistant alternate), got {role!r}{hint}",
+                )
+            )
+            return None
+        pieces, count = _content_parts(message.get("content"), f"{where}.content", rid, origin, problems)
+        if pieces is None:
+            return None
+        if role == "user":
+            users.append(pieces)
+            answers.append("")
+        elif count:
+            problems.append(Problem(origin, rid, f"{where}.content", "an answer cannot hold images"))
+            return None
+        else:
+            answers[-1] = "".join(p for p in pieces if p is not None)
+    if len(prompt) % 2 == 0:
+        problems.append(Problem(origin, rid, "prompt", "expected the last message to be the user's question"))
+        return None
+    counts = [sum(p is None for p in pieces) for pieces in users]
+    if sum(counts) == 0:
+        counts[0] = n_images
+    elif sum(counts) != n_images:
+        problems.append(
+            Problem(origin, rid, "prompt", f"{sum(counts)} image placeholder(s) but the row has {n_images} image(s)")
+        )
+        return None
+
+    def leading(pieces: list[str | None]) -> bool:
+        first_text = next((k for k, p in enumerate(pieces) if p is not None), len(pieces))
+        return all(p is not None for p in pieces[first_text:])
+
+    numbers = iter(range(1, n_images + 1))
+    tagged = not all(leading(pieces) for pieces in users)
+    texts = [
+        "".join(image_tag(next(numbers)) if p is None else p for p in pieces if tagged or p is not None)
+        for pieces in users
+    ]
+    return list(zip(texts, answers, counts))
+
+
+def _pair_record(
+    rid: str, origin: str, turns: list[tuple[str, str, int]], images: list[ImageRef], chosen: str, rejected: str
+) -> Record:
+    out: list[Turn] = []
+    taken = 0
+    for user, answer, count in turns:
+        out.append(Turn(user=user, assistant=answer, images=images[taken : taken + count]))
+        taken += count
+    out[-1].chosen, out[-1].rejected = chosen, rejected
+    return Record(id=rid, source=None, turns=out, origin=origin)
+
+
+def _row_rlaif_v(row: dict, origin: str, default_id: str, resolve: PathResolver, answers_required: bool):
+    """RLAIF-V (`openbmb/RLAIF-V-Dataset`): one image, a question, the chosen and the rejected answer."""
+    rid = _row_id(row, default_id)
+    problems: list[Problem] = []
+    question = row.get("question")
+    if not isinstance(question, str):
+        problems.append(Problem(origin, rid, "question", f"expected a string, got {_type_name(question)}"))
+    answers = {k: row.get(k) for k in PAIR_KEYS}
+    for key, value in answers.items():
+        if not isinstance(value, str):
+            problems.append(Problem(origin, rid, key, f"expected a string, got {_type_name(value)}"))
+    images = [] if row.get("image") is None else _row_images(row["image"], "image", rid, origin, resolve, problems)
+    if problems:
+        return None, problems
+    record = _pair_record(rid, origin, [(question, "", len(images))], images, answers["chosen"], answers["rejected"])
+    if isinstance(row.get("ds_name"), str):
+        record.source = row["ds_name"]
+    return record, []
+
+
+def _row_trl_preference(row: dict, origin: str, default_id: str, resolve: PathResolver, answers_required: bool):
+    """TRL's vision preference schema: `images`, `prompt`, `chosen`, `rejected` (strings or chat messages)."""
+    rid = _row_id(row, default_id)
+    problems: list[Problem] = []
+    raw = row.get("images")
+    if raw is None and row.get("image") is not None:
+        raw = [row["image"]]
+    images = [] if raw is None else _row_images(raw, "images", rid, origin, resolve, problems)
+    turns = _prompt_turns(row.get("prompt"), len(images), rid, origin, problems) if not problems else None
+    answers = [_answer_text(row.get(k), k, rid, origin, problems) for k in PAIR_KEYS]
+    if problems or turns is None:
+        return None, problems
+    return _pair_record(rid, origin, turns, images, answers[0], answers[1]), []
 
 
 # ---------------------------------------------------------------------------------------------- dispatch

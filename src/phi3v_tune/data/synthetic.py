@@ -13,7 +13,8 @@ Everything is deterministic: a record's pixels and answer depend only on ``seed`
 change when more are asked for, and train / eval splits (different ids) never share a record. Answers are balanced:
 every consecutive block of ``len(CLASSES[task])`` records holds each class exactly once, in a seeded random order.
 
-``write_jsonl`` writes records in the project's conversations jsonl format (``data.jsonl`` plus ``images/*.png``).
+``write_jsonl`` writes records in the project's conversations jsonl format (``data.jsonl`` plus ``images/*.png``);
+``preference_pairs`` turns records into preference pairs (chosen: the right answer, rejected: a wrong one).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ TASKS: tuple[str, ...] = ("colour", "shape", "compare", "motion", "video")
 DEMO_TASKS: tuple[str, ...] = ("colour", "compare", "video")
 #: The demo's data: samples per task for training and for the held-out split.
 DEMO_SIZES = {"train_per_task": 100, "eval_per_task": 20}
+#: The preference-tuning demo's data (colour task): training and held-out pairs, and samples of its brief SFT stage.
+DPO_DEMO_SIZES = {"train_pairs": 96, "eval_pairs": 32, "sft_samples": 48}
 
 #: task -> the answer words (lowercase, one word each).
 CLASSES: dict[str, list[str]] = {
@@ -228,6 +231,19 @@ def demo_split(
     return train, evaluation
 
 
+def preference_pairs(records: Sequence[Record], seed: int = 0) -> list[Record]:
+    """Preference pairs of demo records: the chosen answer is the record's (right) answer, the rejected one another
+    answer of its task, drawn from a seeded stream per record id (balanced over the wrong classes on average)."""
+    pairs = []
+    for record in records:
+        turn = record.turns[-1]
+        wrong = [c for c in CLASSES[record.source] if c != turn.assistant]
+        rejected = random.Random(f"phi3v-demo-rejected:{seed}:{record.id}").choice(wrong)
+        last = Turn(user=turn.user, assistant="", images=turn.images, chosen=turn.assistant, rejected=rejected)
+        pairs.append(Record(id=record.id, source=record.source, turns=[*record.turns[:-1], last], origin=record.origin))
+    return pairs
+
+
 # ------------------------------------------------------------------------------------------------ writing
 
 
@@ -270,7 +286,10 @@ def write_jsonl(records: Sequence[Record], folder: str | os.PathLike) -> Path:
                 if turn.video is not None:
                     entry["video"] = str(turn.video)
                 entry["user"] = turn.user
-                entry["assistant"] = turn.assistant
+                if turn.chosen is not None:  # a preference pair's last turn
+                    entry["chosen"], entry["rejected"] = turn.chosen, turn.rejected
+                else:
+                    entry["assistant"] = turn.assistant
                 conversations.append(entry)
             obj: dict = {"id": record.id}
             if record.source is not None:

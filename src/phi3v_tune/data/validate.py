@@ -1,4 +1,5 @@
-"""Content checks on ``Record``s: empty answers, duplicate ids, missing or unreadable images, image tag mismatches.
+"""Content checks on ``Record``s: empty answers, duplicate ids, missing or unreadable images, image tag mismatches,
+and for preference pairs (DPO) both answers present, non-empty and different.
 
 ``validate_records`` adds these problems to those found while reading; ``validate_path`` reads and checks a whole
 source and returns a ``ValidationReport`` that prints as a summary followed by every problem.
@@ -21,12 +22,51 @@ from tqdm.auto import tqdm
 from ..processing.geometry import IMAGE_TAG, image_tag
 from ..processing.image import allow_pixels
 from .layout import DEFAULT_LAYOUT, SampleLayout
-from .schema import DataError, ImageRef, Problem, Record, format_problems, sort_problems
+from .schema import ORIGIN_POSITION, DataError, ImageRef, Problem, Record, format_problems, sort_problems
 from .sources import PathLike, load_records
 from .video import DEFAULT_VIDEO_FRAMES, count_frames
 
 #: Show a progress bar when more images than this are checked.
 PROGRESS_MIN_IMAGES = 200
+#: What the samples train: supervised answers, or preference pairs (the last turn's chosen and rejected answers).
+OBJECTIVES = ("sft", "dpo")
+
+
+def objective_of(records: Sequence[Record]) -> str:
+    """The objective a data set is for: "dpo" when it holds preference pairs, else "sft"."""
+    return "dpo" if any(r.is_pair for r in records) else "sft"
+
+
+def source_of(origin: str) -> str:
+    """The file or table of a sample's origin (``file.jsonl:LINE`` -> ``file.jsonl``)."""
+    match = ORIGIN_POSITION.match(origin)
+    return match["prefix"] if match else origin
+
+
+def objective_problems(records: Sequence[Record], objective: str) -> list[Problem]:
+    """One problem per source whose samples are all of the other kind (preference pairs in an SFT run, conversations
+    with answers in a DPO run), saying what to pass; sources that mix both are left to `validate_records`, which
+    names each sample."""
+    kinds: dict[str, set[bool]] = {}
+    for record in records:
+        kinds.setdefault(source_of(record.origin), set()).add(record.is_pair)
+    problems = []
+    for source, seen in kinds.items():
+        if objective == "sft" and seen == {True}:
+            problems.append(Problem(source, None, "", PAIRS_IN_SFT))
+        elif objective == "dpo" and seen == {False}:
+            problems.append(Problem(source, None, "", ANSWERS_IN_DPO))
+    return problems
+
+
+PAIRS_IN_SFT = (
+    "preference pairs (the last turn has 'chosen' and 'rejected'), but this is supervised training: train on them "
+    "with --objective dpo (validate: --for dpo)"
+)
+ANSWERS_IN_DPO = (
+    "conversations with 'assistant' answers, but --objective dpo trains on preference pairs: give the last turn "
+    "'chosen' and 'rejected' answers instead of 'assistant', or train with --objective sft"
+)
 
 
 def validate_records(
@@ -38,6 +78,7 @@ def validate_records(
     layout: SampleLayout = DEFAULT_LAYOUT,
     answers_required: bool = True,
     decode_videos: bool = False,
+    objective: str = "sft",
 ) -> list[Problem]:
     """Return ``problems`` plus the content problems of ``records``, in file / row order.
 
@@ -49,8 +90,11 @@ def validate_records(
     ``video_frames`` frames are sampled from each video (they count as its turn's images, after the turn's own).
     ``answers_required=False`` (questions to predict answers for) lets answers be empty. ``decode_videos`` also
     decodes every video (what `phi3v-tune validate` does; training leaves it to planning, which decodes each video
-    once anyway).
+    once anyway). ``objective="dpo"``: every sample must be a preference pair whose chosen and rejected answers are
+    non-empty and differ (earlier turns' answers are checked as for SFT); with "sft" a pair is a problem.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     found: list[Problem] = list(problems)
     first_origin: dict[str, str] = {}
     for record in records:
@@ -65,8 +109,10 @@ def validate_records(
             )
         else:
             first_origin[record.id] = record.origin
+        found.extend(_pair_problems(record, objective))
         for i, turn in enumerate(record.turns):
-            if answers_required and not turn.assistant.strip():
+            # (a preference turn's answers are chosen and rejected, checked above)
+            if answers_required and turn.chosen is None and not turn.assistant.strip():
                 found.append(
                     Problem(
                         record.origin,
@@ -88,6 +134,42 @@ def validate_records(
     if check_images:
         found.extend(check_media(records, max_image_pixels, num_workers, decode_videos))
     return sort_problems(found)
+
+
+def _pair_problems(record: Record, objective: str) -> list[Problem]:
+    """A preference pair in an SFT run, a sample without one in a DPO run, or a pair whose answers are empty or the
+    same."""
+    last = f"conversations[{len(record.turns) - 1}]"
+    if not record.is_pair:
+        if objective == "dpo":
+            return [
+                Problem(
+                    record.origin,
+                    record.id,
+                    f"{last}.assistant",
+                    "not a preference pair (expected 'chosen' and 'rejected' answers in the last turn instead of "
+                    "'assistant')",
+                )
+            ]
+        return []
+    if objective == "sft":
+        return [Problem(record.origin, record.id, f"{last}.chosen", PAIRS_IN_SFT)]
+    turn = record.turns[-1]
+    found = [
+        Problem(record.origin, record.id, f"{last}.{name}", "empty answer (expected non-empty text)")
+        for name, text in (("chosen", turn.chosen), ("rejected", turn.rejected))
+        if not (text or "").strip()
+    ]
+    if not found and turn.chosen.strip() == turn.rejected.strip():
+        found.append(
+            Problem(
+                record.origin,
+                record.id,
+                f"{last}.rejected",
+                "the same text as 'chosen' (expected two different answers: there is nothing to prefer)",
+            )
+        )
+    return found
 
 
 def check_image_tags(record: Record, per_turn: bool = False, video_frames: int = DEFAULT_VIDEO_FRAMES) -> list[Problem]:
@@ -261,6 +343,7 @@ class ValidationReport:
     problems: list[Problem]
     num_videos: int = 0
     records: list[Record] = field(default_factory=list, repr=False)
+    num_pairs: int = 0  # preference pairs among the records
 
     @property
     def ok(self) -> bool:
@@ -269,6 +352,8 @@ class ValidationReport:
     def format(self, max_problems: int | None = None) -> str:
         """A human-readable summary: the counts, then every problem (or the first ``max_problems``)."""
         counts = f"{self.num_records} records, {self.num_turns} turns, {self.num_images} images"
+        if self.num_pairs:
+            counts = f"{self.num_pairs} preference pairs, " + counts
         if self.num_videos:
             counts += f", {self.num_videos} videos"
         lines = [f"{self.data}: {counts}"]
@@ -293,11 +378,13 @@ def validate_path(
     max_image_pixels: int | None = None,
     layout: SampleLayout = DEFAULT_LAYOUT,
     answers_required: bool = True,
+    objective: str | None = "sft",
     **load_kwargs,
 ) -> ValidationReport:
     """Read ``data`` with ``load_records`` and check everything; a source that cannot be read at all is reported
     as a problem of the report rather than raised. ``answers_required=False``: data for prediction, where the last
-    turn of a sample may leave its answer out (what ``predict --data`` accepts)."""
+    turn of a sample may leave its answer out (what ``predict --data`` accepts). ``objective``: "sft", "dpo"
+    (preference pairs), or None to check the data as what it holds (`objective_of`)."""
     label = ", ".join(str(d) for d in data) if isinstance(data, (list, tuple)) else str(data)
     try:
         records, problems = load_records(
@@ -305,6 +392,7 @@ def validate_path(
         )
     except DataError as e:
         return ValidationReport(label, 0, 0, 0, list(e.problems))
+    objective = objective or objective_of(records)
     problems = validate_records(
         records,
         problems,
@@ -313,6 +401,7 @@ def validate_path(
         layout=layout,
         answers_required=answers_required,
         decode_videos=check_images,
+        objective=objective,
     )
     if not records and not problems:  # training would stop on it: say so here too
         problems = [Problem(label, None, "", "no samples found (expected at least one conversation)")]
@@ -324,4 +413,5 @@ def validate_path(
         problems=problems,
         num_videos=sum(1 for r in records for t in r.turns if t.video),
         records=records,
+        num_pairs=sum(1 for r in records if r.is_pair),
     )

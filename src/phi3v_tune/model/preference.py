@@ -25,8 +25,8 @@ Loss definitions. For an answer y to prompt x, log π(y|x) is the SUM over its l
   mean negative log-likelihood per answer token.
 
 The step's loss is the mean of the per-pair losses over the pairs of the batch, or their sum divided by `num_pairs`
-when the caller counts the pairs of a whole accumulated step. Reward accuracy is the share of pairs with r_w > r_l;
-the reward margin is r_w - r_l.
+when the caller counts the pairs of a whole accumulated step. Reward accuracy is the share of pairs with r_w > r_l,
+a tie counting half (before the first update every pair is a tie: 50%, chance); the reward margin is r_w - r_l.
 
 Reference. For LoRA / QLoRA the reference is the policy model with its adapters disabled (PEFT's `disable_adapter()`;
 no second copy); for full / freeze-vision training a frozen copy (`frozen_copy`) or log-probabilities computed before
@@ -263,6 +263,12 @@ def precompute_reference(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Per pair 1 where the chosen answer's reward is higher, 0 where lower, 1/2 for a tie: an undecided model scores
+    chance (before the first update the policy is the reference, so every reward is 0 and every pair a tie)."""
+    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+
+
 @dataclass
 class PreferenceStep:
     """One preference batch through policy and reference: the loss to backpropagate and per-pair values for metrics
@@ -283,7 +289,7 @@ class PreferenceStep:
             "rewards/chosen": self.chosen_rewards,
             "rewards/rejected": self.rejected_rewards,
             "rewards/margins": self.chosen_rewards - self.rejected_rewards,
-            "rewards/accuracies": (self.chosen_rewards > self.rejected_rewards).float(),
+            "rewards/accuracies": reward_accuracy(self.chosen_rewards, self.rejected_rewards),
             "logps/chosen": self.policy_chosen,
             "logps/rejected": self.policy_rejected,
             "ref_logps/chosen": self.reference_chosen,

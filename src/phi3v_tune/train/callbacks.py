@@ -26,7 +26,8 @@ from .trainer import SampleLedger, fault_injection
 
 
 class ProgressBar(TrainerCallback):
-    """One bar over optimizer steps: loss, learning rate, samples/s, tokens/s, and tqdm's ETA."""
+    """One bar over optimizer steps: loss, learning rate, samples/s, tokens/s, and tqdm's ETA (preference tuning: the
+    reward margin and accuracy too)."""
 
     def __init__(self, disable: bool = False):
         self.disable = disable
@@ -50,6 +51,9 @@ class ProgressBar(TrainerCallback):
             ("eval_loss", "eval_loss", "{:.4f}"),
             ("eval_anls", "anls", "{:.4f}"),
             ("eval_accuracy", "accuracy", "{:.4f}"),
+            ("rewards/margins", "margin", "{:.3f}"),  # preference tuning
+            ("rewards/accuracies", "reward_acc", "{:.2f}"),
+            ("eval_rewards/accuracies", "eval_reward_acc", "{:.2f}"),
             ("learning_rate", "lr", "{:.2e}"),
             ("train_samples_per_second", "samples/s", "{:.2f}"),
             ("train_tokens_per_second", "tok/s", "{:.0f}"),

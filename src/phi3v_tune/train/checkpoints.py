@@ -132,7 +132,7 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 RUN_FILES = (
     "final", "best", "best.tmp", "best.old", "eval_predictions", "runs", "metrics.json",
     "eval_metrics.jsonl", "epoch_reports.jsonl", "loss.png", "train_config.yaml", "skipped_samples.tsv",
-    "refused_samples.tsv", "refused_eval_samples.tsv",
+    "refused_samples.tsv", "refused_eval_samples.tsv", "reference_logps.json",
 )  # fmt: skip
 
 

@@ -3,6 +3,8 @@
 Every problem of the training data is reported before the model loads (or, with --skip-bad-samples, the bad samples
 are listed in a file and left out); evaluation data follows the same rule; samples too long for --max-length are
 refused with a list. What remains is counted (`LoadedData`) so each epoch can account for every input sample.
+With --objective dpo the samples are preference pairs (`data.preference`): read and checked the same way, then
+planned, built and batched as pairs.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from ..data import DataError, load_records, validate_records
 from ..data.collate import Collator
 from ..data.dataset import ConversationDataset, DataPlan, plan_records, write_refused
 from ..data.packing import PackingCollator
+from ..data.preference import PackedPairCollator, PairCollator, PairDataset, PreferenceRecord, plan_pairs
 from ..data.schema import Problem, Record
+from ..data.validate import objective_problems
 from ..processing.processor import Phi3VProcessor
 
 
 @dataclass
 class LoadedData:
-    train: list[Record]
-    eval: list[Record]
+    train: list[Record] | list[PreferenceRecord]
+    eval: list[Record] | list[PreferenceRecord]
     train_plan: DataPlan
     eval_plan: DataPlan | None
     input_total: int = 0  # every non-blank input line / row, good or bad
@@ -37,12 +41,23 @@ def _longer(plan: DataPlan) -> str:
 def _read_checked(settings: DataSettings, data: str | list[str], split: str) -> tuple[list[Record], list[Problem]]:
     """Records of `data` and every problem of them, read and checked with the run's settings."""
     records, problems = load_records(data, image_dir=settings.image_dir, split=split)
+    wrong_kind = objective_problems(records, settings.objective)
+    if wrong_kind:  # a whole file of the other kind: one clear message per file, not one per sample
+        raise DataError(wrong_kind, header=f"the data does not fit --objective {settings.objective}:")
     return records, validate_records(
         records,
         problems,
         max_image_pixels=settings.max_image_pixels,
         layout=settings.layout,
+        objective=settings.objective,
     )
+
+
+def _plan(records: list[Record], processor: Phi3VProcessor, settings: DataSettings, progress: bool) -> DataPlan:
+    """Lengths, truncation and refusals of the samples (or, with --objective dpo, the preference pairs)."""
+    if settings.objective == "dpo":
+        return plan_pairs([PreferenceRecord.of(r) for r in records], processor, settings.layout)
+    return plan_records(records, processor, settings.layout, progress=progress)
 
 
 def read_data(
@@ -89,8 +104,9 @@ def read_data(
                 f"{len(records)} (e.g. --eval-holdout {max(1, len(records) // 10)}), or --eval-data",
             )
         eval_records, records = records[: settings.eval_holdout], records[settings.eval_holdout :]
-    plan = plan_records(records, processor, settings.layout, progress=is_main)
-    say(plan.summary("training data"))
+    plan = _plan(records, processor, settings, progress=is_main)
+    what = " (preference pairs)" if settings.objective == "dpo" else ""
+    say(plan.summary(f"training data{what}"))
     if plan.refused:
         path = output_dir / "refused_samples.tsv"
         if is_main:
@@ -103,8 +119,8 @@ def read_data(
             )
     eval_plan = None
     if eval_records:
-        eval_plan = plan_records(eval_records, processor, settings.layout, progress=False)
-        say(eval_plan.summary("evaluation data"))
+        eval_plan = _plan(eval_records, processor, settings, progress=False)
+        say(eval_plan.summary(f"evaluation data{what}"))
         if eval_plan.refused:  # same rule as training: a metric over fewer samples than given is not silent
             path = output_dir / "refused_eval_samples.tsv"
             if is_main:
@@ -122,20 +138,28 @@ def read_data(
 
 def datasets(
     data: LoadedData, processor: Phi3VProcessor, settings: DataSettings
-) -> tuple[ConversationDataset, ConversationDataset | None]:
-    """(training dataset, evaluation dataset or None) over the planned records."""
+) -> tuple[ConversationDataset, ConversationDataset | None] | tuple[PairDataset, PairDataset | None]:
+    """(training dataset, evaluation dataset or None) over the planned records (or pairs)."""
+    if settings.objective == "dpo":
+        train = PairDataset(data.train, processor, settings.layout, data.train_plan.lengths)
+        return train, PairDataset(data.eval, processor, settings.layout) if data.eval else None
     train = ConversationDataset(data.train, processor, settings.layout, data.train_plan.lengths)
     evaluation = ConversationDataset(data.eval, processor, settings.layout) if data.eval else None
     return train, evaluation
 
 
 def collators(
-    pad_token_id: int, packing: bool, packing_max_tokens: int | None, rope_switch: int | None
-) -> tuple[Collator | PackingCollator, Collator]:
+    pad_token_id: int, packing: bool, packing_max_tokens: int | None, rope_switch: int | None, pairs: bool = False
+) -> tuple[Collator | PackingCollator, Collator] | tuple[PairCollator | PackedPairCollator, PairCollator]:
     """(training collator, evaluation collator): packed rows for training when packing is on, padded evaluation.
 
     `rope_switch`: the length past which a sample takes su-RoPE's long factors (the model's
-    `original_max_position_embeddings` under longrope; None without), which packed rows decide per sample."""
+    `original_max_position_embeddings` under longrope; None without), which packed rows decide per sample. `pairs`:
+    preference pairs (both answers of a pair in one batch, its images once)."""
+    if pairs:
+        if not packing:
+            return PairCollator(pad_token_id, omit_full_mask=True), PairCollator(pad_token_id)
+        return PackedPairCollator(pad_token_id, packing_max_tokens, rope_switch), PairCollator(pad_token_id)
     padded = Collator(pad_token_id)
     if not packing:
         return Collator(pad_token_id, omit_full_mask=True), padded

@@ -49,6 +49,13 @@ from .gc_control import collector_restored
 from .inputs import LoadedData, collators, datasets, read_data
 from .model_setup import Checkpointing, load_model, prepare_model
 from .plots import plot_losses
+from .preference import (
+    REFERENCE_FILE,
+    PreferenceSettings,
+    PreferenceTrainer,
+    frozen_reference,
+    run_preference_metrics,
+)
 from .runtime import Runtime
 from .strategies import LoraSettings
 from .trainer import Phi3VTrainer, Phi3VTrainingArguments
@@ -130,8 +137,11 @@ class TrainingRun:
         if is_main_process():
             cfg.save(self.out / SETTINGS_FILE)
 
+        loaded = load_model(self.base, runtime, cfg.method)
+        dpo = cfg.objective == "dpo"
+        reference = frozen_reference(loaded, cfg.method, cfg.dpo_precompute_reference, runtime.compile) if dpo else None
         model = prepare_model(
-            load_model(self.base, runtime, cfg.method),
+            loaded,
             runtime,
             cfg.method,
             freeze_projector=cfg.freeze_projector,
@@ -140,7 +150,9 @@ class TrainingRun:
             compile_fall_back=cfg.compile is None,
             say=say,
         )
-        self.trainer = trainer = build_trainer(cfg, runtime, self.data, self.processor, model, self.out)
+        self.trainer = trainer = build_trainer(cfg, runtime, self.data, self.processor, model, self.out, reference)
+        if dpo and cfg.dpo_precompute_reference:
+            trainer.use_stored_reference(self.out / REFERENCE_FILE, resumed=self.resume_from is not None, say=say)
         if cfg.stop_at_step:
             trainer.add_callback(StopAtStep(cfg.stop_at_step))
         trainer.add_callback(LogFinalStep())  # after StopAtStep: it reads the stop that one sets
@@ -152,7 +164,8 @@ class TrainingRun:
             trainer.add_callback(FaultInjection())
         self.task_metric = None
         if cfg.metric and self.data.eval:
-            records = split_questions(self.data.eval, cfg.layout(), cfg.eval_questions)
+            evaluated = [p.answered() for p in self.data.eval] if dpo else self.data.eval  # pairs: vs the chosen
+            records = split_questions(evaluated, cfg.layout(), cfg.eval_questions)
             self.task_metric = TaskMetricCallback(
                 self.processor,
                 records,
@@ -294,6 +307,15 @@ def ensure_base_model(
                 raise TimeoutError(f"{folder}: rank 0 did not write the tiny base model")
             time.sleep(0.2)
     return str(folder)
+
+
+def preference_settings(cfg: TrainConfig) -> PreferenceSettings:
+    return PreferenceSettings(
+        beta=cfg.dpo_beta,
+        loss_type=cfg.dpo_loss,
+        label_smoothing=cfg.dpo_label_smoothing,
+        sft_weight=cfg.dpo_sft_weight,
+    )
 
 
 def lora_settings(cfg: TrainConfig) -> LoraSettings:
@@ -461,8 +483,10 @@ def build_trainer(
     processor: Phi3VProcessor,
     model: torch.nn.Module,
     output_dir: Path,
+    reference: torch.nn.Module | None = None,
 ) -> Phi3VTrainer:
-    """Datasets, collators and our Trainer with its progress bar and garbage-collection schedule."""
+    """Datasets, collators and our Trainer with its progress bar and garbage-collection schedule (--objective dpo:
+    the preference Trainer, with `reference` as its reference model when it keeps one in memory)."""
     select_sdpa_backend(runtime.on_cuda, cfg.sdpa_backend)
     settings = cfg.data_settings()
     train_ds, eval_ds = datasets(data, processor, settings)
@@ -472,8 +496,13 @@ def build_trainer(
         runtime.packing,
         cfg.packing_max_tokens,
         getattr(config, "rope_switch_length", None),
+        pairs=cfg.objective == "dpo",
     )
-    trainer = Phi3VTrainer(
+    trainer_class, objective = Phi3VTrainer, {}
+    if cfg.objective == "dpo":
+        trainer_class = PreferenceTrainer
+        objective = {"preference": preference_settings(cfg), "reference_model": reference}
+    trainer = trainer_class(
         model=model,
         args=training_arguments(cfg, runtime),
         train_dataset=train_ds,
@@ -481,6 +510,7 @@ def build_trainer(
         data_collator=train_collator,
         eval_data_collator=eval_collator,
         processing_class=processor,
+        **objective,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar(disable=not cfg.progress))
@@ -504,6 +534,7 @@ def run_summary(metrics: dict[str, Any], metric: str | None, out: Path, model: s
     for when in ("eval_before", "eval_after"):
         if when in metrics and "eval_loss" in metrics[when]:
             lines.append(f"  eval loss {when.removeprefix('eval_')}: {metrics[when]['eval_loss']:.4f}")
+    lines += run_preference_metrics(metrics)
     for entry in metrics.get("task_metric", []):
         if entry.get("when") in ("before", "after"):
             lines.append(f"  {metric} {entry['when']} (step {entry['step']}): {entry[f'eval_{metric}']:.4f}")

@@ -53,7 +53,8 @@ class Runtime:
             compiled = False
         else:  # qlora pays for compile only with activation checkpointing (benchmarks/RESULTS.md)
             compiled = cfg.method != "qlora" or cfg.gradient_checkpointing
-        packing = cfg.packing and cfg.batch_size_per_device > 1  # one sample per pass: nothing to pack
+        # one sample per pass: nothing to pack; a preference pair is two sequences (chosen, rejected) that pack
+        packing = cfg.packing and (cfg.batch_size_per_device > 1 or cfg.objective == "dpo")
         attention = PACKED_ATTENTION if packing and cfg.attn_implementation == "sdpa" else cfg.attn_implementation
         world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
         return cls(

@@ -287,15 +287,18 @@ class Phi3VTrainer(Trainer):
         if model.training:
             self._tokens += int(num_tokens) if num_tokens is not None else int(inputs["attention_mask"].sum())
             self._samples += len(ids) if ids is not None else int(inputs["input_ids"].shape[0])
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
+        result = self.batch_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if model.training:
             loss = result[0] if isinstance(result, tuple) else result
             if not self._finite_on_every_rank(loss):
                 loss = self._nonfinite(model, loss)
                 result = (loss, *result[1:]) if isinstance(result, tuple) else loss
         return result
+
+    def batch_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The objective on one batch (the Trainer's: the model's own loss); `compute_loss` does the bookkeeping
+        around it (sample ids, token counts, non-finite losses). `train.preference` computes DPO here."""
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     @staticmethod
     def _finite_on_every_rank(loss: torch.Tensor) -> bool:
