@@ -255,3 +255,53 @@ def test_emulated_float8_lora_step_reaches_the_adapters(tiny_tokenizer):
         assert grads8[name] is not None and torch.isfinite(grads8[name]).all(), name
         errors[name] = float((grads8[name].float() - grads[name].float()).norm() / grads[name].float().norm())
     assert 0.01 < max(errors.values()) < 0.15, errors  # float8 rounding in the bases' matmuls, nothing worse
+
+
+# -- the quality gate's script (benchmarks/fp8_quality.py) -------------------------------------------------------------
+def _quality_script():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fp8_quality.py"
+    spec = importlib.util.spec_from_file_location("fp8_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_gate_compares_every_step_after_warm_up():
+    script = _quality_script()
+
+    def run(losses, accuracy):
+        return {"losses": [{"step": i + 1, "loss": v} for i, v in enumerate(losses)], "accuracy": accuracy}
+
+    reference = run([10.0, 5.0, 2.0, 1.0, 0.5], 0.95)
+    # step 1 (warm-up) is far off and not gated; step 4 is 1.5% off, within the gate
+    close = script.compare(reference, run([12.0, 5.05, 1.99, 1.015, 0.5], 0.94), warmup=1)
+    assert close["steps_compared"] == 4 and close["loss_gate"] and close["accuracy_gate"]
+    assert close["max_rel_loss_diff"] == pytest.approx(0.015) and close["max_rel_loss_diff_step"] == 4
+    assert close["accuracy_diff"] == pytest.approx(-0.01)
+    far = script.compare(reference, run([10.0, 5.0, 2.0, 1.0, 0.53], 0.90), warmup=1)
+    assert not far["loss_gate"] and far["steps_over_gate"] == [5] and far["max_rel_loss_diff"] == pytest.approx(0.06)
+    assert not far["accuracy_gate"]  # 5 points
+    assert far["losses_at_max"] == {"reference": 0.5, "run": 0.53}
+    with pytest.raises(ValueError, match="no logged step after the 5 warm-up steps"):
+        script.compare(reference, reference, warmup=5)
+
+
+def test_quality_script_runs_on_the_cpu(tmp_path):
+    """--tiny: the whole script on a tiny model (no fp8 on the CPU: the reference twice, which must agree exactly)."""
+    import json
+
+    script = _quality_script()
+    out = tmp_path / "quality.json"
+    report = script.main(["--tiny", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert list(report["runs"]) == ["bf16", "repeat"] and report["card"] == "CPU"
+    for run in report["runs"].values():
+        assert [e["step"] for e in run["losses"]] == [1, 2, 3] and run["fp8"] is None
+        assert 0.0 <= run["accuracy"] <= 1.0
+    verdict = report["comparisons"]["repeat"]
+    assert verdict["steps_compared"] == 2 and verdict["max_rel_loss_diff"] == 0.0 and verdict["accuracy_diff"] == 0.0
+    assert verdict["loss_gate"] and verdict["accuracy_gate"]
+    with pytest.raises(SystemExit):  # the CPU cannot run --fp8
+        script.parse_args(["--tiny", "--runs", "bf16,tensorwise"])
