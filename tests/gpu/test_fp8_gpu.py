@@ -29,19 +29,23 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
-def test_float8_full_step_agrees_with_bf16_at_odd_token_counts(tiny_tokenizer, scaling):
+@pytest.mark.parametrize("scaling, master", [("tensorwise", "bf16-sr"), ("rowwise", "bf16-sr"), ("tensorwise", "fp32")])
+def test_float8_full_step_agrees_with_bf16_at_odd_token_counts(tiny_tokenizer, scaling, master):
+    """bf16 weights without autocast (bf16-sr master weights) or fp32 weights under bf16 autocast (fp32 master
+    weights): every trained weight gets a gradient of its own dtype, within float8 rounding of the bf16 run's."""
     from phi3v_tune.model.tiny import tiny_model
     from phi3v_tune.train.fp8 import convert_to_fp8
     from phi3v_tune.train.strategies import apply_strategy
 
     ids = _ids(tiny_tokenizer, 37)  # the weight gradient's inner dimension: 37 tokens, padded to 48 by the layers
+    dtype = torch.bfloat16 if master == "bf16-sr" else torch.float32
 
     def step(fp8: bool):
-        model = apply_strategy(tiny_model(tiny_tokenizer, seed=2).to("cuda", torch.bfloat16).train(), "full")
+        model = apply_strategy(tiny_model(tiny_tokenizer, seed=2).to("cuda", dtype).train(), "full")
         if fp8:
             assert len(convert_to_fp8(model, scaling)) == 8
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=master == "fp32"):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         return float(loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -49,6 +53,7 @@ def test_float8_full_step_agrees_with_bf16_at_odd_token_counts(tiny_tokenizer, s
     loss8, grads8 = step(True)
     assert abs(loss8 - loss) < 1e-2 * loss
     assert grads8.keys() == grads.keys()
+    assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads8.values())
     errors = {n: _rel(grads8[n], grads[n]) for n in grads}
     assert max(errors.values()) < 0.2, errors
     assert errors["model.layers.0.mlp.gate_up_proj.weight"] > 1e-3  # float8 products, not bf16 ones
