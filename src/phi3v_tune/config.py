@@ -27,6 +27,7 @@ from .processing.hub import check_model_path, is_hub_id
 
 METHODS = ("full", "freeze-vision", "lora", "qlora")
 MASTER_WEIGHTS = ("auto", "fp32", "bf16-sr")
+FP8_SCALINGS = ("tensorwise", "rowwise")
 LORA_VARIANTS = ("lora", "dora", "rslora")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 OBJECTIVES = ("sft", "dpo")
@@ -253,6 +254,24 @@ class TrainConfig:
         "8 bytes/parameter, small updates are not lost, no autocast; bf16 only, not with --deepspeed or --fsdp). "
         "auto: bf16-sr on a CUDA GPU with bf16 without DeepSpeed or FSDP2, else fp32.",
         choices=MASTER_WEIGHTS,
+        group="precision, memory and speed",
+    )
+    fp8: bool = _f(
+        False,
+        "Float8 matmuls (torchao's float8 training, scales computed from each tensor at every step) in the language "
+        "model's linear layers: the decoder's qkv_proj, o_proj, gate_up_proj and down_proj, trained (full, "
+        "freeze-vision) or the frozen base under the adapters (lora: the adapters stay bf16). lm_head, the vision "
+        "tower and the projector keep bf16, and weights, optimizer and saved models keep their precision. Needs a "
+        "CUDA GPU with float8 (compute capability 8.9 or later: Ada, Hopper, Blackwell) and torchao (pip install "
+        "'phi3v-tune[fp8]'); not with qlora, --fp16, --deepspeed or --fsdp. Fastest with --compile (the default).",
+        group="precision, memory and speed",
+    )
+    fp8_scaling: str = _f(
+        "tensorwise",
+        "With --fp8: one scale per tensor (tensorwise: cuBLAS's float8 matmul, the fastest) or one per row "
+        "(rowwise: power-of-two scales and float8 e4m3 gradients, more accurate where a few rows hold much larger "
+        "values than the rest, slower).",
+        choices=FP8_SCALINGS,
         group="precision, memory and speed",
     )
     # -- optimisation ------------------------------------------------------------------------------------------------
@@ -626,6 +645,20 @@ class TrainConfig:
             )
         if self.video_frames < 1:
             raise ValueError(f"--video-frames must be >= 1, got {self.video_frames}")
+        if self.fp8:
+            deepspeed = bool(self.deepspeed) or zero_stage(None) is not None  # or accelerate launch's DeepSpeed
+            why = {
+                "--cpu (float8 matmuls run on a CUDA GPU)": self.cpu,
+                "--fp16 (float8 training computes in bf16)": self.fp16,
+                "--method qlora (its weights are 4-bit: nothing to multiply in float8)": self.method == "qlora",
+                "--deepspeed (its engine is not set up for float8 layers)": deepspeed,
+                "--fsdp (float8 layers are not sharded by this tool yet)": fsdp,
+            }
+            refused = [name for name, broken in why.items() if broken]
+            if refused:
+                raise ValueError("--fp8 cannot be combined with " + "; ".join(refused))
+        elif self.fp8_scaling != "tensorwise":
+            raise ValueError(f"--fp8-scaling {self.fp8_scaling} needs --fp8")
         if self.master_weights == "bf16-sr":
             if self.fp16:
                 raise ValueError("--master-weights bf16-sr trains in bf16; it cannot be combined with --fp16")

@@ -1,5 +1,5 @@
-"""The model a run trains: loaded in the run's dtype, the strategy applied (what trains), then activation
-checkpointing and regional compilation where the run asks for them."""
+"""The model a run trains: loaded in the run's dtype, the strategy applied (what trains), then float8 linear layers,
+activation checkpointing and regional compilation where the run asks for them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 
 from ..model.modeling import Phi3VForCausalLM
 from .compile import compile_layers
+from .fp8 import float8_layers
 from .runtime import Runtime
 from .strategies import LoraSettings, apply_strategy, checkpoint_only, count_parameters, qlora_quantization_config
 
@@ -57,6 +58,7 @@ def prepare_model(
     )
     weights = f", {runtime.master_weights} master weights" if method in ("full", "freeze-vision") else ""
     say(f"method {method}{weights}: {count_parameters(model)}")
+    float8_layers(model, runtime.fp8, compiled=runtime.compile, say=say)  # --fp8: after the strategy, names final
     if checkpointing.enabled:  # ours, not the Trainer's switch, which would also wrap every frozen CLIP layer
         layers = checkpoint_only(model, checkpointing.scope, checkpointing.decoder_layers)
         which = "" if checkpointing.decoder_layers is None else f", first {checkpointing.decoder_layers} decoder layers"

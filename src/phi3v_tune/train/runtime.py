@@ -2,8 +2,9 @@
 
 `TrainConfig` says what the user asked for (`--bf16`, `--master-weights auto`, `--compile` unset...); `Runtime` says
 what the run does with it here: the device, the precision, the master weights, whether layers are compiled, whether
-batches are packed, which attention kernels run. Everything below `train/run.py` receives these plain values, so no
-component re-derives them from the config (and no two components can disagree).
+batches are packed, which attention kernels run, whether the decoder's linear layers multiply in float8. Everything
+below `train/run.py` receives these plain values, so no component re-derives them from the config (and no two
+components can disagree).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from ..config import TrainConfig, fsdp_on, zero_stage
 from ..model.packed_attention import ATTN_NAME as PACKED_ATTENTION
+from .fp8 import check_fp8_support
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Runtime:
     fsdp: bool  # FSDP2, from --fsdp or an accelerate FSDP launch
     zero_stage: int | None  # the DeepSpeed ZeRO stage, None without DeepSpeed
     world_size: int  # processes training together
+    fp8: str | None  # --fp8's scaling (tensorwise / rowwise) where the decoder's linear layers multiply in float8
 
     @classmethod
     def resolve(cls, cfg: TrainConfig, world_size: int | None = None) -> Runtime:
@@ -57,6 +60,9 @@ class Runtime:
         packing = cfg.packing and (cfg.batch_size_per_device > 1 or cfg.objective == "dpo")
         attention = PACKED_ATTENTION if packing and cfg.attn_implementation == "sdpa" else cfg.attn_implementation
         world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+        fp8 = cfg.fp8_scaling if cfg.fp8 else None
+        if fp8:
+            check_fp8_support(on_cuda)  # the CPU, an older GPU or no torchao: refused before the model loads
         return cls(
             on_cuda=on_cuda,
             bf16=bf16,
@@ -68,6 +74,7 @@ class Runtime:
             fsdp=fsdp,
             zero_stage=zero_stage(cfg.deepspeed),
             world_size=world,
+            fp8=fp8,
         )
 
     @property
