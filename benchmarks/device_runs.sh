@@ -20,7 +20,7 @@
 # time 10 steps after 4 warm-up steps (6 timed steps were short enough for one pause to move a row by 20%).
 set -uo pipefail
 case "${1:-}" in
-h100 | h100ckpt | lowmem | fvinbwd | ckpt | speed | levers | scaling | gputests | arch | fp8 | fp8gate | dpofp8) ;;
+h100 | h100ckpt | lowmem | fvinbwd | ckpt | speed | levers | scaling | gputests | arch | fp8 | fp8gate | dpofp8 | dpo) ;;
 *)
   echo "usage: bash benchmarks/device_runs.sh h100 | h100ckpt | lowmem | fvinbwd | ckpt | speed | levers | scaling [1|2] | gputests | arch | fp8 [lora|full|freeze-vision] | fp8gate" >&2
   exit 2
@@ -177,6 +177,12 @@ dpofp8)
   bench 0 fp8-lora-bf16 --builds ours --methods lora --checkpointing no --tuned
   bench 0 fp8-lora-tensorwise --builds ours --methods lora --checkpointing no --tuned --set fp8=true \
     --set fp8_scaling=tensorwise
+  ;;
+dpo)
+  # issue 25 alone (a short call): DPO pairs/s, lora, the straightforward build then ours
+  PYTHONPATH=/tmp/site:$PWD/src timeout $((${DEADLINE:-560} - SECONDS)) python benchmarks/bench_dpo.py \
+    --methods lora --checkpointing yes --steps 4 --warmup 2 --work /tmp/bench-dpo > "$R/dpo.log" 2>&1
+  grep '^{' "$R/dpo.log" > "$OUT/dpo_rows.jsonl"
   ;;
 fp8gate)
   # issue 26, FP8 quality gate: the full-size random model learns the colour task in bf16, then with --fp8 (same seed
