@@ -1,14 +1,14 @@
 """The fused CUDA kernel of AdamWSR (adamw_sr.py): one pass per tensor reads p, g, m, v and writes p, m, v.
 
-It computes exactly what optim.adamw_sr_torch_ computes, bit for bit: the same fp32 operations in the same order,
+It computes exactly what adamw_sr.adamw_sr_torch_ computes, bit for bit: the same fp32 operations in the same order,
 each rounded on its own (no fused multiply-add: `enable_fp_fusion=False`; IEEE division and square root), and the
-same random bits (optim.mix32 applied twice to the element index and a per-stream key, integer arithmetic that every
+same random bits (adamw_sr.mix32 applied twice to the element index and a per-stream key, integer arithmetic that every
 backend computes alike). So the torch code is the reference the kernel is tested against, element by element
-(tests/gpu/test_optim_kernel.py, and optim.kernel_matches_reference before first use on each GPU).
+(tests/gpu/test_optim_kernel.py, and adamw_sr.kernel_matches_reference before first use on each GPU).
 
-An earlier version drew its random bits from Triton's Philox stream; on an H100 its updates came out 27% short on
-average, which element-wise equality with the torch reference would have caught. Importing this module never
-fails; `available()` says whether Triton is there.
+An earlier version drew its random bits from Triton's Philox stream, and its updates came out biased on the GPU
+(benchmarks/RESULTS.md), which element-wise equality with the torch reference would have caught. Importing this module
+never fails; `available()` says whether Triton is there.
 """
 
 from __future__ import annotations
