@@ -210,7 +210,7 @@ def test_a_nonfinite_pair_loss_stops_or_is_skipped_and_counted(pair_data, tmp_pa
 
     monkeypatch.setattr(preference, "preference_step", poisoned)
     data = pair_data[0]  # 6 text pairs, one per step
-    common = dict(batch_size=1, max_steps=6, save_checkpoints=False)
+    common = dict(batch_size=1, max_steps=6, save_checkpoints=False, method="freeze-vision")  # a frozen copy
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 2; samples in the batch: t\d\."):
         run_training(dpo_config(data, tmp_path / "stop", **common))
     training_calls.clear()
