@@ -11,17 +11,6 @@ import torch
 from phi3v_tune.train.demo import run_demo, run_dpo_demo
 
 
-def test_short_demo_learns_the_colour_task(tmp_path):
-    result = run_demo(tmp_path / "demo", train_per_task=120, eval_per_task=12, epochs=4, quiet=True, tasks=("colour",))
-    assert result["before"]["colour"] <= 0.5
-    assert result["after"]["colour"] >= 0.75  # chance is 0.25
-    saved = json.loads((tmp_path / "demo" / "demo_metrics.json").read_text())
-    assert saved["after"] == result["after"]
-    assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000
-    assert (tmp_path / "demo" / "final" / "checkpoint_complete.json").is_file()
-    assert len((tmp_path / "demo" / "predictions.jsonl").read_text().splitlines()) == 12
-
-
 @pytest.fixture
 def one_thread():
     """One intra-op thread: the tiny model's ops are small, and on a shared CPU two threads per process mostly wait for
@@ -30,6 +19,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_short_demo_learns_the_colour_task(tmp_path, one_thread):
+    result = run_demo(tmp_path / "demo", train_per_task=120, eval_per_task=12, epochs=4, quiet=True, tasks=("colour",))
+    assert result["before"]["colour"] <= 0.5
+    assert result["after"]["colour"] >= 0.75  # chance is 0.25
+    saved = json.loads((tmp_path / "demo" / "demo_metrics.json").read_text())
+    assert saved["after"] == result["after"]
+    assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "demo" / "final" / "checkpoint_complete.json").is_file()
+    assert len((tmp_path / "demo" / "predictions.jsonl").read_text().splitlines()) == 12
 
 
 def test_short_dpo_demo_raises_reward_accuracy_and_moves_greedy_answers_to_the_chosen(tmp_path, one_thread):

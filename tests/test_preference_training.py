@@ -165,7 +165,7 @@ def test_lora_reference_held_out_rewards_tensorboard_and_plot(pair_data, tmp_pat
     out = tmp_path / "lora"
     metrics = run_training(
         dpo_config(pair_data, out, method="lora", lora_rank=4, max_steps=3, eval_data=str(evaluation), eval_steps=2,
-                   report_to="tensorboard", save_checkpoints=False)
+                   report_to="tensorboard", save_checkpoints=False, metric="accuracy", eval_max_new_tokens=2)
     )  # fmt: skip
     before, after = metrics["eval_before"], metrics["eval_after"]
     # before the first update the adapters add nothing: the policy is its reference, every reward 0
@@ -187,6 +187,11 @@ def test_lora_reference_held_out_rewards_tensorboard_and_plot(pair_data, tmp_pat
     assert list(lines["reward margin"].get_xdata()) == [1, 2, 3]
     assert list(lines["eval reward margin"].get_xdata()) == [0, 2, 3]
     assert (out / "loss.png").stat().st_size > 1000
+    # --metric scores greedy answers against the chosen answers, before, during and after
+    assert [(p["step"], p["when"]) for p in metrics["task_metric"]] == [(0, "before"), (2, "during"), (3, "after")]
+    rows = [json.loads(x) for x in (out / "eval_predictions" / "step-3.jsonl").read_text().splitlines()]
+    chosen = {r.id: r.turns[-1].chosen for r in preference_pairs(held_out)}
+    assert len(rows) == 2 and all(row["gold"] == chosen[row["id"]] for row in rows)
 
 
 def test_a_nonfinite_pair_loss_stops_or_is_skipped_and_counted(pair_data, tmp_path, monkeypatch):
@@ -205,7 +210,7 @@ def test_a_nonfinite_pair_loss_stops_or_is_skipped_and_counted(pair_data, tmp_pa
 
     monkeypatch.setattr(preference, "preference_step", poisoned)
     data = pair_data[0]  # 6 text pairs, one per step
-    common = dict(batch_size=1, max_steps=6, save_checkpoints=False)
+    common = dict(batch_size=1, max_steps=6, save_checkpoints=False, method="freeze-vision")  # a frozen copy
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 2; samples in the batch: t\d\."):
         run_training(dpo_config(data, tmp_path / "stop", **common))
     training_calls.clear()
