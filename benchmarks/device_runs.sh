@@ -179,9 +179,11 @@ dpofp8)
     --set fp8_scaling=tensorwise
   ;;
 dpo)
-  # issue 25 alone (a short call): DPO pairs/s, lora, the straightforward build then ours
+  # issue 25 alone (a short call): the shared-prompt GPU test, then DPO pairs/s of each of DPO_METHODS (default
+  # lora), the straightforward build then ours
+  timeout 120 python -m pytest -q tests/gpu/test_shared_prompt_gpu.py > "$R/shared_prompt_test.log" 2>&1
   PYTHONPATH=/tmp/site:$PWD/src timeout $((${DEADLINE:-560} - SECONDS)) python benchmarks/bench_dpo.py \
-    --methods lora --checkpointing yes --steps 4 --warmup 2 --work /tmp/bench-dpo > "$R/dpo.log" 2>&1
+    --methods "${DPO_METHODS:-lora}" --checkpointing yes --steps 4 --warmup 2 --work /tmp/bench-dpo > "$R/dpo.log" 2>&1
   grep '^{' "$R/dpo.log" > "$OUT/dpo_rows.jsonl"
   ;;
 fp8gate)

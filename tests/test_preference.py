@@ -149,11 +149,13 @@ def grads_of(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return grads
 
 
-def assert_same_grads(a: dict, b: dict, at_least: int = 20) -> None:
+def assert_same_grads(a: dict, b: dict, at_least: int = 20, floor: float = 1e-10) -> None:
+    """`floor`: absolute tolerance below which differences are fp32 noise (key-projection biases, for one, have a zero
+    gradient in exact arithmetic: softmax ignores a constant added to every key score of a query)."""
     assert set(a) == set(b) and len(a) >= at_least
     for name in a:  # fp32 sums in another order: elementwise within 1e-5 of the tensor's largest gradient
         scale = float(a[name].abs().max())
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5 * scale + 1e-10, msg=name)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5 * scale + floor, msg=name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -227,7 +229,7 @@ def test_pair_batches_carry_images_once_and_the_pair_order(examples, tiny_tokeni
     pad = tiny_tokenizer.pad_token_id
     lengths = [len(e[f"{a}_input_ids"]) for e in examples for a in ("chosen", "rejected")]
     padded = PairCollator(pad)(examples)
-    packed = PackedPairCollator(pad, None, SWITCH)(examples)
+    packed = PackedPairCollator(pad, None, SWITCH, share_prompt=False)(examples)
     for batch in (padded, packed):
         assert batch["ids"] == ["one-image", "two-images", "text"] and batch["num_tokens"] == sum(lengths)
         assert torch.equal(batch["pixel_values"], torch.cat([examples[0]["pixel_values"], examples[1]["pixel_values"]]))
@@ -401,18 +403,23 @@ def test_images_once_per_pair_give_the_gradients_of_separate_sequences(tiny_toke
     hook.remove()
 
 
-@pytest.mark.parametrize("loss_type, max_tokens", [("sigmoid", None), ("ipo", 700)])
-def test_packed_pairs_equal_padded_pairs(tiny_tokenizer, reference, examples, loss_type, max_tokens):
+@pytest.mark.parametrize(
+    "loss_type, max_tokens, share_prompt", [("sigmoid", None, True), ("ipo", 700, True), ("ipo", 700, False)]
+)
+def test_packed_pairs_equal_padded_pairs(tiny_tokenizer, reference, examples, loss_type, max_tokens, share_prompt):
     model = tiny_model(tiny_tokenizer, seed=4).train()
     pad = tiny_tokenizer.pad_token_id
     padded = PairCollator(pad)(examples)
-    packed = PackedPairCollator(pad, max_tokens, SWITCH)(examples)
+    packed = PackedPairCollator(pad, max_tokens, SWITCH, share_prompt=share_prompt)(examples)
     width = packed["input_ids"].shape[1]
     row_of = [start // width for start, _ in packed["sequence_bounds"]]
     if max_tokens is None:
         assert packed["input_ids"].shape[0] == 1
+    elif share_prompt:  # rows [c0 r0] [c1 r1 c2 r2]: a pair's prompt + both answers are one unit, never split
+        assert row_of == [0, 0, 1, 1, 1, 1]
     else:  # rows [c0 r0] [c1] [r1 c2] [r2]: the two-image pair's answers, and the text pair's, in different rows
         assert row_of == [0, 0, 1, 2, 2, 3]
+    assert ("branch_positions" in packed) == share_prompt
     assert packed["rope_use_long"].any() and not packed["rope_use_long"].all()
     steps, grads = [], []
     for batch in (padded, packed):
@@ -423,6 +430,47 @@ def test_packed_pairs_equal_padded_pairs(tiny_tokenizer, reference, examples, lo
     torch.testing.assert_close(steps[1].policy_chosen, steps[0].policy_chosen, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(steps[1].reference_rejected, steps[0].reference_rejected, rtol=1e-5, atol=1e-5)
     assert_same_grads(grads[0], grads[1])
+
+
+def test_packed_pairs_share_the_prompt_unless_the_answers_straddle_the_rope_switch(tiny_tokenizer, examples):
+    """Shared prompt: [prompt + chosen][last prompt token + rejected], the branch's positions continuing the prompt's,
+    the images once; a pair whose sequences take different su-RoPE factor sets is packed as two full sequences.
+    Either way every sequence's log-probability and the gradients are those of the padded batch."""
+    pad = tiny_tokenizer.pad_token_id
+    switch = 337  # pair 0's chosen sequence (335 tokens) takes the short factors, its rejected one (340) the long
+    lengths = [(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
+    assert lengths[0][0] <= switch < lengths[0][1] and all(min(n) > switch or max(n) <= switch for n in lengths[1:])
+    packed = PackedPairCollator(pad, None, switch)(examples)
+    prompts = [e["prompt_length"] for e in examples]
+    c, r = lengths[0]
+    units = [c + r] + [c2 + r2 - n + 1 for (c2, r2), n in zip(lengths[1:], prompts[1:])]
+    assert packed["input_ids"].shape == (1, sum(units)) and packed["num_tokens"] == sum(units)
+    assert packed["image_index"] == [0, 0, 1, 2]  # pair 0's image twice (two sequences), pair 1's two images once
+    assert packed["image_token_count"] == int((packed["input_ids"] < 0).sum())
+    flat_ids, positions = packed["input_ids"].reshape(-1), packed["position_ids"].reshape(-1)
+    bounds = packed["sequence_bounds"]
+    for i, e in enumerate(examples[1:], start=1):  # the shared pairs: the branch re-reads the last prompt token
+        n = e["prompt_length"]
+        (c0, c1), (r0, r1) = bounds[2 * i], bounds[2 * i + 1]
+        assert c1 == r0 and torch.equal(flat_ids[c0:c1], e["chosen_input_ids"])
+        assert torch.equal(flat_ids[r0:r1], e["rejected_input_ids"][n - 1 :])
+        assert positions[r0:r1].tolist() == list(range(n - 1, len(e["rejected_input_ids"])))
+    assert packed["branch_positions"].tolist() == [p for (_, _), (r0, r1) in zip(bounds[2::2], bounds[3::2])
+                                                   for p in range(r0, r1)]  # fmt: skip
+    model = _tiny_model(tiny_tokenizer, seed=6, original_max_position_embeddings=switch)
+    set_rope_per_sample(model)
+    model.set_attn_implementation(ATTN_NAME)
+    model.train()
+    results = []
+    for batch in (PairCollator(pad)(examples), packed):
+        logps, tokens = sequence_logps(model, batch)
+        results.append((logps.detach(), tokens, grads_of(model, logps.sum())))
+    (lp_pad, n_pad, g_pad), (lp_pack, n_pack, g_pack) = results
+    assert n_pack.tolist() == n_pad.tolist()
+    torch.testing.assert_close(lp_pack, lp_pad, rtol=1e-5, atol=1e-4)
+    assert_same_grads(g_pad, g_pack, floor=1e-8)
+    unshared = PackedPairCollator(pad, None, switch, share_prompt=False)(examples)
+    assert unshared["input_ids"].shape == (1, sum(map(sum, lengths))) and "branch_positions" not in unshared
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from .collate import Collator
 from .dataset import DataPlan
 from .examples import SampleRefused, build_example, turn_images
 from .layout import DEFAULT_LAYOUT, SampleLayout
-from .packing import PackingCollator, plan_rows
+from ..model.packed_attention import branch_attention_inputs
+from .packing import plan_rows
 from .schema import Record
 
 ANSWERS = ("chosen", "rejected")
@@ -197,12 +198,16 @@ def pair_sequences(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def add_pair_fields(
-    batch: dict[str, Any], examples: list[dict[str, Any]], bounds: list[tuple[int, int]]
+    batch: dict[str, Any],
+    examples: list[dict[str, Any]],
+    bounds: list[tuple[int, int]],
+    shared: list[bool] | None = None,
 ) -> dict[str, Any]:
     """Images once per pair with their `image_index`, `sequence_bounds`, pair `ids` and precomputed reference
-    log-probabilities, on a batch of the pairs' sequences."""
+    log-probabilities, on a batch of the pairs' sequences. `shared[i]`: pair i's prompt (so its image blocks) is in
+    the batch once, not once per answer."""
     pixel_values, image_sizes, image_index = [], [], []
-    for e in examples:
+    for i, e in enumerate(examples):
         if e.get("pixel_values") is None:
             continue
         first = len(image_sizes)
@@ -210,7 +215,7 @@ def add_pair_fields(
         own = list(range(first, first + len(sizes)))
         pixel_values.append(e["pixel_values"])
         image_sizes.extend(sizes)
-        image_index.extend(own + own)  # chosen, then rejected: the same images in the same order
+        image_index.extend(own if shared and shared[i] else own + own)  # chosen, then rejected: the same images
     if pixel_values:
         batch["pixel_values"] = torch.cat(pixel_values, dim=0)
         batch["image_sizes"] = image_sizes
@@ -243,8 +248,15 @@ class PairCollator:
 
 
 class PackedPairCollator:
-    """Pairs -> packed rows (`data.packing`): the sequences in pair order, concatenated without padding, so both
-    answers of a pair are in the same step (and, without `max_tokens`, the same row); keys: see the module docstring.
+    """Pairs -> packed rows (`data.packing`); keys: see the module docstring.
+
+    With `share_prompt` (the default) each pair is one unit in a row: its prompt and chosen answer, then a branch (the
+    prompt's last token again and the rejected answer, positions continuing the prompt's) that attends to the prompt
+    through the `model.packed_attention.BRANCH_KEYS` tensors; the prompt and its images run once per pair. A pair is
+    packed as two full sequences instead where the two would take different su-RoPE factor sets (one sequence past
+    `original_max_position_embeddings`, the other not), since its prompt would then differ between them. Without
+    `share_prompt`, every pair is its two full sequences, concatenated in pair order. Either way both answers of a
+    pair are in the same step and the same row (a unit longer than `max_tokens` gets a row of its own).
     """
 
     def __init__(
@@ -252,18 +264,111 @@ class PackedPairCollator:
         pad_token_id: int,
         max_tokens: int | None = None,
         original_max_position_embeddings: int | None = None,
+        share_prompt: bool = True,
     ):
-        self.packer = PackingCollator(pad_token_id, max_tokens, original_max_position_embeddings)
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.pad_token_id = pad_token_id
+        self.max_tokens = max_tokens
+        self.original_max = original_max_position_embeddings
+        self.share_prompt = share_prompt
+
+    def _shares(self, example: dict[str, Any]) -> bool:
+        n = int(example["prompt_length"])
+        ids = [example[f"{name}_input_ids"] for name in ANSWERS]
+        if not self.share_prompt or n < 1 or int(ids[0][n - 1]) < 0:
+            return False
+        if self.original_max is None:
+            return True
+        return (len(ids[0]) > self.original_max) == (len(ids[1]) > self.original_max)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        sequences = pair_sequences(examples)
-        batch = self.packer(sequences)
-        lengths = [len(seq["input_ids"]) for seq in sequences]
-        width = batch["input_ids"].shape[1]
-        bounds = []
-        for r, row in enumerate(plan_rows(lengths, self.packer.max_tokens)):  # the packer's rows, filled in order
-            start = r * width
+        units = [unit for i, e in enumerate(examples) for unit in self._units(e, i)]
+        rows = plan_rows([len(u["input_ids"]) for u in units], self.max_tokens)
+        width = max(sum(len(units[i]["input_ids"]) for i in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        use_long = torch.zeros((len(rows), width), dtype=torch.bool)
+        segments: list[int] = []
+        bounds: list[tuple[int, int]] = [(0, 0)] * (2 * len(examples))
+        branches: list[tuple[int, int, int, int]] = []
+        for r, row in enumerate(rows):
+            start = 0
             for i in row:
-                bounds.append((start, start + lengths[i]))
-                start += lengths[i]
-        return add_pair_fields(batch, examples, bounds)
+                unit, flat = units[i], r * width + start
+                n = len(unit["input_ids"])
+                input_ids[r, start : start + n] = unit["input_ids"]
+                labels[r, start : start + n] = unit["labels"]
+                position_ids[r, start : start + n] = unit["position_ids"]
+                use_long[r, start : start + n] = unit["use_long"]
+                segments.extend(unit["segments"])
+                for s, (s0, s1) in unit["sequences"].items():
+                    bounds[s] = (flat + s0, flat + s1)
+                if unit["branch"] is not None:
+                    p0, p1, b0, b1 = unit["branch"]
+                    branches.append((flat + p0, flat + p1, flat + b0, flat + b1))
+                start += n
+            if start < width:  # padding: a segment of its own
+                position_ids[r, start:] = torch.arange(width - start)
+                segments.append(width - start)
+        cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(segments), 0)
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu.clone(),
+            "max_length_q": max(segments),
+            "max_length_k": max(segments),
+        }
+        if self.original_max is not None:
+            batch["rope_use_long"] = use_long
+        if branches:
+            batch.update(branch_attention_inputs(branches))
+        batch["num_tokens"] = sum(len(u["input_ids"]) for u in units)
+        shared = [False] * len(examples)
+        for unit in units:
+            if unit["branch"] is not None:
+                shared[min(unit["sequences"]) // 2] = True
+        batch = add_pair_fields(batch, examples, bounds, shared=shared)
+        if "image_token_count" in batch:
+            batch["image_token_count"] = int((input_ids < 0).sum())
+        return batch
+
+    def _units(self, example: dict[str, Any], index: int) -> list[dict[str, Any]]:
+        """Pair `index`'s pieces for the rows: one shared-prompt unit, or its two sequences as units of their own.
+        Each holds ids, labels (first one never a target), positions, su-RoPE flags, segment lengths, its sequences'
+        {pair-order index: [start, end)} and its branch (prompt start, prompt end, branch start, branch end) or None."""
+        ids = [example[f"{name}_input_ids"] for name in ANSWERS]
+        labels = [example[f"{name}_labels"].clone() for name in ANSWERS]
+        longs = [self.original_max is not None and len(x) > self.original_max for x in ids]
+        for x in labels:
+            x[0] = IGNORE_INDEX  # never a target: the previous segment's last token precedes it
+        if not self._shares(example):
+            return [
+                {
+                    "input_ids": x,
+                    "labels": y,
+                    "position_ids": torch.arange(len(x)),
+                    "use_long": torch.full((len(x),), flag),
+                    "segments": [len(x)],
+                    "sequences": {2 * index + k: (0, len(x))},
+                    "branch": None,
+                }
+                for k, (x, y, flag) in enumerate(zip(ids, labels, longs))
+            ]
+        n = int(example["prompt_length"])
+        chosen, rest = len(ids[0]), len(ids[1]) - n + 1  # the branch: the prompt's last token, then the answer
+        return [
+            {
+                "input_ids": torch.cat([ids[0], ids[1][n - 1 :]]),
+                "labels": torch.cat([labels[0], labels[1][n - 1 :]]),  # labels[1][n - 1] is the prompt's: -100
+                "position_ids": torch.cat([torch.arange(chosen), torch.arange(n - 1, n - 1 + rest)]),
+                "use_long": torch.full((chosen + rest,), longs[0]),
+                "segments": [chosen, rest],
+                "sequences": {2 * index: (0, chosen), 2 * index + 1: (chosen, chosen + rest)},
+                "branch": (0, n - 1, chosen, chosen + rest),
+            }
+        ]

@@ -34,7 +34,7 @@ from ..processing.geometry import num_image_tokens
 from ..processing.hub import is_hub_id, resolve_model_source
 from .configuration import Phi3VConfig
 from .loss import DEFAULT_CHUNK, IGNORE_INDEX, chunked_lm_loss
-from .packed_attention import ATTN_NAME, check_packed, packed_position_ids, packed_rows, token_segment_lengths
+from .packed_attention import ATTN_NAME, check_packed, packed_position_ids, packed_rows, sequence_lengths
 from .preference import TokenLogpsOutput, chunked_token_logps
 from .vision import ImageSizes, Phi3VImageEmbedding, size_list
 
@@ -475,6 +475,12 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         key_lengths = mask2d.sum(-1) if mask2d is not None and rotary.per_sample else past_len + length
         cu_seq_lens = kwargs.get("cu_seq_lens_q")
         packed = cu_seq_lens is not None
+        if kwargs.get("branch_positions") is not None:  # shared-prompt pairs (model/packed_attention.py)
+            if not packed or self.config._attn_implementation != ATTN_NAME:
+                raise ValueError(
+                    f"shared-prompt branches need packed rows (cu_seq_lens_q) and the {ATTN_NAME!r} attention, "
+                    f"not {self.config._attn_implementation!r}"
+                )
         if packed:  # several samples per row: positions restart and the factor set is chosen per sample
             if attention_mask is not None or past is not None:
                 raise ValueError("packed rows (cu_seq_lens_q) take no attention_mask and no cache")
@@ -482,8 +488,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             if position_ids is None:
                 position_ids = packed_position_ids(cu_seq_lens.to(inputs_embeds.device), batch, length)
             if rotary.original_max is not None:
-                if rope_use_long is None:
-                    rope_use_long = token_segment_lengths(cu_seq_lens, batch, length) > rotary.original_max
+                if rope_use_long is None:  # a sample's length: its last position + 1 (a branch continues its prompt)
+                    rope_use_long = sequence_lengths(cu_seq_lens, position_ids, batch, length) > rotary.original_max
                 rotary.use_long = rope_use_long.reshape(batch, length)
             use_cache = False
         elif rotary.original_max is not None:

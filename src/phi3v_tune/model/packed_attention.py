@@ -13,6 +13,15 @@ it *is* transformers' "sdpa", so evaluation and generation through the same mode
 
 transformers builds a dense block-diagonal mask when position ids restart inside a row; packed forwards run inside
 `packed_rows()`, under which the mask function registered for this name builds nothing.
+
+Shared prompts (preference pairs, `data.preference.PackedPairCollator`): a pair is packed as its prompt and chosen
+answer (one causal segment), then a *branch*: the prompt's last token again and the rejected answer, with positions
+continuing the prompt's. The branch's tokens must see the prompt as well as themselves, which no block-diagonal layout
+expresses, so the `BRANCH_KEYS` tensors (`branch_attention_inputs`) describe them: the attention first runs every
+segment as above (the branch segment alone, a few dozen tokens), then recomputes the branch tokens' outputs with the
+prompt's keys in front of theirs (one masked SDPA over all branches of the batch) and writes them over. Each branch
+token then sees exactly what the rejected sequence run alone would show it, so logits, loss and gradients are those
+of two full sequences while the prompt, thousands of tokens at document shapes, runs once.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ except ImportError:
     varlen_attn = None
 
 ATTN_NAME = "phi3v_packed"
+
+#: Batch keys of shared-prompt branches (tensors; see the module docstring and `branch_attention_inputs`).
+BRANCH_KEYS = ("branch_query_index", "branch_key_index", "branch_mask", "branch_positions", "branch_slots")
 
 _PACKED_ROWS: ContextVar[bool] = ContextVar("phi3v_packed_rows", default=False)
 
@@ -117,6 +129,59 @@ def varlen_attention(
     return segment_attention(query, key, value, [int(x) for x in cu_seq_lens.tolist()], scaling, dropout)
 
 
+def branch_attention_inputs(branches: list[tuple[int, int, int, int]]) -> dict[str, torch.Tensor]:
+    """The `BRANCH_KEYS` tensors for branches given as (prefix start, prefix end, branch start, branch end) flat token
+    offsets: branch token j attends to the prefix [prefix start, prefix end) and to branch tokens 0..j.
+
+    `branch_query_index` (B, Q) and `branch_key_index` (B, K) hold flat token positions, padded with 0 to the longest
+    branch and key list; `branch_mask` (B, Q, K) says which key each query sees (a padded query sees key 0 only, so
+    its softmax stays finite; its output is never used); `branch_positions` (N,) are the N branch tokens' flat positions
+    and `branch_slots` (N,) where each one's output lies in the flattened (B x Q) result."""
+    queries = [list(range(b0, b1)) for _, _, b0, b1 in branches]
+    keys = [list(range(p0, p1)) + list(range(b0, b1)) for p0, p1, b0, b1 in branches]
+    width_q, width_k = max(map(len, queries)), max(map(len, keys))
+    query_index = torch.zeros(len(branches), width_q, dtype=torch.long)
+    key_index = torch.zeros(len(branches), width_k, dtype=torch.long)
+    mask = torch.zeros(len(branches), width_q, width_k, dtype=torch.bool)
+    mask[:, :, 0] = True
+    slots = []
+    for i, ((p0, p1, _, _), q, k) in enumerate(zip(branches, queries, keys)):
+        query_index[i, : len(q)] = torch.tensor(q)
+        key_index[i, : len(k)] = torch.tensor(k)
+        prefix = p1 - p0
+        mask[i, : len(q), :prefix] = True
+        mask[i, : len(q), prefix : prefix + len(q)] = torch.ones(len(q), len(q), dtype=torch.bool).tril()
+        slots.extend(range(i * width_q, i * width_q + len(q)))
+    return {
+        "branch_query_index": query_index,
+        "branch_key_index": key_index,
+        "branch_mask": mask,
+        "branch_positions": torch.tensor([p for q in queries for p in q], dtype=torch.long),
+        "branch_slots": torch.tensor(slots, dtype=torch.long),
+    }
+
+
+def branch_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    branch: dict[str, torch.Tensor],
+    scaling: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """`out` (T, H, D) with the outputs of the branch tokens replaced by their attention over prefix + own branch.
+
+    Shapes come from the index tensors only (no host reads), so compiled layers trace it with dynamic shapes."""
+    q = query[branch["branch_query_index"]].transpose(1, 2)  # (B, H, Q, D)
+    k = key[branch["branch_key_index"]].transpose(1, 2)
+    v = value[branch["branch_key_index"]].transpose(1, 2)
+    mask = branch["branch_mask"][:, None]  # (B, 1, Q, K)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    o = o.transpose(1, 2).reshape(-1, *out.shape[1:]).index_select(0, branch["branch_slots"])
+    return out.index_copy(0, branch["branch_positions"], o.to(out.dtype))
+
+
 def check_packed(cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor | None, batch: int, length: int) -> None:
     """Offsets must start at 0, never decrease, end at batch x length, and be the same for queries and keys.
 
@@ -140,10 +205,14 @@ def check_packed(cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor | None
         raise ValueError(not_same)
 
 
-def token_segment_lengths(cu_seq_lens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """(batch, length): for every token, the length of the segment (sample) it belongs to."""
-    sizes = (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
-    return torch.repeat_interleave(sizes, sizes).reshape(batch, length)
+def sequence_lengths(cu_seq_lens: torch.Tensor, position_ids: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """(batch, length): for every token, the length of the sequence it belongs to, read as its segment's last position
+    + 1: a segment's length where positions restart at 0, the full sequence's for a shared-prompt branch (whose
+    positions continue its prompt's)."""
+    cu = cu_seq_lens.to(position_ids.device).long()
+    sizes = cu[1:] - cu[:-1]
+    last = position_ids.reshape(-1).index_select(0, (cu[1:] - 1).clamp(min=0))
+    return torch.repeat_interleave(last + 1, sizes).reshape(batch, length)
 
 
 def packed_position_ids(cu_seq_lens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -177,6 +246,8 @@ def packed_attention_forward(
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     q, k, v = (x.transpose(1, 2).reshape(batch * length, heads, -1) for x in (query, key, value))
     out = varlen_attention(q, k, v, cu_q, kwargs.get("max_length_q"), scaling, dropout)
+    if kwargs.get("branch_positions") is not None:  # shared-prompt pairs: the branch tokens also see their prompt
+        out = branch_attention(out, q, k, v, {name: kwargs[name] for name in BRANCH_KEYS}, scaling, dropout)
     return out.reshape(batch, length, heads, -1), None
 
 

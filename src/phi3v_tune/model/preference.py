@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
 from .loss import DEFAULT_CHUNK, IGNORE_INDEX, shifted_labels
+from .packed_attention import BRANCH_KEYS
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -65,6 +66,7 @@ MODEL_KEYS = (
     "image_sizes",
     "image_token_count",
     "image_index",
+    *BRANCH_KEYS,
 )
 
 
