@@ -5,8 +5,9 @@ of the DocVQA shape (perf/workloads.py's pages: one page per pair, num_crops 16,
 chosen and a rejected answer of 10-60 tokens each.
 
 * ours: `phi3v-tune train --objective dpo` as users run it (TrainingRun: data planning, loader workers,
-  PreferenceTrainer): both answers of a pair packed into one row, the page through the vision tower once for both,
-  answer log-probabilities from the labelled positions only; the reference as the run chooses it (lora: the adapters
+  PreferenceTrainer): both answers of a pair packed into one row sharing the prompt (the page's tokens through the
+  decoder once, the rejected answer as a branch that attends to them), the page through the vision tower once for
+  both, answer log-probabilities from the labelled positions only; the reference as the run chooses it (lora: the adapters
   disabled; full / freeze-vision: a frozen copy, or --set dpo_precompute_reference=true).
 * plain: what one writes from the DPO paper with our model class in the same process: the two answers as a padded
   batch of 2, the page in the batch twice (the vision tower runs for each sequence), full-vocabulary logits,

@@ -12,8 +12,10 @@ Pair batch keys (both collators), for `model.preference.preference_step`:
   model inputs   `input_ids`, `labels` and `attention_mask` (padded; omitted without padding when asked) or
                  `position_ids`, `cu_seq_lens_q/_k`, `max_length_q/_k`, `rope_use_long` (packed); `pixel_values`,
                  `image_sizes`, `image_token_count` and `image_index` (with images): every pair's images once, and
-                 which of them fills each image block (chosen and rejected of a pair name the same images)
-  `sequence_bounds`  [start, end) of each sequence in the flattened rows, in pair order (chosen, rejected, ...)
+                 which of them fills each image block (chosen and rejected of a pair name the same images);
+                 packed pairs that share their prompt add the `model.packed_attention.BRANCH_KEYS` tensors
+  `sequence_bounds`  [start, end) of each sequence in the flattened rows, in pair order (chosen, rejected, ...); a
+                 shared-prompt rejected sequence is its branch (the prompt's last token and the rejected answer)
   `reference_logps`  (2P,) float32 in pair order, when every example carries precomputed reference log-probs
   `ids`          the pair ids;  `num_tokens`  real tokens (throughput)
 """
@@ -27,12 +29,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ..model.loss import IGNORE_INDEX
+from ..model.packed_attention import branch_attention_inputs
 from ..processing.processor import Phi3VProcessor
 from .collate import Collator
 from .dataset import DataPlan
 from .examples import SampleRefused, build_example, turn_images
 from .layout import DEFAULT_LAYOUT, SampleLayout
-from ..model.packed_attention import branch_attention_inputs
 from .packing import plan_rows
 from .schema import Record
 

@@ -188,7 +188,7 @@ class PreferenceTrainer(Phi3VTrainer):
                 )
             say(f"reference log-probabilities: read from {path}")
         else:
-            stored = {split: self._compute_reference(ds) for split, ds in datasets.items()}
+            stored = {split: self._compute_reference(ds, split) for split, ds in datasets.items()}
             if self.is_world_process_zero():
                 tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
                 tmp.write_text(json.dumps(stored))
@@ -197,14 +197,21 @@ class PreferenceTrainer(Phi3VTrainer):
         for split, ds in datasets.items():
             ds.reference = {pair_id: tuple(values) for pair_id, values in stored[split].items()}
 
-    def _compute_reference(self, dataset) -> dict[str, list[float]]:
-        """{pair id: [chosen, rejected]} of `dataset`: this process's share (every world_size-th pair), gathered."""
+    def _compute_reference(self, dataset, split: str) -> dict[str, list[float]]:
+        """{pair id: [chosen, rejected]} of `dataset`: this process's share (every world_size-th pair), gathered.
+
+        Evaluation pairs go through the evaluation collator and batch size in evaluation order, as evaluation will
+        batch them: on one process the "before" evaluation then recomputes the reference bit for bit, so every pair
+        is an exact tie (a packed and a padded forward differ in the last bits, which would break ties at random)."""
         model = self.model.to(self.args.device)
         reference = None if find_peft_model(model) is not None else model  # before training the policy is the reference
         world, rank = max(1, self.args.world_size), self.args.process_index
         mine = list(range(rank, len(dataset), world))
         size = self.args.per_device_train_batch_size
         collate = self.data_collator
+        if split == "eval":
+            size = self.args.per_device_eval_batch_size
+            collate = self.eval_data_collator or self.data_collator
         was_training = model.training
         model.eval()
         try:
