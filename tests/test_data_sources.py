@@ -526,3 +526,27 @@ def test_hub_failure_is_a_clear_error(monkeypatch):
         load_records("HuggingFaceM4/the_cauldron:docvqa", split="train")
     assert calls[0][0] == ("HuggingFaceM4/the_cauldron",) and calls[0][1]["name"] == "docvqa"
     assert "Hugging Face Hub" in str(info.value) and "no network" in str(info.value)
+
+
+def test_a_repeated_id_is_reported_also_where_one_of_its_samples_does_not_parse(tmp_path):
+    """Every problem at once: a sample with a malformed field still counts for duplicate ids, whichever of the two
+    uses comes first, so fixing the field does not reveal a new problem on the next pass."""
+    turn = [{"user": "q", "assistant": "a"}]
+    jsonl = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"id": "a", "conversations": turn},
+            {"id": "a", "conversations": [{"user": 3, "assistant": "a"}]},  # malformed, and a repeated id
+            {"id": "b", "conversations": [{"user": "q", "assistant": 5}]},  # malformed, first use of b
+            {"id": "b", "conversations": turn},
+        ],
+    )
+    records, read_problems = read_jsonl(jsonl)
+    assert [r.id for r in records] == ["a", "b"]
+    found = [(p.origin.rsplit(":", 1)[1], p.id, p.field, p.message) for p in validate_records(records, read_problems)]
+    assert found == [
+        ("2", "a", "conversations[0].user", "expected a string, got number"),
+        ("2", "a", "id", f"duplicate id (first used at {jsonl}:1; expected unique ids)"),
+        ("3", "b", "conversations[0].assistant", "expected a string, got number"),
+        ("4", "b", "id", f"duplicate id (first used at {jsonl}:3; expected unique ids)"),
+    ]

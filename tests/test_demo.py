@@ -32,7 +32,7 @@ def test_short_demo_learns_the_colour_task(tmp_path, one_thread):
     assert len((tmp_path / "demo" / "predictions.jsonl").read_text().splitlines()) == 12
 
 
-def test_short_dpo_demo_raises_reward_accuracy_and_moves_greedy_answers_to_the_chosen(tmp_path, one_thread):
+def test_short_dpo_demo_raises_reward_accuracy_and_moves_greedy_answers_to_the_chosen(tmp_path, one_thread, capsys):
     result = run_dpo_demo(tmp_path / "dpo", train_pairs=64, eval_pairs=16, sft_samples=32, quiet=True)
     accuracy, margin, greedy = result["reward_accuracy"], result["reward_margin"], result["greedy"]
     assert (accuracy["before"], margin["before"]) == (0.5, 0.0)  # before DPO every pair is a tie
@@ -44,3 +44,13 @@ def test_short_dpo_demo_raises_reward_accuracy_and_moves_greedy_answers_to_the_c
     assert json.loads((tmp_path / "dpo" / "dpo" / "reference_logps.json").read_text())["eval"]  # precomputed, stored
     predictions = [json.loads(x) for x in (tmp_path / "dpo" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 16 and {"prediction", "chosen", "rejected"} <= set(predictions[0])
+    # `eval` on the held-out pairs scores greedy answers against the chosen ones, as the demo's "greedy = chosen"
+    from phi3v_tune.cli import main
+
+    capsys.readouterr()
+    held_out = str(tmp_path / "dpo" / "data" / "eval" / "data.jsonl")
+    assert main(["eval", "--model", str(tmp_path / "dpo" / "dpo" / "final"), "--data", held_out, "--metric",
+                 "accuracy", "--no-progress", "--output", str(tmp_path / "scored.jsonl")]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("16 preference pairs: greedy answers are scored against the chosen answers")
+    assert json.loads(lines[-1])["accuracy"] == greedy["after"]["chosen"]

@@ -103,6 +103,12 @@ def test_warmup_ratio_scales_with_the_run(tmp_path):
     schedule = Schedule.of(cfg, samples=38, world_size=1)  # 10 steps per epoch (the last one short)
     assert (schedule.steps, schedule.steps_per_epoch, schedule.warmup) == (30, 10, 3)
     assert not schedule.warnings(cfg, 38)
+    one_step = TrainConfig(data="x.jsonl", batch_size=4, max_steps=1, warmup_ratio=0.1)  # its advice fits the ratio
+    (warning,) = Schedule.of(one_step, samples=38, world_size=1).warnings(one_step, 38)
+    assert warning.endswith(
+        "(--warmup-ratio 0.1): the learning rate never reaches --learning-rate 4e-05 (the first step runs at 0). "
+        "Train longer (--epochs, a smaller --batch-size), or set --warmup-ratio 0"
+    ), warning
     from phi3v_tune.train.run import training_arguments
     from phi3v_tune.train.runtime import Runtime
 

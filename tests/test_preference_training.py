@@ -89,6 +89,9 @@ def test_resume_is_exact_and_reads_the_stored_reference(pair_data, tmp_path, mon
         assert torch.equal(a[k], b[k]), k  # bit-exact: 4 steps + resume + 4 steps = 8 steps
     assert logged(resumed, "loss") == logged(straight, "loss")
     assert logged(resumed, "rewards/margins") == logged(straight, "rewards/margins")
+    # train_loss is the whole run's mean (the Trainer's own covers only the resumed steps 5..8)
+    assert resumed["train"]["train_loss"] == pytest.approx(straight["train"]["train_loss"], rel=1e-6)
+    assert resumed["train"]["train_loss"] != pytest.approx(sum(x for _, x in logged(straight, "loss")[4:]) / 4)
     assert logged(straight, "rewards/accuracies")[0] == (1, 0.5)  # step 1: policy = reference, every pair a tie
     assert logged(straight, "loss")[0][1] > LN2  # + the SFT term (RPO)
     # sample accounting counts pairs: 8 per epoch, each epoch reported once, as in the uninterrupted run
@@ -246,3 +249,45 @@ def test_two_gloo_processes_train_like_one(pair_data, tmp_path):
     assert sorted(tables["two"]) == sorted(tables["one"]) and len(tables["one"]) == 8
     for pair_id, values in tables["one"].items():
         assert tables["two"][pair_id] == pytest.approx(values, rel=1e-6)
+
+
+def test_resume_keeps_the_runs_dpo_settings_and_refuses_changed_pairs(pair_data, tmp_path, capsys):
+    """A DPO run (beta 0.3, SFT weight 0.5, stored reference) stopped at step 2: `--resume` alone continues it with
+    those settings (not the defaults), a different --dpo-beta stops with both values, and pairs whose answers changed
+    under the same ids stop the run instead of meeting reference values computed for other text."""
+    from phi3v_tune.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    original = Path(pair_data[0]).read_text()
+    data.write_text(original)
+    out = tmp_path / "run"
+    common = ["train", *TINY_CPU_FLAGS, "--data", str(data), "--output-dir", str(out), "--max-steps", "4",
+              "--batch-size", "2", "--save-steps", "2", "--warmup-steps", "0"]  # fmt: skip
+    dpo = ["--objective", "dpo", "--method", "full", "--dpo-beta", "0.3", "--dpo-sft-weight", "0.5",
+           "--dpo-precompute-reference"]  # fmt: skip
+    assert main([*common, *dpo, "--stop-at-step", "2"]) == 0
+    capsys.readouterr()
+
+    assert main([*common, "--resume", "--dpo-beta", "0.5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --dpo-beta 0.5 conflicts with checkpoint-2, trained with --dpo-beta 0.3: drop the flag to continue "
+        "that run, or start a new run in another --output-dir"
+    )
+
+    swapped = [json.loads(line) for line in original.splitlines()]
+    last = swapped[0]["conversations"][-1]
+    last["chosen"], last["rejected"] = last["rejected"], last["chosen"]
+    data.write_text("".join(json.dumps(x) + "\n" for x in swapped))
+    assert main([*common, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "pair(s) t1 differ from the data the run started with (prompt, images or answers)" in err, err
+
+    data.write_text(original)
+    assert main([*common, "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "from checkpoint-2: --objective dpo, --dpo-beta 0.3, --dpo-sft-weight 0.5, --dpo-precompute-reference"
+    ) in text, text
+    assert f"reference log-probabilities: read from {out / 'reference_logps.json'}" in text
+    saved = (out / "train_config.yaml").read_text()
+    assert "dpo_beta: 0.3" in saved and "dpo_sft_weight: 0.5" in saved and "dpo_precompute_reference: true" in saved

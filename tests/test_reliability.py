@@ -269,3 +269,35 @@ def test_evaluation_samples_that_do_not_fit_stop_the_run_unless_skipped(data_fil
     ]
     run_training(small_config(train, out, max_steps=1, max_length=400, eval_data=str(data_file), skip_bad_samples=True))
     assert (out / "final").is_dir()
+
+
+def test_a_resumed_runs_train_loss_is_the_whole_runs_mean():
+    """Steps 1..4 logged in windows of 2 (means 4.0 and 2.0), then resumed at step 4 for 2 steps whose mean the
+    Trainer reports (1.0): the run's mean is (2x4 + 2x2 + 2x1) / 6. Windows that do not end at the checkpoint's step
+    cannot give the earlier steps' sum: the Trainer's value stays, and the first step it covers is named."""
+    from pathlib import Path
+
+    from phi3v_tune.train.run import resumed_step, whole_run_train_loss
+
+    history = [{"step": 2, "loss": 4.0}, {"step": 3, "eval_loss": 9.0}, {"step": 4, "loss": 2.0}]
+    assert resumed_step(Path("out/checkpoint-4")) == 4 and resumed_step(None) == 0
+    assert whole_run_train_loss({"train_loss": 1.0}, history, 4, 6)["train_loss"] == pytest.approx(14 / 6)
+    assert whole_run_train_loss({"train_loss": 1.0}, history, 0, 6) == {"train_loss": 1.0}  # not resumed
+    assert whole_run_train_loss({"train_loss": 1.0}, history[:2], 4, 6) == {
+        "train_loss": 1.0,
+        "train_loss_from_step": 5,
+    }
+
+
+def test_a_slices_last_evaluation_is_named_by_its_step_and_a_zero_margin_has_no_sign(tmp_path):
+    """A --stop-at-step slice has not finished: its closing evaluation is 'at step N', not 'after'; a margin that
+    rounds to zero prints as 0.0000."""
+    from phi3v_tune.train.run import run_summary
+
+    after = {"eval_loss": 1.25, "eval_rewards/accuracies": 0.75, "eval_rewards/margins": -0.00001}
+    before = {"eval_loss": 1.5, "eval_rewards/accuracies": 0.5, "eval_rewards/margins": 0.0}
+    sliced = run_summary({"steps": 2, "eval_before": before, "eval_after": after, "stopped_at_step": 2}, None, tmp_path)
+    assert "  eval loss before: 1.5000\n  eval loss at step 2: 1.2500\n" in sliced
+    assert "  eval reward accuracy at step 2: 75.0%, margin 0.0000" in sliced
+    finished = run_summary({"steps": 4, "eval_before": before, "eval_after": after}, None, tmp_path)
+    assert "  eval loss after: 1.2500" in finished and "eval reward accuracy after: 75.0%, margin 0.0000" in finished

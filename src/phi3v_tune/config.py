@@ -680,8 +680,10 @@ class TrainConfig:
         dpo_flags = sorted(
             n for n in self.given_settings() if n.startswith("dpo_") and getattr(self, n) != FIELDS[n].default
         )
+        # a resumed run learns its objective from the checkpoint (`adopt_run_settings`), then is validated again
+        objective_unknown = bool(self.resume) and "objective" not in self.given_settings()
         if self.objective != "dpo":
-            if dpo_flags:
+            if dpo_flags and not (objective_unknown and not getattr(self, "adopted", False)):
                 raise ValueError(f"--{dpo_flags[0].replace('_', '-')} applies to --objective dpo (this run: sft)")
             return
         if self.dpo_beta <= 0:
@@ -880,27 +882,37 @@ def resolve(args: Any) -> TrainConfig:
     return cfg.validate()
 
 
-#: Settings that shape the trained weights: a resumed run takes them from its checkpoint.
+#: Settings that shape the trained weights (the model's parts and the loss): a resumed run takes them from its
+#: checkpoint. The DPO settings define the loss, and the stored reference log-probabilities belong to the run.
 RUN_SHAPING = (
     "objective", "method", "freeze_projector", "lora_rank", "lora_alpha", "lora_dropout", "lora_lm_head",
-    "lora_vision", "lora_variant", "num_crops",
+    "lora_vision", "lora_variant", "num_crops", "dpo_beta", "dpo_loss", "dpo_sft_weight", "dpo_label_smoothing",
+    "dpo_precompute_reference",
 )  # fmt: skip
+
+
+def flag_text(name: str, value: Any) -> str:
+    """A setting as the flag that sets it: `--lora-rank 4`, `--dpo-precompute-reference` / `--no-...` for switches."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value:g}" if isinstance(value, float) else f"--{flag} {value}"
 
 
 def adopt_run_settings(cfg: TrainConfig, saved: dict[str, Any], checkpoint: str) -> list[str]:
     """Resume: the settings that shape the weights come from the checkpoint's train_config.yaml when not given; one
     given differently stops the run with both values. Returns the names taken from the checkpoint."""
     taken = []
+    cfg.adopted = True
     for name in RUN_SHAPING:
-        if name not in saved:
-            continue
+        if name not in saved or (name.startswith("dpo_") and saved.get("objective") != "dpo"):
+            continue  # (an SFT run's DPO settings are defaults that never applied)
         value, theirs = getattr(cfg, name), saved[name]
         if name in cfg.given_settings():
             if value != theirs:
                 raise ValueError(
-                    f"--{name.replace('_', '-')} {value} conflicts with {checkpoint}, trained with "
-                    f"--{name.replace('_', '-')} {theirs}: drop the flag to continue that run, or start a new run "
-                    "in another --output-dir"
+                    f"{flag_text(name, value)} conflicts with {checkpoint}, trained with {flag_text(name, theirs)}: "
+                    "drop the flag to continue that run, or start a new run in another --output-dir"
                 )
         elif value != theirs:
             setattr(cfg, name, theirs)

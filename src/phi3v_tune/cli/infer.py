@@ -88,6 +88,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import DataError, SampleLayout, load_records, validate_records
+    from ..data.preference import PreferenceRecord
+    from ..data.validate import objective_of
     from ..evaluate.runner import evaluate_records, split_questions, write_rows
 
     show_progress(args.progress)
@@ -101,10 +103,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"evaluating the first {len(held)} of {len(records)} rows of {args.data} (--eval-holdout "
               f"{args.eval_holdout}: the rows training held out)", flush=True)  # fmt: skip
         records = held
+    # preference pairs are scored as training's --metric scores them: greedy answers against the chosen answers
+    objective = objective_of(records)
     # every problem (missing or broken images and videos included) before the model loads, not mid-way through generation
-    problems = validate_records(records, problems, layout=layout, decode_videos=True)
+    problems = validate_records(records, problems, layout=layout, decode_videos=True, objective=objective)
     if problems:
         raise DataError(problems)
+    if objective == "dpo":
+        records = [PreferenceRecord.of(r).answered("chosen") for r in records]
+        print(f"{len(records)} preference pairs: greedy answers are scored against the chosen answers (reward "
+              "accuracy and margin come from training: train --objective dpo --eval-data)", flush=True)  # fmt: skip
     records = split_questions(records, layout, args.questions)
     rank, world = _init_distributed()
     model, processor = _load(args)

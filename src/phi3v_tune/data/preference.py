@@ -22,7 +22,10 @@ Pair batch keys (both collators), for `model.preference.preference_step`:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +39,7 @@ from .dataset import DataPlan
 from .examples import SampleRefused, build_example, turn_images
 from .layout import DEFAULT_LAYOUT, SampleLayout
 from .packing import plan_rows
-from .schema import Record
+from .schema import ImageRef, Record
 
 ANSWERS = ("chosen", "rejected")
 
@@ -66,6 +69,24 @@ class PreferenceRecord:
         """The prompt answered by one of the two answers: an SFT record (e.g. to score greedy answers against the
         chosen one)."""
         return with_last_answer(self.prompt, getattr(self, name))
+
+
+def image_identity(image: ImageRef) -> str:
+    """What identifies an image cheaply: its path, the hash of its encoded bytes, or (decoded, e.g. video frames)
+    its size and mode."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    if isinstance(image, bytes):
+        return hashlib.sha1(image).hexdigest()
+    return f"{image.mode}{image.size}"
+
+
+def pair_digest(pair: PreferenceRecord) -> str:
+    """A short fingerprint of a pair's content (every turn's text, video and images, both answers): a resumed run
+    checks with it that the reference log-probabilities it stored still belong to the same pairs."""
+    turns = [[t.user, t.assistant, t.video, [image_identity(i) for i in t.images]] for t in pair.prompt.turns]
+    content = json.dumps([turns, pair.chosen, pair.rejected], ensure_ascii=False)
+    return hashlib.sha1(content.encode()).hexdigest()[:16]
 
 
 def with_last_answer(record: Record, answer: str) -> Record:

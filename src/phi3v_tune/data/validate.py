@@ -69,6 +69,51 @@ ANSWERS_IN_DPO = (
 )
 
 
+def count(n: int, noun: str) -> str:
+    """'1 record', '2 records'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def duplicate_id(first: str) -> str:
+    return f"duplicate id (first used at {first}; expected unique ids)"
+
+
+def unparsed_samples(records: Sequence[Record], problems: Sequence[Problem]) -> list[tuple[str, str]]:
+    """(origin, id) of the samples that failed to parse (their problems name an id, but no record came of them)."""
+    parsed = {record.origin for record in records}
+    seen: dict[str, str] = {}
+    for problem in problems:
+        if problem.id is not None and problem.origin not in parsed:
+            seen.setdefault(problem.origin, problem.id)
+    return list(seen.items())
+
+
+def repeated_ids(
+    records: Sequence[Record], unparsed: list[tuple[str, str]]
+) -> tuple[list[str | None], list[str | None]]:
+    """Per record and per unparsed sample: the origin of its id's first use when it is a later use, else None; in
+    file order over parsed and unparsed samples alike (records of the same origin in their given order)."""
+    uses = [(r.origin, r.id) for r in records] + unparsed
+    sources: dict[str, int] = {}
+    for origin, _ in uses:
+        sources.setdefault(source_of(origin), len(sources))
+
+    def position(i: int) -> tuple[int, int]:
+        match = ORIGIN_POSITION.match(uses[i][0])
+        number = next((int(g) for g in (match.group("line", "row", "index") if match else ()) if g), -1)
+        return sources[source_of(uses[i][0])], number
+
+    first: dict[str, str] = {}
+    earlier: list[str | None] = [None] * len(uses)
+    for i in sorted(range(len(uses)), key=position):
+        origin, sample_id = uses[i]
+        if sample_id in first:
+            earlier[i] = first[sample_id]
+        else:
+            first[sample_id] = origin
+    return earlier[: len(records)], earlier[len(records) :]
+
+
 def validate_records(
     records: Sequence[Record],
     problems: Iterable[Problem] = (),
@@ -96,19 +141,14 @@ def validate_records(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     found: list[Problem] = list(problems)
-    first_origin: dict[str, str] = {}
-    for record in records:
-        if record.id in first_origin:
-            found.append(
-                Problem(
-                    record.origin,
-                    record.id,
-                    "id",
-                    f"duplicate id (first used at {first_origin[record.id]}; expected unique ids)",
-                )
-            )
-        else:
-            first_origin[record.id] = record.origin
+    unparsed = unparsed_samples(records, found)  # a sample that did not parse can still repeat an id
+    repeats, unparsed_repeats = repeated_ids(records, unparsed)
+    for (origin, sample_id), first in zip(unparsed, unparsed_repeats):
+        if first is not None:
+            found.append(Problem(origin, sample_id, "id", duplicate_id(first)))
+    for record, first in zip(records, repeats):
+        if first is not None:
+            found.append(Problem(record.origin, record.id, "id", duplicate_id(first)))
         found.extend(_pair_problems(record, objective))
         for i, turn in enumerate(record.turns):
             # (a preference turn's answers are chosen and rejected, checked above)
@@ -351,11 +391,13 @@ class ValidationReport:
 
     def format(self, max_problems: int | None = None) -> str:
         """A human-readable summary: the counts, then every problem (or the first ``max_problems``)."""
-        counts = f"{self.num_records} records, {self.num_turns} turns, {self.num_images} images"
+        counts = (
+            f"{count(self.num_records, 'record')}, {count(self.num_turns, 'turn')}, {count(self.num_images, 'image')}"
+        )
         if self.num_pairs:
-            counts = f"{self.num_pairs} preference pairs, " + counts
+            counts = f"{count(self.num_pairs, 'preference pair')}, " + counts
         if self.num_videos:
-            counts += f", {self.num_videos} videos"
+            counts += f", {count(self.num_videos, 'video')}"
         lines = [f"{self.data}: {counts}"]
         if not self.problems:
             lines.append("no problems found")

@@ -60,7 +60,8 @@ class ProgressBar(TrainerCallback):
         ):
             value = logs.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                post[name] = fmt.format(value)
+                text = fmt.format(value)
+                post[name] = text.lstrip("-") if float(text) == 0 else text  # -0.0001 shows as 0.000, not -0.000
         if post:
             self.bar.set_postfix(post, refresh=True)
 

@@ -24,12 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.preference import pair_digest
 from ..model.modeling import set_rope_per_sample
 from ..model.preference import find_peft_model, frozen_copy, precompute_reference, preference_step
 from .compile import compile_layers
 from .trainer import Phi3VTrainer
 
-#: The stored reference log-probabilities in the output folder: {"train": {pair id: [chosen, rejected]}, "eval": ...}.
+#: The stored reference log-probabilities in the output folder: {"train": {pair id: [chosen, rejected]}, "eval": ...,
+#: "digests": {"train": {pair id: `data.preference.pair_digest`}, ...}} (the digests: what a resumed run checks).
 REFERENCE_FILE = "reference_logps.json"
 #: Evaluation metrics (per pair, averaged over the evaluation data) besides the loss.
 EVAL_KEYS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
@@ -178,6 +180,7 @@ class PreferenceTrainer(Phi3VTrainer):
         every process a share, and written there; the data sets then hand them to every batch."""
         datasets = {"train": self.train_dataset, "eval": self.eval_dataset}
         datasets = {split: ds for split, ds in datasets.items() if ds is not None}
+        digests = {split: {p.id: pair_digest(p) for p in ds.pairs} for split, ds in datasets.items()}
         stored = json.loads(path.read_text()) if resumed and path.is_file() else None
         if stored is not None:
             missing = [p.id for split, ds in datasets.items() for p in ds.pairs if p.id not in stored.get(split, {})]
@@ -186,14 +189,30 @@ class PreferenceTrainer(Phi3VTrainer):
                     f"{path} has no reference log-probabilities for pair(s) {', '.join(missing[:5])}: the data changed "
                     "since the run started; start a new run (without --resume) to compute them for this data"
                 )
+            known = stored.get("digests", {})  # files written before digests were stored have none
+            changed = [
+                pair_id
+                for split, table in digests.items()
+                for pair_id, digest in table.items()
+                if known.get(split, {}).get(pair_id, digest) != digest
+            ]
+            if changed:
+                raise ValueError(
+                    f"pair(s) {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} differ from the data the run "
+                    f"started with (prompt, images or answers), so the reference log-probabilities in {path} do not "
+                    "belong to them: resume with the original data, or start a new run (without --resume)"
+                )
             say(f"reference log-probabilities: read from {path}")
         else:
             stored = {split: self._compute_reference(ds, split) for split, ds in datasets.items()}
+            stored["digests"] = digests
             if self.is_world_process_zero():
                 tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
                 tmp.write_text(json.dumps(stored))
                 os.replace(tmp, path)
-            say(f"reference log-probabilities of {sum(map(len, stored.values()))} pairs computed; stored in {path}")
+            say(
+                f"reference log-probabilities of {sum(len(stored[split]) for split in datasets)} pairs computed; stored in {path}"
+            )
         for split, ds in datasets.items():
             ds.reference = {pair_id: tuple(values) for pair_id, values in stored[split].items()}
 
@@ -230,14 +249,18 @@ class PreferenceTrainer(Phi3VTrainer):
         return {pair_id: list(values) for pair_id, values in table.items()}
 
 
-def run_preference_metrics(metrics: dict[str, Any]) -> list[str]:
-    """The closing summary's lines about held-out preferences: reward accuracy and margin before and after."""
+def run_preference_metrics(
+    metrics: dict[str, Any], label: Callable[[str], str] = lambda when: when.removeprefix("eval_")
+) -> list[str]:
+    """The closing summary's lines about held-out preferences: reward accuracy and margin before and after (`label`
+    names each evaluation, from its key eval_before / eval_after)."""
     lines = []
     for when in ("eval_before", "eval_after"):
         entry = metrics.get(when, {})
         if "eval_rewards/accuracies" in entry:
+            margin = f"{entry['eval_rewards/margins']:.4f}"
+            margin = margin.lstrip("-") if float(margin) == 0 else margin  # not -0.0000
             lines.append(
-                f"  eval reward accuracy {when.removeprefix('eval_')}: {entry['eval_rewards/accuracies']:.1%}, "
-                f"margin {entry['eval_rewards/margins']:.4f}"
+                f"  eval reward accuracy {label(when)}: {entry['eval_rewards/accuracies']:.1%}, margin {margin}"
             )
     return lines

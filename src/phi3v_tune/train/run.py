@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from ..config import TrainConfig, adopt_run_settings, load_yaml, show_progress
+from ..config import TrainConfig, adopt_run_settings, flag_text, load_yaml, show_progress
 from ..evaluate.runner import split_questions
 from ..model.loading import base_record
 from ..model.serving_files import remote_code_note, write_serving_files
@@ -99,10 +100,7 @@ class TrainingRun:
             if saved.is_file():
                 taken = adopt_run_settings(cfg, load_yaml(saved), self.resume_from.name)
                 if taken:
-                    say(
-                        f"from {self.resume_from.name}: "
-                        + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in taken)
-                    )
+                    say(f"from {self.resume_from.name}: " + ", ".join(flag_text(n, getattr(cfg, n)) for n in taken))
                 cfg.validate()
         self.runtime = runtime = Runtime.resolve(cfg)
         accumulation_steps(cfg, runtime.world_size)  # a batch that does not divide fails now, not after loading
@@ -220,10 +218,11 @@ class TrainingRun:
         trainer.args.eval_on_start = trainer.eval_dataset is not None and not self.resume_from
         with collector_restored():
             result = trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
-        metrics["train"] = result.metrics
-        metrics["steps"] = trainer.state.global_step
-        metrics["log_history"] = trainer.state.log_history  # per-step loss, lr, throughput (also without checkpoints)
         history = trainer.state.log_history  # restored from the checkpoint on --resume: the whole run's
+        metrics["train"] = whole_run_train_loss(result.metrics, history, resumed_step(self.resume_from),
+                                                trainer.state.global_step)  # fmt: skip
+        metrics["steps"] = trainer.state.global_step
+        metrics["log_history"] = history  # per-step loss, lr, throughput (also without checkpoints)
         losses = [e for e in history if "eval_loss" in e]
         if losses and losses[0].get("step") == 0:
             metrics["eval_before"] = losses[0]
@@ -390,11 +389,14 @@ class Schedule:
         """What would make a run train little or nothing, said before anything slow starts."""
         found = []
         if self.steps <= self.warmup:
-            given = f"--warmup-ratio {cfg.warmup_ratio:g}" if cfg.warmup_ratio is not None else "--warmup-steps"
+            longer = "train longer (--epochs, a smaller --batch-size)"
+            if cfg.warmup_ratio is not None:
+                given, fix = f"--warmup-ratio {cfg.warmup_ratio:g}", f"{longer.capitalize()}, or set --warmup-ratio 0"
+            else:
+                given, fix = "--warmup-steps", f"Lower --warmup-steps, use --warmup-ratio 0.1, or {longer}"
             found.append(
                 f"the run has {self.steps} optimizer step(s) and {self.warmup} warm-up step(s) ({given}): the learning "
-                f"rate never reaches --learning-rate {cfg.learning_rate:g} (the first step runs at 0). Lower "
-                f"--warmup-steps, use --warmup-ratio 0.1, or train longer (--epochs, a smaller --batch-size)"
+                f"rate never reaches --learning-rate {cfg.learning_rate:g} (the first step runs at 0). {fix}"
             )
         if cfg.batch_size > samples:
             found.append(
@@ -520,10 +522,43 @@ def build_trainer(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def resumed_step(checkpoint: Path | None) -> int:
+    """The optimizer step a run resumed from (0 for a fresh run): the N of checkpoint-N."""
+    if checkpoint is None:
+        return 0
+    match = re.fullmatch(r"checkpoint-(\d+)", checkpoint.name)
+    return int(match[1]) if match else 0
+
+
+def whole_run_train_loss(
+    train_metrics: dict[str, Any], history: list[dict[str, Any]], start: int, steps: int
+) -> dict[str, Any]:
+    """The Trainer's train_loss averages the steps this process ran; after --resume from step `start` the earlier
+    steps' losses come from the restored log history, whose logging windows end at the checkpoint's step when they
+    tile steps 1..start (each entry's loss is its window's mean). Then train_loss is the mean over the whole run, as
+    an uninterrupted run reports it; otherwise `train_loss_from_step` says which steps it averages."""
+    if start <= 0 or "train_loss" not in train_metrics or steps <= start:
+        return train_metrics
+    logged = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e and e["step"] <= start]
+    if not logged or logged[-1][0] != start:
+        return {**train_metrics, "train_loss_from_step": start + 1}
+    earlier, previous = 0.0, 0
+    for step, loss in logged:
+        earlier += loss * (step - previous)
+        previous = step
+    return {**train_metrics, "train_loss": (earlier + train_metrics["train_loss"] * (steps - start)) / steps}
+
+
+def evaluation_label(metrics: dict[str, Any], when: str) -> str:
+    """'before' or 'after' training; a --stop-at-step slice's last evaluation is 'at step N', the run goes on."""
+    if when == "eval_after" and "stopped_at_step" in metrics:
+        return f"at step {metrics['stopped_at_step']}"
+    return when.removeprefix("eval_")
+
+
 def run_summary(metrics: dict[str, Any], metric: str | None, out: Path, model: str | None = None) -> str:
     """The lines a finished run ends with: steps and loss, the evaluation before/after, and where everything is."""
-    # the logged losses, not the Trainer's train_loss: the log history is restored on --resume, while train_loss sums
-    # only the resumed part's losses (and divides by every step)
+    # the first and the last logged loss (the log history is restored on --resume: the whole run's)
     logged = [(e["step"], e["loss"]) for e in metrics.get("log_history", []) if "loss" in e and "step" in e]
     if logged:
         (first_step, first), (last_step, last) = logged[0], logged[-1]
@@ -533,8 +568,8 @@ def run_summary(metrics: dict[str, Any], metric: str | None, out: Path, model: s
     lines = [f"done: {metrics.get('steps', '?')} steps, {loss}"]
     for when in ("eval_before", "eval_after"):
         if when in metrics and "eval_loss" in metrics[when]:
-            lines.append(f"  eval loss {when.removeprefix('eval_')}: {metrics[when]['eval_loss']:.4f}")
-    lines += run_preference_metrics(metrics)
+            lines.append(f"  eval loss {evaluation_label(metrics, when)}: {metrics[when]['eval_loss']:.4f}")
+    lines += run_preference_metrics(metrics, lambda when: evaluation_label(metrics, when))
     for entry in metrics.get("task_metric", []):
         if entry.get("when") in ("before", "after"):
             lines.append(f"  {metric} {entry['when']} (step {entry['step']}): {entry[f'eval_{metric}']:.4f}")
