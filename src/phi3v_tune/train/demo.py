@@ -185,8 +185,8 @@ def run_dpo_demo(
     # stage 2: DPO from that model on the pairs
     cfg = demo_config(out / "dpo", train_file, eval_file, task="demo_dpo", model=str(start), seed=seed, epochs=epochs,
                       progress=not quiet, overwrite_output_dir=True)  # fmt: skip
-    greedy_before, _ = greedy_scores(start, held_out, "before")
     say(f"\nstage 2: DPO on {len(pairs_train)} pairs ({cfg.epochs:g} epochs, beta {cfg.dpo_beta:g})")
+    greedy_before, _ = greedy_scores(start, held_out, "before")
     metrics = TrainingRun(cfg).setup().train()
     greedy_after, answers = greedy_scores(out / "dpo" / "final", held_out, "after")
 
