@@ -13,7 +13,7 @@ from PIL import Image
 from phi3v_tune.cli import build_parser
 from phi3v_tune.cli import main as cli
 from phi3v_tune.config import TrainConfig, resolve
-from phi3v_tune.data import DataError, load_records, validate_path
+from phi3v_tune.data import DataError, load_records, validate_path, validate_records
 from phi3v_tune.data.preference import PreferenceRecord
 from phi3v_tune.train.run import run_training
 
@@ -215,6 +215,23 @@ def test_bad_trl_rows_are_located(tmp_path):
     assert "system messages are not supported" in found[("row 0]", "prompt[0].role")]
     assert found[("row 1]", "prompt")] == "expected the last message to be the user's question"
     assert found[("row 2]", "chosen[0].role")] == "expected 'assistant', got 'user'"
+
+
+def test_problems_of_table_answers_name_the_tables_columns(tmp_path):
+    folder = tmp_path / "rlaif"
+    datasets.Dataset.from_dict(
+        {"image": [img(1), img(2)], "question": ["Q?", "Q?"], "chosen": ["Same.", " "], "rejected": ["Same.", "b"]}
+    ).save_to_disk(str(folder))
+    records, problems = load_records(str(folder))
+    found = {(p.origin.rsplit("[", 1)[1], p.field): p.message for p in validate_records(records, problems,
+                                                                                          objective="dpo")}  # fmt: skip
+    assert found == {
+        (
+            "row 0]",
+            "rejected",
+        ): "the same text as 'chosen' (expected two different answers: there is nothing to prefer)",
+        ("row 1]", "chosen"): "empty answer (expected non-empty text)",
+    }
 
 
 def test_an_sft_run_on_pairs_and_a_dpo_run_on_conversations_say_what_to_pass(pair_file, tmp_path):

@@ -180,6 +180,9 @@ def _pair_problems(record: Record, objective: str) -> list[Problem]:
     """A preference pair in an SFT run, a sample without one in a DPO run, or a pair whose answers are empty or the
     same."""
     last = f"conversations[{len(record.turns) - 1}]"
+    match = ORIGIN_POSITION.match(record.origin)
+    # a table row (RLAIF-V, TRL) holds the answers in its own `chosen` and `rejected` columns
+    answer = (lambda name: name) if match and match["row"] is not None else (lambda name: f"{last}.{name}")
     if not record.is_pair:
         if objective == "dpo":
             return [
@@ -193,10 +196,10 @@ def _pair_problems(record: Record, objective: str) -> list[Problem]:
             ]
         return []
     if objective == "sft":
-        return [Problem(record.origin, record.id, f"{last}.chosen", PAIRS_IN_SFT)]
+        return [Problem(record.origin, record.id, answer("chosen"), PAIRS_IN_SFT)]
     turn = record.turns[-1]
     found = [
-        Problem(record.origin, record.id, f"{last}.{name}", "empty answer (expected non-empty text)")
+        Problem(record.origin, record.id, answer(name), "empty answer (expected non-empty text)")
         for name, text in (("chosen", turn.chosen), ("rejected", turn.rejected))
         if not (text or "").strip()
     ]
@@ -205,7 +208,7 @@ def _pair_problems(record: Record, objective: str) -> list[Problem]:
             Problem(
                 record.origin,
                 record.id,
-                f"{last}.rejected",
+                answer("rejected"),
                 "the same text as 'chosen' (expected two different answers: there is nothing to prefer)",
             )
         )
