@@ -163,7 +163,7 @@ def test_validate_checks_prediction_input_as_predict_reads_it(tmp_path, capsys):
     assert main(["validate", str(questions)]) == 1  # training and evaluation need the answer
     assert "assistant" in capsys.readouterr().out
     assert main(["validate", str(questions), "--for", "predict"]) == 0
-    assert "1 records, 1 turns, 1 images\nno problems found" in capsys.readouterr().out
+    assert "1 record, 1 turn, 1 image\nno problems found" in capsys.readouterr().out
 
 
 def test_no_progress_is_quiet_and_our_calls_raise_no_deprecation_warnings(data_file, tmp_path):  # noqa: F811
