@@ -94,6 +94,8 @@ def test_early_stopping_stops_when_the_score_plateaus(data_file, tmp_path, capsy
     assert metrics["steps"] == 6 and metrics["stopped_early_at_step"] == 6
     assert json.loads((out / "final" / "checkpoint_complete.json").read_text())["step"] == 6
     assert json.loads((out / "best" / "best.json").read_text())["step"] == 2
+    # the run's last checkpoint is written where it stopped, as at a normal end (--resume continues from it)
+    assert json.loads((out / "checkpoint-6" / "checkpoint_complete.json").read_text())["step"] == 6
     text = capsys.readouterr().out
     assert "stopped early at step 6: no improvement of eval_accuracy" in text and "--early-stopping-patience 2" in text
     assert "best accuracy:" in text and "at step 2" in text

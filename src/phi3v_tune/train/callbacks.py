@@ -364,6 +364,8 @@ class BestModel(TrainerCallback):
             self.write(best, state)
         if self.patience is not None and since >= self.patience and state.global_step < state.max_steps:
             control.should_training_stop = True
+            # the run ends here: its last checkpoint too, as at the end of a run (this log comes before the save)
+            control.should_save = args.save_strategy != "no"
             self.stopped_early_at = state.global_step
 
     def write(self, best: tuple[int, float], state) -> None:
