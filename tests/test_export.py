@@ -251,11 +251,15 @@ def test_generation_stops_where_the_trained_answer_ends(runs):
 
 
 def test_a_base_without_remote_code_loads_with_our_classes_and_the_summary_says_how_to_add_it(runs):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoProcessor
 
     final = runs["freeze"] / "final"
     assert not list(final.glob("*.py"))
     assert type(AutoModelForCausalLM.from_pretrained(final)) is Phi3VForCausalLM  # after `import phi3v_tune`
+    # its preprocessor_config.json names remote code it lacks: AutoProcessor takes ours, with no trust question
+    assert "auto_map" in json.loads((final / "preprocessor_config.json").read_text())
+    processor = AutoProcessor.from_pretrained(final)
+    assert type(processor) is Phi3VProcessor and processor.image_processor.num_crops == 1
     metrics = json.loads((runs["freeze"] / "metrics.json").read_text())
     cfg = TrainConfig(model=str(runs["plain"]), metric=None)
     summary = run_summary(metrics, cfg.metric, runs["freeze"], cfg.model)

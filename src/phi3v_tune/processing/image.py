@@ -284,6 +284,10 @@ def header_size(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+#: Arguments `AutoProcessor` / `AutoImageProcessor.from_pretrained` hand to a registered class besides the folder.
+AUTO_CLASS_KWARGS = ("_from_auto", "_from_pipeline", "trust_remote_code")
+
+
 class Phi3VImageProcessor:
     """Turns images into the (global view + 336x336 crops) tensors and token counts Phi-3.5-vision expects.
 
@@ -360,7 +364,9 @@ class Phi3VImageProcessor:
         ``overrides`` win.
 
         ``max_image_pixels`` is a loading limit of this run (None: no limit), never read from or written to the
-        folder: the published format has no such key."""
+        folder: the published format has no such key. The bookkeeping arguments transformers' Auto classes pass
+        (``AUTO_CLASS_KWARGS``) are ignored."""
+        overrides = {k: v for k, v in overrides.items() if k not in AUTO_CLASS_KWARGS}
         path = Path(folder)
         if not path.exists() and is_hub_id(str(folder)):
             path = resolve_model_source(str(folder))
