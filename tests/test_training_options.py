@@ -214,3 +214,25 @@ def test_tensorboard_logs_the_run(tmp_path):
     acc.Reload()
     assert {"train/loss", "train/learning_rate"} <= set(acc.Tags()["scalars"])
     assert len(acc.Scalars("train/loss")) == 2
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(method="lora", vision_lr=1e-4), "--vision-lr applies to a part that trains, but with --method lora it "
+                                              "has no adapters without --lora-vision"),
+        (dict(method="qlora", projector_lr=1e-4), "--projector-lr applies to a part that trains, but with --method "
+                                                  "qlora it has no adapters without --lora-vision"),
+        (dict(method="freeze-vision", vision_lr=1e-4), "--vision-lr applies to a part that trains, but --method "
+                                                       "freeze-vision freezes the CLIP tower"),
+        (dict(method="freeze-vision", freeze_projector=True, projector_lr=1e-4),
+         "--projector-lr applies to a part that trains, but --freeze-projector freezes the projector"),
+    ],
+)  # fmt: skip
+def test_a_rate_for_a_part_that_does_not_train_is_refused(settings, message):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(data="x.jsonl", **settings).validate()
+    assert str(err.value) == message
+    # the same part trains with adapters on it, or under full fine-tuning: accepted
+    TrainConfig(data="x.jsonl", method="lora", lora_vision=True, vision_lr=1e-4, projector_lr=1e-4).validate()
+    TrainConfig(data="x.jsonl", method="freeze-vision", projector_lr=1e-4).validate()

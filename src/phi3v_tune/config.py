@@ -522,6 +522,19 @@ class TrainConfig:
         rates = {"vision": self.vision_lr, "projector": self.projector_lr}
         return {part: rate for part, rate in rates.items() if rate is not None}
 
+    def frozen_parts(self) -> dict[str, str]:
+        """{part: why it does not train} for the parts --vision-lr / --projector-lr name (see train.strategies)."""
+        frozen = {}
+        adapters = self.method in ("lora", "qlora")
+        if self.method == "freeze-vision":
+            frozen["vision"] = "--method freeze-vision freezes the CLIP tower"
+            if self.freeze_projector:
+                frozen["projector"] = "--freeze-projector freezes the projector"
+        elif adapters and not self.lora_vision:
+            for part in ("vision", "projector"):
+                frozen[part] = f"with --method {self.method} it has no adapters without --lora-vision"
+        return frozen
+
     @property
     def effective_lora_alpha(self) -> int:
         """--lora-alpha, or 2 x --lora-rank when not given (the recipe's `lora_alpha=round(rank * 2)`)."""
@@ -550,6 +563,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value:g}")
+        for part, why in self.frozen_parts().items():
+            if part in self.part_learning_rates():
+                raise ValueError(f"--{part}-lr applies to a part that trains, but {why}")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
