@@ -107,10 +107,10 @@ class TrainConfig:
     )
     apply_exif_orientation: bool | None = _f(
         None,
-        "Rotate photos by their EXIF orientation tag, as image viewers show them. Default: as the base model's "
-        "processor says, which is off for published checkpoints: the published processor ignores the tag (so does "
-        "inference with it), and a model should be trained on images as it will see them. Saved with the model's "
-        "processor, so eval and predict follow it.",
+        "Rotate photos by their EXIF orientation tag, as image viewers show them. Off in the published checkpoints' "
+        "processor, which ignores the tag (so does inference with it): a model should be trained on images as it "
+        "will see them. Saved with the model's processor, so eval and predict follow it.",
+        default_note="as the base model's processor says",
         group="data",
     )
     # -- model and method --------------------------------------------------------------------------------------------
@@ -191,8 +191,8 @@ class TrainConfig:
     )
     attn_implementation: str = _f(
         "sdpa",
-        "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager. With --packing, sdpa runs packed rows "
-        "through variable-length attention.",
+        "Attention kernels: sdpa (PyTorch flash/cuDNN/efficient) or eager. In training with --packing, sdpa runs "
+        "packed rows through variable-length attention.",
         choices=("sdpa", "eager"),
         group="precision, memory and speed",
     )
@@ -398,8 +398,9 @@ class TrainConfig:
     )
     metric: str | None = _f(
         None,
-        "Task metric computed by greedy generation on the evaluation data before, during "
-        "(--eval-steps) and after training: anls | accuracy. Default: none (the evaluation loss only).",
+        "Task metric computed by greedy generation on the evaluation data (in training: before, during "
+        "(--eval-steps) and after): anls | accuracy.",
+        default_note="none: training reports the evaluation loss only",
         choices=tuple(METRICS),
         group="evaluation",
     )

@@ -101,6 +101,8 @@ def field_option(
         help_text += " Required."
     elif note is not None:
         help_text += f" (default: {note})"
+    elif value in (None, argparse.SUPPRESS) and f.default is None and "default_note" in f.metadata:
+        help_text += f" (default: {f.metadata['default_note']})"  # a default no plain value states
     else:
         help_text += default_note(f.default if value is argparse.SUPPRESS else value, help_text)
     kwargs: dict[str, Any] = {"dest": dest or name, "help": help_text.replace("%", "%%")}
@@ -160,7 +162,9 @@ def add_model_source_arguments(parser: argparse.ArgumentParser, what: str, alias
     field_option(parser, "revision")
 
 
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+def add_inference_arguments(parser: argparse.ArgumentParser, *, task: bool = True) -> None:
+    """The model and generation flags of eval and predict; `task`: the command takes --task (its recipe's settings
+    are then defaults)."""
     add_model_source_arguments(
         parser,
         what="a full model folder (a run's final/, best/ or a checkpoint), a LoRA adapter folder, or a hub id "
@@ -177,7 +181,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     field_option(parser, "attn_implementation")
     field_option(parser, "eval_batch_size")
     field_option(parser, "eval_max_new_tokens", "--max-new-tokens", "--eval-max-new-tokens", default=None,
-                 note="the --task recipe's (eval), else 64")  # fmt: skip
+                 note="the --task recipe's, else 64" if task else "64")  # fmt: skip
     field_option(
         parser, "video_frames", default=None, note="what the model was trained with (its train_config.yaml), else 8"
     )

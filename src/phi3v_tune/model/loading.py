@@ -99,7 +99,7 @@ def locate(model: str | Path, base: str | None = None, revision: str | None = No
     if not (folder / "config.json").is_file() and not (folder / ADAPTER_CONFIG).is_file():
         raise ValueError(
             f"{name}: not a model folder (no config.json) nor a LoRA adapter folder (no {ADAPTER_CONFIG}); for a "
-            "run's output folder, pass its final/ or a checkpoint-N/ inside it"
+            "run's output folder, pass its final/, best/ or a checkpoint-N/ inside it"
         )
     if not is_adapter(folder):
         if base is not None:
