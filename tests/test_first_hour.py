@@ -35,6 +35,26 @@ def test_lr_is_an_alias_and_prefixes_are_never_guessed(capsys):
     assert "--epoch: did you mean --epochs" in parse_error(["train", "--epoch", "2"], capsys)
 
 
+def test_a_flag_error_is_not_buried_under_the_whole_usage(capsys):
+    """train has some 150 flags: the error follows a one-line usage pointing at --help, not 80 lines of it."""
+    err = parse_error(["train", "--data", "x.jsonl", "--lerning-rate", "3"], capsys)
+    assert err.splitlines() == [
+        "usage: phi3v-tune train [flags] (every flag: phi3v-tune train --help)",
+        "phi3v-tune train: error: unrecognized arguments: --lerning-rate 3",
+        "  --lerning-rate: did you mean --learning-rate",
+    ]
+
+
+def test_a_misspelt_yaml_setting_names_its_file_and_the_setting_meant(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("lerning_rate: 1e-4\n")
+    with pytest.raises(ValueError) as err:
+        resolve(build_parser().parse_args(["train", "--config", str(config), "--data", "x.jsonl"]))
+    assert str(err.value) == (
+        f"{config}: unknown setting 'lerning_rate' (did you mean 'learning_rate'? see `phi3v-tune train --help`)"
+    )
+
+
 @pytest.mark.parametrize(
     "spelling, ours",
     [

@@ -7,6 +7,7 @@ The resolved config is written to the output folder (`train_config.yaml`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import os
@@ -834,7 +835,9 @@ SOURCE_LISTS = ("data", "eval_data")
 def coerce(name: str, value: Any) -> Any:
     """Check and convert a YAML value to the field's type, with an error naming the key."""
     if name not in FIELDS:
-        raise ValueError(f"unknown setting {name!r} (see `phi3v-tune train --help`)")
+        close = difflib.get_close_matches(name, list(FIELDS), n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown setting {name!r} ({hint}see `phi3v-tune train --help`)")
     if value is None:
         return None
     tp = base_type(FIELDS[name].type)
@@ -862,7 +865,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: cannot read the config ({err})") from err
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of settings")
-    return {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in raw.items()}
+    try:
+        return {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in raw.items()}
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def recipe(task: str) -> dict[str, Any]:

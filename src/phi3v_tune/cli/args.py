@@ -218,6 +218,13 @@ class Parser(argparse.ArgumentParser):
             (command or self).error(unknown_message(extras, command or self))
         return parsed
 
+    def error(self, message: str):  # type: ignore[override]
+        """The error after a short usage: `train`'s full usage is some 80 lines, which would bury the message."""
+        usage = self.format_usage()
+        if usage.count("\n") > 6:
+            usage = f"usage: {self.prog} [flags] (every flag: {self.prog} --help)\n"
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
+
     def _chosen_subparser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser | None:
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
