@@ -181,7 +181,16 @@ def test_validate_checks_prediction_input_as_predict_reads_it(tmp_path, capsys):
         json.dumps({"id": "q1", "conversations": [{"images": ["a.png"], "user": "What colour?"}]}) + "\n"
     )
     assert main(["validate", str(questions)]) == 1  # training and evaluation need the answer
-    assert "assistant" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (
+        out.splitlines()[0]
+        == f"{questions}: 0 records, 0 turns, 0 images (and 1 sample that could not be read: see below)"
+    )
+    assert f"{questions}:1 id=q1 conversations[0].assistant: missing (expected a string)" in out
+    assert out.splitlines()[-1] == (
+        "(every problem is a missing answer: for prompts to answer, check them with --for predict, as predict --data "
+        "reads them)"
+    )
     assert main(["validate", str(questions), "--for", "predict"]) == 0
     assert "1 record, 1 turn, 1 image\nno problems found" in capsys.readouterr().out
 

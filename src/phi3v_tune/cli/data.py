@@ -22,7 +22,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
         objective={"train": None, "dpo": "dpo"}.get(args.purpose, "sft"),
     )
     print(report.format())
+    if args.purpose != "predict" and missing_answers_only(report.problems):
+        print("(every problem is a missing answer: for prompts to answer, check them with --for predict, as "
+              "predict --data reads them)")  # fmt: skip
     return 0 if report.ok else 1
+
+
+def missing_answers_only(problems) -> bool:
+    """Problems that all say a turn has no answer: a file of prompts, most likely."""
+    return bool(problems) and all(p.field.endswith(".assistant") and p.message.startswith("missing") for p in problems)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

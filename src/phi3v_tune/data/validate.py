@@ -401,6 +401,10 @@ class ValidationReport:
             counts = f"{count(self.num_pairs, 'preference pair')}, " + counts
         if self.num_videos:
             counts += f", {count(self.num_videos, 'video')}"
+        # samples whose problems kept them from being read are not among the counts: say how many there are
+        unread = {p.origin for p in self.problems if ORIGIN_POSITION.match(p.origin)} - {r.origin for r in self.records}
+        if unread and len(self.records) == self.num_records:  # (a report made without its records cannot tell)
+            counts += f" (and {count(len(unread), 'sample')} that could not be read: see below)"
         lines = [f"{self.data}: {counts}"]
         if not self.problems:
             lines.append("no problems found")
