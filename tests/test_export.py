@@ -441,6 +441,19 @@ def test_model_card_lists_the_run_evaluation(runs, tmp_path):
     ]
     body = (export_model(run, tmp_path / "out").folder / "README.md").read_text()
     assert "| after training | 2 | 0.7500 | 0.5000 |" in body
+    assert "method: freeze-vision" in body and "stop_at_step:" not in body  # what the model is, not how the job ran
+    # best/ (kept at step 1 by --keep-best): its own step's evaluation, not the run's last one
+    shutil.copytree(runs["freeze"] / "final", run / "best")
+    (run / "best" / "best.json").write_text(json.dumps({"step": 1, "eval_anls": 0.625}))
+    metrics["log_history"] = [{"step": 1, "loss": 2.0}, {"step": 1, "eval_loss": 1.5}, {"step": 1, "eval_anls": 0.625},
+                              {"step": 2, "eval_loss": 0.75}]  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert run_evaluation(run / "best") == [
+        {"when": "before training", "step": 0, "loss": 2.5, "anls": 0.125},
+        {"when": "best (--keep-best)", "step": 1, "loss": 1.5, "anls": 0.625},
+    ]
+    (run / "metrics.json").unlink()  # a run still going: best.json's own score
+    assert run_evaluation(run / "best") == [{"when": "best (--keep-best)", "step": 1, "anls": 0.625}]
 
 
 def test_vllm_readiness_published_names_config_and_tokenizer(published_dir, real_tokenizer_dir, tmp_path):

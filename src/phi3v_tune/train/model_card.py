@@ -14,6 +14,10 @@ from huggingface_hub import ModelCardData
 from ..processing.hub import is_hub_id
 
 PIPELINE_TAG = "image-text-to-text"
+#: Settings that steer a job (where it stops, whether it resumes), not what the model is: left out of the card.
+RUN_CONTROL = ("stop_at_step", "resume", "overwrite_output_dir")
+#: What `--keep-best` writes into OUTPUT_DIR/best: {"step": N, <the compared score's key>: value}.
+BEST_FILE = "best.json"
 VLLM_FLAGS = "--trust-remote-code --max-model-len 4096 --limit-mm-per-prompt '{\"image\": 2}'"
 
 
@@ -44,7 +48,8 @@ def hub_datasets(settings: dict[str, Any]) -> list[str]:
 
 
 def run_evaluation(source: Path) -> list[dict[str, Any]]:
-    """The evaluation of the weights being exported: a checkpoint's own log (its last evaluation), else the run's
+    """The evaluation of the weights being exported: a checkpoint's own log (its last evaluation); for `best/` the
+    evaluation that made it the best (its step's entries in the run's log, else best.json's score); else the run's
     metrics.json beside `final/` (before and after training)."""
     state = source / "trainer_state.json"
     if state.is_file():
@@ -52,9 +57,14 @@ def run_evaluation(source: Path) -> list[dict[str, Any]]:
         evals = [e for e in log if any(k.startswith("eval_") and k != "eval_runtime" for k in e)]
         return [_row("last evaluation", evals[-1])] if evals else []
     metrics_file = next((p for p in (source / "metrics.json", source.parent / "metrics.json") if p.is_file()), None)
-    if metrics_file is None:
-        return []
-    metrics = json.loads(metrics_file.read_text())
+    metrics = json.loads(metrics_file.read_text()) if metrics_file is not None else {}
+    if (source / BEST_FILE).is_file():
+        return best_evaluation(json.loads((source / BEST_FILE).read_text()), metrics)
+    return _before_after(metrics)
+
+
+def _before_after(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of a run's metrics.json: the evaluation before and after training (loss and task metric)."""
     rows = []
     for when in ("before", "after"):
         entry = dict(metrics.get(f"eval_{when}") or {})
@@ -64,6 +74,21 @@ def run_evaluation(source: Path) -> list[dict[str, Any]]:
                 entry.setdefault("step", point.get("step"))
         if entry:
             rows.append(_row(f"{when} training", entry))
+    return rows
+
+
+def best_evaluation(best: dict[str, Any], metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for a `best/` folder: before training (when the run's metrics have it), then the kept step's
+    evaluation."""
+    step = best.get("step")
+    rows = [row for row in _before_after(metrics) if row["when"] == "before training"]
+    entry: dict[str, Any] = {}
+    for logged in metrics.get("log_history") or []:
+        if logged.get("step") == step and any(k.startswith("eval_") for k in logged):
+            entry.update(logged)
+    if not entry:
+        entry = {k: v for k, v in best.items() if k.startswith("eval_")}
+    rows.append(_row("best (--keep-best)", {**entry, "step": step}))
     return rows
 
 
@@ -108,8 +133,12 @@ def model_card(facts: CardFacts) -> str:
             table.append(f"| {row['when']} | {_cell(row.get('step'))} | " + " | ".join(cells) + " |")
         parts.append("## Evaluation\n\n" + "\n".join(table) + "\n")
     if facts.settings:
-        settings = yaml.safe_dump(facts.settings, sort_keys=False).strip()
-        parts.append(f"## Training settings\n\n`train_config.yaml` of the run:\n\n```yaml\n{settings}\n```\n")
+        kept = {k: v for k, v in facts.settings.items() if k not in RUN_CONTROL}
+        settings = yaml.safe_dump(kept, sort_keys=False).strip()
+        parts.append(
+            "## Training settings\n\n`train_config.yaml` of the run (without the settings that only steered the job: "
+            f"{', '.join(RUN_CONTROL)}):\n\n```yaml\n{settings}\n```\n"
+        )
     parts.append(_usage(facts))
     return "\n".join(parts)
 
