@@ -53,8 +53,28 @@ def test_published_config_reads_unchanged(published_dir, tmp_path):
         assert saved[key] == raw[key], key
     # no other field either: the published tower stays implicit (no vision_config), as published
     assert set(saved) - set(raw) <= {"dtype", "transformers_version"}, set(saved) - set(raw)
+    assert saved["torch_dtype"] == saved["dtype"] == raw["torch_dtype"]  # the publisher's code reads torch_dtype
     again = Phi3VConfig.from_pretrained(tmp_path)
     assert again.to_dict() == {**cfg.to_dict(), "_name_or_path": again.to_dict().get("_name_or_path")}
+
+
+def test_loading_a_saved_config_does_not_warn_about_torch_dtype(published_dir, tmp_path, capfd):
+    """Saved folders keep `torch_dtype` for the publisher's code; reading it (and printing the config) must not make
+    transformers 5 warn on every load."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    Phi3VConfig.from_dict(published_config(published_dir)).save_pretrained(tmp_path)
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    try:
+        capfd.readouterr()
+        loaded = AutoConfig.from_pretrained(tmp_path)
+        repr(loaded)
+    finally:
+        hf_logging.set_verbosity(before)
+    assert loaded.dtype == torch.bfloat16
+    assert "torch_dtype" not in capfd.readouterr().err
 
 
 def test_full_size_meta_model_has_exactly_the_published_keys_and_shapes(published_dir):

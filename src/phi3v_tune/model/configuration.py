@@ -59,6 +59,16 @@ class Phi3VConfig(Phi3Config):
     embd_layer: dict | None = None
     vision_config: dict | CLIPVisionConfig | None = None
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Phi3VConfig:
+        """`torch_dtype` (the published file's name, which saved folders keep for the publisher's code) read as
+        `dtype`: transformers 5 warns on every load that sets the old name."""
+        config_dict = dict(config_dict)
+        legacy = config_dict.pop("torch_dtype", None)
+        if legacy is not None:
+            config_dict.setdefault("dtype", legacy)
+        return super().from_dict(config_dict, **kwargs)
+
     def __post_init__(self, **kwargs):
         self.img_processor = {**DEFAULT_IMG_PROCESSOR, **(self.img_processor or {})}
         self.embd_layer = {**DEFAULT_EMBD_LAYER, **(self.embd_layer or {})}
@@ -116,10 +126,17 @@ class Phi3VConfig(Phi3Config):
             }
         else:
             out["rope_scaling"] = None
-        if out.get("dtype") is not None:
-            out["torch_dtype"] = out["dtype"]  # the publisher's code (transformers 4.x) reads this name
         if _same_tower(out.get("vision_config"), _DEFAULT_TOWER):
             del out["vision_config"]  # the published tower: left implicit, as the published config.json does
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What config.json holds (save_pretrained writes the diff): also `torch_dtype`, the name the publisher's
+        code (transformers 4.x) reads. Added here, after the diff, not in `to_dict`: the diff reads every key back as
+        an attribute, and reading `torch_dtype` makes transformers 5 warn on every load."""
+        out = super().to_diff_dict()
+        if out.get("dtype") is not None:
+            out["torch_dtype"] = out["dtype"]
         return out
 
 
