@@ -11,7 +11,7 @@ the field and what was expected; ``DataError`` carries a list of them.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeAlias
@@ -108,11 +108,35 @@ class DataError(ValueError):
         self.problems: list[Problem] = list(problems)
         n = len(self.problems)
         if header is None:
-            header = f"{n} problem{'s' if n != 1 else ''} in the data:"
+            header = f"{count(n, 'problem')} in the data:"
         super().__init__(header + ("\n" + format_problems(self.problems) if self.problems else ""))
 
 
 ORIGIN_POSITION = re.compile(r"^(?P<prefix>.*?)(?::(?P<line>\d+)|\[row (?P<row>\d+)\]|\[(?P<index>\d+)\])$")
+
+
+def count(n: int, noun: str) -> str:
+    """'1 record', '2 records'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def origin_position(origin: str) -> tuple[str, int]:
+    """(source, line / row number) of a sample's origin; -1 for an origin without a position."""
+    match = ORIGIN_POSITION.match(origin)
+    if match:
+        return match["prefix"], int(match["line"] or match["row"] or match["index"])
+    return origin, -1
+
+
+def file_order(origins: Sequence[str]) -> list[int]:
+    """Indices of `origins` in file order: grouped by source in order of first appearance, then by line / row
+    number; equal positions keep their given order."""
+    source_rank: dict[str, int] = {}
+    keys = []
+    for i, origin in enumerate(origins):
+        source, position = origin_position(origin)
+        keys.append((source_rank.setdefault(source, len(source_rank)), position, i))
+    return [k[2] for k in sorted(keys)]
 
 
 def sort_problems(problems: Iterable[Problem]) -> list[Problem]:
@@ -121,15 +145,4 @@ def sort_problems(problems: Iterable[Problem]) -> list[Problem]:
     Problems of the same line keep their relative order. Origins without a position stay in front of their source.
     """
     problems = list(problems)
-    source_rank: dict[str, int] = {}
-    keys = []
-    for i, problem in enumerate(problems):
-        match = ORIGIN_POSITION.match(problem.origin)
-        if match:
-            prefix = match["prefix"]
-            position = int(match["line"] or match["row"] or match["index"])
-        else:
-            prefix, position = problem.origin, -1
-        rank = source_rank.setdefault(prefix, len(source_rank))
-        keys.append((rank, position, i))
-    return [problems[k[2]] for k in sorted(keys)]
+    return [problems[i] for i in file_order([p.origin for p in problems])]

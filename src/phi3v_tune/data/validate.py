@@ -22,7 +22,18 @@ from tqdm.auto import tqdm
 from ..processing.geometry import IMAGE_TAG, image_tag
 from ..processing.image import allow_pixels
 from .layout import DEFAULT_LAYOUT, SampleLayout
-from .schema import ORIGIN_POSITION, DataError, ImageRef, Problem, Record, format_problems, sort_problems
+from .schema import (
+    ORIGIN_POSITION,
+    DataError,
+    ImageRef,
+    Problem,
+    Record,
+    count,
+    file_order,
+    format_problems,
+    origin_position,
+    sort_problems,
+)
 from .sources import PathLike, load_records
 from .video import DEFAULT_VIDEO_FRAMES, count_frames
 
@@ -39,8 +50,7 @@ def objective_of(records: Sequence[Record]) -> str:
 
 def source_of(origin: str) -> str:
     """The file or table of a sample's origin (``file.jsonl:LINE`` -> ``file.jsonl``)."""
-    match = ORIGIN_POSITION.match(origin)
-    return match["prefix"] if match else origin
+    return origin_position(origin)[0]
 
 
 def objective_problems(records: Sequence[Record], objective: str) -> list[Problem]:
@@ -69,11 +79,6 @@ ANSWERS_IN_DPO = (
 )
 
 
-def count(n: int, noun: str) -> str:
-    """'1 record', '2 records'."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def duplicate_id(first: str) -> str:
     return f"duplicate id (first used at {first}; expected unique ids)"
 
@@ -94,18 +99,9 @@ def repeated_ids(
     """Per record and per unparsed sample: the origin of its id's first use when it is a later use, else None; in
     file order over parsed and unparsed samples alike (records of the same origin in their given order)."""
     uses = [(r.origin, r.id) for r in records] + unparsed
-    sources: dict[str, int] = {}
-    for origin, _ in uses:
-        sources.setdefault(source_of(origin), len(sources))
-
-    def position(i: int) -> tuple[int, int]:
-        match = ORIGIN_POSITION.match(uses[i][0])
-        number = next((int(g) for g in (match.group("line", "row", "index") if match else ()) if g), -1)
-        return sources[source_of(uses[i][0])], number
-
     first: dict[str, str] = {}
     earlier: list[str | None] = [None] * len(uses)
-    for i in sorted(range(len(uses)), key=position):
+    for i in file_order([origin for origin, _ in uses]):
         origin, sample_id = uses[i]
         if sample_id in first:
             earlier[i] = first[sample_id]
@@ -410,7 +406,7 @@ class ValidationReport:
             lines.append("no problems found")
         else:
             n = len(self.problems)
-            lines.append(f"{n} problem{'s' if n != 1 else ''}:")
+            lines.append(f"{count(n, 'problem')}:")
             lines.append(format_problems(self.problems, limit=max_problems))
         return "\n".join(lines)
 

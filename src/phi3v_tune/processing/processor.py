@@ -19,7 +19,7 @@ from transformers import BatchFeature
 
 from .geometry import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TAG, MAX_NUM_CROPS, image_tag
 from .hub import is_hub_id, resolve_model_source
-from .image import AUTO_CLASS_KWARGS, Phi3VImageProcessor
+from .image import Phi3VImageProcessor
 from .tokenizer import load_tokenizer, stop_token_ids
 
 #: A model folder's tokenizer files, copied as they are when a processor loaded from it is saved.
@@ -74,7 +74,6 @@ class Phi3VProcessor:
         says). `max_image_pixels`: images with more pixels are refused (None: no limit); a setting of this run, never
         saved with the folder."""
         folder = resolve_model_source(folder, revision) if is_hub_id(str(folder)) else folder
-        image_kwargs = {k: v for k, v in image_kwargs.items() if k not in AUTO_CLASS_KWARGS}  # from the Auto classes
         if num_crops is not None:
             image_kwargs["num_crops"] = num_crops
         if apply_exif_orientation is not None:

@@ -21,8 +21,15 @@ from transformers import TrainerCallback
 from ..data.schema import Record
 from ..evaluate.runner import evaluate_records, write_rows
 from ..processing.processor import Phi3VProcessor
+from .checkpoints import BEST_FILE
 from .gc_control import restore as restore_collector
 from .trainer import SampleLedger, fault_injection
+
+
+def shown(value: float, fmt: str) -> str:
+    """`value` formatted by `fmt`, without a sign where it rounds to zero (-0.0001 shows as 0.000, not -0.000)."""
+    text = fmt.format(value)
+    return text.lstrip("-") if float(text) == 0 else text
 
 
 class ProgressBar(TrainerCallback):
@@ -60,8 +67,7 @@ class ProgressBar(TrainerCallback):
         ):
             value = logs.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                text = fmt.format(value)
-                post[name] = text.lstrip("-") if float(text) == 0 else text  # -0.0001 shows as 0.000, not -0.000
+                post[name] = shown(value, fmt)
         if post:
             self.bar.set_postfix(post, refresh=True)
 
@@ -375,7 +381,7 @@ class BestModel(TrainerCallback):
             shutil.rmtree(tmp)
         self.save(tmp)
         if state.is_world_process_zero:
-            (tmp / "best.json").write_text(json.dumps({"step": best[0], self.key: best[1]}))
+            (tmp / BEST_FILE).write_text(json.dumps({"step": best[0], self.key: best[1]}))
             old = self.folder.with_name("best.old")
             if self.folder.exists():
                 os.replace(self.folder, old)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 MARKER = "checkpoint_complete.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+#: What `--keep-best` writes into OUTPUT_DIR/best: {"step": N, <the compared score's key>: value}.
+BEST_FILE = "best.json"
 
 
 def write_marker(folder: str | Path, step: int) -> None:

@@ -12,12 +12,11 @@ import yaml
 from huggingface_hub import ModelCardData
 
 from ..processing.hub import is_hub_id
+from .checkpoints import BEST_FILE
 
 PIPELINE_TAG = "image-text-to-text"
 #: Settings that steer a job (where it stops, whether it resumes), not what the model is: left out of the card.
 RUN_CONTROL = ("stop_at_step", "resume", "overwrite_output_dir")
-#: What `--keep-best` writes into OUTPUT_DIR/best: {"step": N, <the compared score's key>: value}.
-BEST_FILE = "best.json"
 VLLM_FLAGS = "--trust-remote-code --max-model-len 4096 --limit-mm-per-prompt '{\"image\": 2}'"
 
 

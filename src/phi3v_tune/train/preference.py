@@ -27,6 +27,7 @@ from torch import nn
 from ..data.preference import pair_digest
 from ..model.modeling import set_rope_per_sample
 from ..model.preference import find_peft_model, frozen_copy, precompute_reference, preference_step
+from .callbacks import shown
 from .compile import compile_layers
 from .trainer import Phi3VTrainer
 
@@ -183,7 +184,9 @@ class PreferenceTrainer(Phi3VTrainer):
         digests = {split: {p.id: pair_digest(p) for p in ds.pairs} for split, ds in datasets.items()}
         stored = json.loads(path.read_text()) if resumed and path.is_file() else None
         if stored is not None:
-            missing = [p.id for split, ds in datasets.items() for p in ds.pairs if p.id not in stored.get(split, {})]
+            missing = [
+                pair_id for split, table in digests.items() for pair_id in table if pair_id not in stored.get(split, {})
+            ]
             if missing:
                 raise ValueError(
                     f"{path} has no reference log-probabilities for pair(s) {', '.join(missing[:5])}: the data changed "
@@ -249,17 +252,14 @@ class PreferenceTrainer(Phi3VTrainer):
         return {pair_id: list(values) for pair_id, values in table.items()}
 
 
-def run_preference_metrics(
-    metrics: dict[str, Any], label: Callable[[str], str] = lambda when: when.removeprefix("eval_")
-) -> list[str]:
+def run_preference_metrics(metrics: dict[str, Any], label: Callable[[str], str]) -> list[str]:
     """The closing summary's lines about held-out preferences: reward accuracy and margin before and after (`label`
     names each evaluation, from its key eval_before / eval_after)."""
     lines = []
     for when in ("eval_before", "eval_after"):
         entry = metrics.get(when, {})
         if "eval_rewards/accuracies" in entry:
-            margin = f"{entry['eval_rewards/margins']:.4f}"
-            margin = margin.lstrip("-") if float(margin) == 0 else margin  # not -0.0000
+            margin = shown(entry["eval_rewards/margins"], "{:.4f}")
             lines.append(
                 f"  eval reward accuracy {label(when)}: {entry['eval_rewards/accuracies']:.1%}, margin {margin}"
             )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,14 @@ from .callbacks import (
     StopAtStep,
     TaskMetricCallback,
 )
-from .checkpoints import claim_output_dir, marked_step, quarantine_incomplete, resolve_resume, write_marker
+from .checkpoints import (
+    CHECKPOINT,
+    claim_output_dir,
+    marked_step,
+    quarantine_incomplete,
+    resolve_resume,
+    write_marker,
+)
 from .distributed import (
     check_complete,
     check_resume_world_size,
@@ -171,7 +177,7 @@ class TrainingRun:
                 log=trainer.log,
                 output_dir=self.out,
                 eval_steps=cfg.eval_steps,
-                start_step=marked_step(self.resume_from) if self.resume_from is not None else 0,
+                start_step=start_step,
                 is_main=is_main_process(),
                 stop_at_step=cfg.stop_at_step,
                 batch_size=cfg.eval_batch_size,
@@ -526,7 +532,7 @@ def resumed_step(checkpoint: Path | None) -> int:
     """The optimizer step a run resumed from (0 for a fresh run): the N of checkpoint-N."""
     if checkpoint is None:
         return 0
-    match = re.fullmatch(r"checkpoint-(\d+)", checkpoint.name)
+    match = CHECKPOINT.match(checkpoint.name)
     return int(match[1]) if match else 0
 
 
